@@ -1,0 +1,232 @@
+"""The blocking client: one connection to vm-tokend, reused, safe to share between threads."""
+
+from __future__ import annotations
+
+import socket as _socket
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from os import PathLike
+from types import TracebackType
+from typing import Any
+
+from . import protocol
+from .errors import DaemonNotRunning, Error, ProtocolError, error_for_code
+from .token import Token
+
+__all__ = ["Client", "VideoManager", "get_token"]
+
+DEFAULT_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class VideoManager:
+    """One VideoManager the logged-in user can use, as `list_videomanagers()` reports it."""
+
+    id: str
+    name: str
+    is_default: bool
+    expires_at: datetime | None  # of the token the daemon holds for it, if any
+    refreshed_at: datetime | None
+    last_error: str | None
+
+
+def _when(value: object) -> datetime | None:
+    return datetime.fromtimestamp(value, UTC) if isinstance(value, int | float) else None
+
+
+class _Closed(Exception):
+    """The daemon closed the connection."""
+
+
+class Client:
+    """A connection to vm-tokend.
+
+    The connection is opened on first use and reused; a connection the daemon closed while
+    idle is reopened once, transparently. Every call takes at most `timeout` seconds.
+
+        with vm_token.Client() as vt:
+            token = vt.get_token("Marketing", min_ttl=60)
+    """
+
+    def __init__(
+        self, socket: str | PathLike[str] | None = None, *, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
+        self.socket_path = str(socket) if socket is not None else protocol.default_socket_path()
+        self.timeout = timeout
+        self._sock: _socket.socket | None = None
+        self._lock = threading.Lock()
+
+    # -- public API ---------------------------------------------------------------------
+
+    def hello(self) -> dict[str, Any]:
+        """The daemon's protocol and daemon versions."""
+        return self.request(protocol.HELLO)
+
+    def get_token(self, videomanager: str | int | None = None, *, min_ttl: float = 0) -> Token:
+        """A token for `videomanager` (id or name; None for the default) valid ≥ min_ttl s."""
+        fields: dict[str, Any] = {}
+        if videomanager is not None:
+            fields["vm"] = str(videomanager)
+        if min_ttl:
+            fields["min_ttl"] = min_ttl
+        return Token.from_reply(self.request(protocol.GET, **fields))
+
+    def list_videomanagers(self) -> list[VideoManager]:
+        reply = self.request(protocol.LIST)
+        return [
+            VideoManager(
+                id=str(item["id"]),
+                name=str(item["name"]),
+                is_default=bool(item.get("default")),
+                expires_at=_when(item.get("expires_at")),
+                refreshed_at=_when(item.get("refreshed_at")),
+                last_error=item.get("last_error"),
+            )
+            for item in reply["videomanagers"]
+        ]
+
+    def status(self) -> dict[str, Any]:
+        """The daemon's state: user, VideoManagers, counters. Never contains a secret."""
+        return self.request(protocol.STATUS)
+
+    def invalidate(self, token: str | Token, videomanager: str | int | None = None) -> bool:
+        """Report a token the API rejected; True if it was current and is being replaced."""
+        fields: dict[str, Any] = {
+            "token": token.access_token if isinstance(token, Token) else token
+        }
+        if videomanager is not None:
+            fields["vm"] = str(videomanager)
+        return bool(self.request(protocol.INVALIDATE, **fields).get("invalidated"))
+
+    def login(self, username: str, password: str) -> dict[str, Any]:
+        """Give the daemon credentials; it logs in and keeps them in memory only."""
+        return self.request(protocol.LOGIN, username=username, password=password)
+
+    def logout(self) -> None:
+        """Make the daemon forget the credentials and every token."""
+        self.request(protocol.LOGOUT)
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- the wire -----------------------------------------------------------------------
+
+    def request(self, op: str, **fields: Any) -> dict[str, Any]:
+        """Send one request and return the reply's fields; raises DaemonError subclasses."""
+        frame = protocol.encode_frame({"v": protocol.PROTOCOL_VERSION, "op": op, **fields})
+        deadline = time.monotonic() + self.timeout
+        with self._lock:
+            reply = self._exchange(frame, deadline)
+        ok = reply.get("ok")
+        if ok is True:
+            return reply
+        error = reply.get("error")
+        if ok is False and isinstance(error, dict):
+            code, message = error.get("code"), error.get("message")
+            if isinstance(code, str) and isinstance(message, str):
+                raise error_for_code(code, message)
+        raise ProtocolError("vm-tokend sent a reply this client does not understand")
+
+    def _exchange(self, frame: bytes, deadline: float) -> dict[str, Any]:
+        reused = self._sock is not None
+        try:
+            sock = self._sock if self._sock is not None else self._connect(deadline)
+            self._sock = sock
+            try:
+                return self._send_and_receive(sock, frame, deadline)
+            except (_Closed, ConnectionResetError, BrokenPipeError):
+                self._drop()
+                if not reused:
+                    raise
+            # The daemon closes connections that sat idle for long; that is no error.
+            sock = self._sock = self._connect(deadline)
+            return self._send_and_receive(sock, frame, deadline)
+        except (_Closed, ConnectionResetError, BrokenPipeError) as exc:
+            self._drop()
+            raise ProtocolError("vm-tokend closed the connection without answering") from exc
+        except TimeoutError as exc:
+            self._drop()
+            raise ProtocolError(f"vm-tokend did not answer within {self.timeout:g} s") from exc
+        except protocol.MalformedFrame as exc:
+            self._drop()
+            raise ProtocolError(f"vm-tokend sent a malformed reply: {exc}") from exc
+        except protocol.FrameTooLarge as exc:
+            self._drop()
+            raise ProtocolError(str(exc)) from exc
+        except OSError as exc:
+            self._drop()
+            raise ProtocolError(f"talking to vm-tokend failed: {exc.strerror or exc}") from exc
+
+    def _connect(self, deadline: float) -> _socket.socket:
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        try:
+            sock.settimeout(_remaining(deadline))
+            sock.connect(self.socket_path)
+        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as exc:
+            sock.close()
+            raise DaemonNotRunning(self.socket_path) from exc
+        except PermissionError as exc:
+            sock.close()
+            raise Error(f"no permission to connect to {self.socket_path}") from exc
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _send_and_receive(
+        self, sock: _socket.socket, frame: bytes, deadline: float
+    ) -> dict[str, Any]:
+        sock.settimeout(_remaining(deadline))
+        sock.sendall(frame)
+        header = _receive_exactly(sock, protocol.HEADER_SIZE, deadline)
+        body = _receive_exactly(sock, protocol.frame_length(header), deadline)
+        return protocol.decode_body(body)
+
+    def _drop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def _remaining(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError
+    return left
+
+
+def _receive_exactly(sock: _socket.socket, size: int, deadline: float) -> bytes:
+    chunks = bytearray()
+    while len(chunks) < size:
+        sock.settimeout(_remaining(deadline))
+        chunk = sock.recv(size - len(chunks))
+        if not chunk:
+            raise _Closed
+        chunks += chunk
+    return bytes(chunks)
+
+
+def get_token(
+    videomanager: str | int | None = None,
+    *,
+    min_ttl: float = 0,
+    socket: str | PathLike[str] | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> Token:
+    """One token from the daemon: for `videomanager` (id or name; None for the default)."""
+    with Client(socket, timeout=timeout) as client:
+        return client.get_token(videomanager, min_ttl=min_ttl)

@@ -1,0 +1,126 @@
+"""Exceptions raised by the vm_token client.
+
+    Error
+    ├── DaemonNotRunning          nothing answers on the socket
+    ├── ProtocolError             the daemon's answer made no sense, or the connection broke
+    └── DaemonError               the daemon answered with an error; `.code` is the wire code
+        ├── BadRequest            bad_request
+        ├── NotLoggedIn           not_logged_in
+        ├── CredentialsRejected   credentials_rejected
+        ├── UnknownVideoManager   unknown_videomanager
+        ├── Forbidden             forbidden
+        ├── UpstreamUnavailable   upstream_unavailable
+        ├── UnsupportedVersion    unsupported_version
+        └── InternalError         internal
+
+Messages never contain a token or a password: the daemon never puts one in an error, and
+the client never adds one.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from . import protocol
+
+__all__ = [
+    "BadRequest",
+    "CredentialsRejected",
+    "DaemonError",
+    "DaemonNotRunning",
+    "Error",
+    "Forbidden",
+    "InternalError",
+    "NotLoggedIn",
+    "ProtocolError",
+    "UnknownVideoManager",
+    "UnsupportedVersion",
+    "UpstreamUnavailable",
+    "error_for_code",
+]
+
+
+class Error(Exception):
+    """Base class of every exception vm_token raises."""
+
+
+class DaemonNotRunning(Error):
+    """Nothing answers on the daemon's socket."""
+
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+        super().__init__(
+            f"vm-tokend is not running (nothing answers on {socket_path}); start it with "
+            "`vm-tokend`, or `systemctl --user start vm-tokend.socket` if it is installed "
+            "as a service"
+        )
+
+
+class ProtocolError(Error):
+    """The connection broke or the daemon's reply was not understood."""
+
+
+class DaemonError(Error):
+    """The daemon refused the request; `code` is the protocol's error code."""
+
+    code: ClassVar[str] = protocol.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        super().__init__(message)
+
+
+class BadRequest(DaemonError):
+    code = protocol.BAD_REQUEST
+
+
+class NotLoggedIn(DaemonError):
+    code = protocol.NOT_LOGGED_IN
+
+
+class CredentialsRejected(DaemonError):
+    code = protocol.CREDENTIALS_REJECTED
+
+
+class UnknownVideoManager(DaemonError):
+    code = protocol.UNKNOWN_VIDEOMANAGER
+
+
+class Forbidden(DaemonError):
+    code = protocol.FORBIDDEN
+
+
+class UpstreamUnavailable(DaemonError):
+    code = protocol.UPSTREAM_UNAVAILABLE
+
+
+class UnsupportedVersion(DaemonError):
+    code = protocol.UNSUPPORTED_VERSION
+
+
+class InternalError(DaemonError):
+    code = protocol.INTERNAL
+
+
+_BY_CODE: dict[str, type[DaemonError]] = {
+    cls.code: cls
+    for cls in (
+        BadRequest,
+        NotLoggedIn,
+        CredentialsRejected,
+        UnknownVideoManager,
+        Forbidden,
+        UpstreamUnavailable,
+        UnsupportedVersion,
+        InternalError,
+    )
+}
+
+
+def error_for_code(code: str, message: str) -> DaemonError:
+    """The exception for a wire error code; unknown codes (a newer daemon) map to DaemonError."""
+    cls = _BY_CODE.get(code)
+    if cls is None:
+        error = DaemonError(f"{message} ({code})")
+        return error
+    return cls(message)

@@ -1,0 +1,133 @@
+"""The wire protocol between vm-tokend and its clients — the one module both sides import.
+
+A frame is a 4-byte big-endian length followed by that many bytes of one msgpack map.
+docs/PROTOCOL.md describes it for people writing clients in other languages; keep the two
+in step.
+
+This module is on the hot path of the `vm-token` shim, so it imports only what it needs:
+`msgpack` and `struct`, nothing that costs start-up time.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Mapping
+from typing import Any, Final
+
+import msgpack
+
+__all__ = [
+    "ERROR_CODES",
+    "HEADER_SIZE",
+    "MAX_FRAME",
+    "OPS",
+    "PROTOCOL_VERSION",
+    "FrameTooLarge",
+    "MalformedFrame",
+    "decode_body",
+    "default_socket_path",
+    "encode_frame",
+    "frame_length",
+]
+
+PROTOCOL_VERSION: Final = 1
+
+HEADER_SIZE: Final = 4
+# 64 KiB is far above any legitimate request (the largest is `login`, a few hundred bytes)
+# and any reply (a `status` with a few hundred VideoManagers), and small enough that a
+# hostile client cannot make the daemon buffer much.
+MAX_FRAME: Final = 64 * 1024
+
+_HEADER: Final = struct.Struct(">I")
+
+# Operations.
+HELLO: Final = "hello"
+GET: Final = "get"
+LIST: Final = "list"
+STATUS: Final = "status"
+INVALIDATE: Final = "invalidate"
+LOGIN: Final = "login"
+LOGOUT: Final = "logout"
+OPS: Final = frozenset({HELLO, GET, LIST, STATUS, INVALIDATE, LOGIN, LOGOUT})
+
+# Error codes carried in {"ok": false, "error": {"code", "message"}}.
+BAD_REQUEST: Final = "bad_request"
+NOT_LOGGED_IN: Final = "not_logged_in"
+CREDENTIALS_REJECTED: Final = "credentials_rejected"
+UNKNOWN_VIDEOMANAGER: Final = "unknown_videomanager"
+FORBIDDEN: Final = "forbidden"
+UPSTREAM_UNAVAILABLE: Final = "upstream_unavailable"
+UNSUPPORTED_VERSION: Final = "unsupported_version"
+INTERNAL: Final = "internal"
+ERROR_CODES: Final = frozenset(
+    {
+        BAD_REQUEST,
+        NOT_LOGGED_IN,
+        CREDENTIALS_REJECTED,
+        UNKNOWN_VIDEOMANAGER,
+        FORBIDDEN,
+        UPSTREAM_UNAVAILABLE,
+        UNSUPPORTED_VERSION,
+        INTERNAL,
+    }
+)
+
+
+class MalformedFrame(ValueError):
+    """A frame body that is not one msgpack map."""
+
+
+class FrameTooLarge(ValueError):
+    """A frame header announcing more than MAX_FRAME bytes."""
+
+
+def encode_frame(message: dict[str, Any]) -> bytes:
+    """Serialize one message as a complete frame (header + body)."""
+    body: bytes = msgpack.packb(message, use_bin_type=True)
+    if len(body) > MAX_FRAME:
+        raise FrameTooLarge(f"message of {len(body)} bytes exceeds the {MAX_FRAME}-byte limit")
+    return _HEADER.pack(len(body)) + body
+
+
+def frame_length(header: bytes) -> int:
+    """The body length announced by a 4-byte header; FrameTooLarge past the limit."""
+    (length,) = _HEADER.unpack(header)
+    if length > MAX_FRAME:
+        raise FrameTooLarge(f"frame of {length} bytes exceeds the {MAX_FRAME}-byte limit")
+    return int(length)
+
+
+def decode_body(body: bytes) -> dict[str, Any]:
+    """Parse one frame body; MalformedFrame unless it is exactly one msgpack map with str keys."""
+    try:
+        message = msgpack.unpackb(
+            body,
+            raw=False,
+            strict_map_key=True,
+            # unpackb bounds every string, array and map by the input's length, and the input
+            # is at most MAX_FRAME bytes: a hostile frame cannot make it allocate much.
+        )
+    except Exception as exc:  # msgpack raises a zoo of types; any of them means "malformed"
+        raise MalformedFrame("not a valid msgpack message") from exc
+    if not isinstance(message, dict):
+        raise MalformedFrame(f"expected a msgpack map, got {type(message).__name__}")
+    if not all(isinstance(key, str) for key in message):
+        raise MalformedFrame("map keys must be strings")
+    return message
+
+
+def default_socket_path(environ: Mapping[str, str] = os.environ) -> str:
+    """Where the daemon listens unless told otherwise.
+
+    `$VM_TOKEN_SOCKET`, else `$XDG_RUNTIME_DIR/vm-token/socket`, else
+    `/tmp/vm-token-<uid>/socket` (the daemon refuses that directory unless it owns it and
+    only it can enter it, so another user cannot plant a socket there).
+    """
+    explicit = environ.get("VM_TOKEN_SOCKET")
+    if explicit:
+        return explicit
+    runtime = environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return os.path.join(runtime, "vm-token", "socket")
+    return f"/tmp/vm-token-{os.getuid()}/socket"  # noqa: S108 - checked for ownership and mode

@@ -1,0 +1,444 @@
+"""The Unix-socket server: socket setup, peer check, framing, limits, dispatch.
+
+Each connection is one task. It checks the peer's uid with SO_PEERCRED, then reads frames
+(4-byte big-endian length + msgpack map), answers each in turn, and is closed when it sits
+idle too long, stalls half-way through a frame, or announces an oversize frame. At most
+MAX_CONNECTIONS are open at once; past that, the one idle the longest makes room, so a
+crowd of silent connections cannot lock a real client out.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import socket as stdlib_socket
+import stat
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import trio
+from vm_token import protocol
+
+from .keeper import BadRequest, Keeper, Refused
+
+__all__ = [
+    "Dispatcher",
+    "Server",
+    "SocketAlreadyServed",
+    "SocketSetupError",
+    "bind_unix_socket",
+]
+
+log = logging.getLogger(__name__)
+
+# A client sends a whole frame at once; one that stops half-way is broken or hostile.
+FRAME_TIMEOUT: Final = 10.0
+# Clients keep a connection open between requests; five minutes idle is plenty.
+IDLE_TIMEOUT: Final = 300.0
+# A client that does not read its reply for this long is dropped.
+SEND_TIMEOUT: Final = 10.0
+MAX_CONNECTIONS: Final = 512
+# In-flight requests get this long to finish at shutdown.
+DRAIN_TIMEOUT: Final = 2.0
+LISTEN_BACKLOG: Final = 512
+RECEIVE_SIZE: Final = 64 * 1024
+# The largest min_ttl we accept: a day is far beyond any token's lifetime.
+MAX_MIN_TTL: Final = 86400.0
+MAX_FIELD: Final = 16 * 1024
+
+_PEERCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+class SocketSetupError(Exception):
+    """The socket path cannot be used safely; the message says why."""
+
+
+class SocketAlreadyServed(SocketSetupError):
+    """Another daemon answers on the socket."""
+
+
+# -- the listening socket --------------------------------------------------------------------
+
+
+def _check_private_directory(directory: Path) -> None:
+    try:
+        directory.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise SocketSetupError(f"cannot create {directory}: {exc.strerror}") from None
+    info = directory.lstat()
+    if not stat.S_ISDIR(info.st_mode):
+        raise SocketSetupError(f"{directory} is not a directory")
+    if info.st_uid != os.getuid():
+        raise SocketSetupError(
+            f"{directory} belongs to uid {info.st_uid}, not to this user ({os.getuid()}); "
+            "refusing to put the socket there"
+        )
+    if info.st_mode & 0o077:
+        raise SocketSetupError(
+            f"{directory} is accessible to other users (mode {stat.S_IMODE(info.st_mode):04o}); "
+            f"make it private with `chmod 700 {directory}`"
+        )
+
+
+def _clear_stale_socket(path: Path) -> None:
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode):
+        raise SocketSetupError(f"{path} exists and is not a socket; remove it or pick another")
+    probe = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        path.unlink(missing_ok=True)  # nothing listens: a leftover of a crashed daemon
+        return
+    except OSError:
+        pass  # e.g. a full backlog: somebody is listening
+    finally:
+        probe.close()
+    raise SocketAlreadyServed(f"another vm-tokend is already serving on {path}")
+
+
+@dataclass
+class BoundSocket:
+    sock: stdlib_socket.socket
+    path: Path | None  # set when we created the file, and so must remove it
+    inode: int = 0
+
+    def remove(self) -> None:
+        """Remove the socket file, if it is still the one we made."""
+        if self.path is None:
+            return
+        try:
+            if self.path.lstat().st_ino == self.inode:
+                self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def bind_unix_socket(path: Path) -> BoundSocket:
+    """A listening socket at `path` in a private directory, mode 0600."""
+    _check_private_directory(path.parent)
+    _clear_stale_socket(path)
+    sock = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise SocketAlreadyServed(f"another vm-tokend is starting on {path}") from None
+        raise SocketSetupError(f"cannot bind {path}: {exc.strerror}") from None
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    sock.listen(LISTEN_BACKLOG)
+    return BoundSocket(sock, path, path.lstat().st_ino)
+
+
+def peer_uid(sock: trio.socket.SocketType) -> int | None:
+    try:
+        raw = sock.getsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_PEERCRED, _PEERCRED.size)
+    except OSError:
+        return None
+    _, uid, _ = _PEERCRED.unpack(raw)
+    return int(uid)
+
+
+# -- requests -------------------------------------------------------------------------------
+
+
+def _error(code: str, message: str) -> dict[str, Any]:
+    return {"ok": False, "error": {"code": code, "message": message}}
+
+
+def _opt_ref(request: dict[str, Any], name: str) -> str | None:
+    value = request.get(name)
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, str) and value.strip() and len(value) <= MAX_FIELD:
+        return value.strip()
+    raise BadRequest(f"'{name}' must be a VideoManager id or name")
+
+
+def _required_str(request: dict[str, Any], name: str) -> str:
+    value = request.get(name)
+    if not isinstance(value, str) or not value or len(value) > MAX_FIELD:
+        raise BadRequest(f"'{name}' must be a non-empty string")
+    return value
+
+
+def _min_ttl(request: dict[str, Any]) -> float:
+    value = request.get("min_ttl", 0)
+    if value is None:
+        return 0.0
+    if (isinstance(value, bool) or not isinstance(value, int | float)
+            or not math.isfinite(value) or not 0 <= value <= MAX_MIN_TTL):
+        raise BadRequest(f"'min_ttl' must be a number of seconds from 0 to {MAX_MIN_TTL:g}")
+    return float(value)
+
+
+class Dispatcher:
+    """Turns one request map into one reply map."""
+
+    def __init__(
+        self,
+        keeper: Keeper,
+        *,
+        version: str,
+        login: Callable[[str, str], Awaitable[None]],
+        describe: Callable[[], dict[str, Any]],
+    ) -> None:
+        self.keeper = keeper
+        self.version = version
+        self._login = login
+        self._describe = describe  # api_url, uptime, … from the app
+        self.requests = 0
+        self._ops: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
+            protocol.HELLO: self._hello,
+            protocol.GET: self._get,
+            protocol.LIST: self._list,
+            protocol.STATUS: self._status,
+            protocol.INVALIDATE: self._invalidate,
+            protocol.LOGIN: self._login_op,
+            protocol.LOGOUT: self._logout,
+        }
+
+    async def __call__(self, request: dict[str, Any]) -> dict[str, Any]:
+        self.requests += 1
+        op = request.get("op")
+        version = request.get("v")
+        try:
+            if not isinstance(op, str):
+                raise BadRequest("'op' must be a string")
+            if isinstance(version, bool) or not isinstance(version, int):
+                raise BadRequest("'v' (the protocol version) must be an integer")
+            handler = self._ops.get(op)
+            if handler is None:
+                raise BadRequest(f"unknown op {op[:40]!r}")
+            if version != protocol.PROTOCOL_VERSION and op != protocol.HELLO:
+                return _error(
+                    protocol.UNSUPPORTED_VERSION,
+                    f"protocol version {version} is not supported; this vm-tokend speaks "
+                    f"version {protocol.PROTOCOL_VERSION}",
+                )
+            return await handler(request)
+        except Refused as exc:
+            return _error(exc.code, exc.message)
+
+    async def _hello(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True, "protocol": protocol.PROTOCOL_VERSION,
+                "daemon": "vm-tokend", "version": self.version}
+
+    async def _get(self, request: dict[str, Any]) -> dict[str, Any]:
+        info = await self.keeper.get(_opt_ref(request, "vm"), _min_ttl(request))
+        return {
+            "ok": True,
+            "token": info.token,
+            "videomanager_id": info.videomanager.id,
+            "videomanager_name": info.videomanager.name,
+            "expires_at": info.expires_at,
+        }
+
+    async def _list(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True, "videomanagers": self.keeper.list()}
+
+    async def _status(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "ok": True,
+            **self._describe(),
+            **self.keeper.state(),
+            "requests": self.requests,
+            "upstream_calls": dict(self.keeper.backend.calls),
+            "videomanagers": self.keeper.list(),
+        }
+
+    async def _invalidate(self, request: dict[str, Any]) -> dict[str, Any]:
+        token = _required_str(request, "token")
+        return {"ok": True, "invalidated": self.keeper.invalidate(token, _opt_ref(request, "vm"))}
+
+    async def _login_op(self, request: dict[str, Any]) -> dict[str, Any]:
+        username = _required_str(request, "username")
+        password = _required_str(request, "password")
+        await self._login(username, password)
+        await self.keeper.wait_logged_in()
+        return {"ok": True, "username": username,
+                "videomanagers": len(self.keeper.list())}
+
+    async def _logout(self, request: dict[str, Any]) -> dict[str, Any]:
+        await self.keeper.start_session(None)
+        log.info("logged out: credentials and tokens forgotten")
+        return {"ok": True}
+
+
+# -- connections ------------------------------------------------------------------------------
+
+
+class _Connection:
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.scope = trio.CancelScope()
+        self.busy = False
+        self.last_active = trio.current_time()
+
+
+class _Closed(Exception):
+    pass
+
+
+class Server:
+    """Serves `handle` on a listening Unix socket until stop() is called."""
+
+    def __init__(
+        self,
+        bound: BoundSocket,
+        handle: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]],
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
+        self._bound = bound
+        self._listener = trio.socket.from_stdlib_socket(bound.sock)
+        self._handle = handle
+        self._max_connections = max_connections
+        self._connections: set[_Connection] = set()
+        self._stop = trio.Event()
+        self._stopping = False
+        self.refused_peers = 0
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as handlers:
+            async with trio.open_nursery() as acceptor:
+                acceptor.start_soon(self._accept_loop, handlers)
+                task_status.started()
+                await self._stop.wait()
+                acceptor.cancel_scope.cancel()
+            # Stop accepting, drop idle connections, give in-flight requests a moment.
+            self._stopping = True
+            self._listener.close()
+            self._bound.remove()
+            for connection in list(self._connections):
+                if not connection.busy:
+                    connection.scope.cancel()
+            handlers.cancel_scope.deadline = trio.current_time() + DRAIN_TIMEOUT
+
+    async def _accept_loop(self, handlers: trio.Nursery) -> None:
+        while True:
+            try:
+                sock, _ = await self._listener.accept()
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("cannot accept a connection: %s; pausing", exc.strerror)
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            handlers.start_soon(self._serve_connection, trio.SocketStream(sock))
+
+    def _make_room(self) -> None:
+        idle = [c for c in self._connections if not c.busy]
+        if not idle:
+            return
+        oldest = min(idle, key=lambda c: c.last_active)
+        oldest.scope.cancel()
+        self._connections.discard(oldest)
+
+    async def _serve_connection(self, stream: trio.SocketStream) -> None:
+        uid = peer_uid(stream.socket)
+        if uid is None or uid not in (os.getuid(), 0):
+            self.refused_peers += 1
+            log.warning("refused a connection from uid %s", uid)
+            await stream.aclose()
+            return
+        if len(self._connections) >= self._max_connections:
+            self._make_room()
+        connection = _Connection(stream)
+        self._connections.add(connection)
+        try:
+            with connection.scope:
+                await self._converse(connection)
+        finally:
+            self._connections.discard(connection)
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _converse(self, connection: _Connection) -> None:
+        buffer = bytearray()
+        while not self._stopping:
+            try:
+                body = await self._read_frame(connection.stream, buffer)
+            except _Closed:
+                return
+            connection.busy = True
+            try:
+                reply = await self._reply(body)
+                with trio.move_on_after(SEND_TIMEOUT) as sending:
+                    await connection.stream.send_all(protocol.encode_frame(reply))
+                if sending.cancelled_caught:
+                    log.debug("dropped a client that did not read its reply")
+                    return
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            finally:
+                connection.busy = False
+                connection.last_active = trio.current_time()
+
+    async def _reply(self, body: bytes) -> dict[str, Any]:
+        try:
+            request = protocol.decode_body(body)
+        except protocol.MalformedFrame as exc:
+            return _error(protocol.BAD_REQUEST, str(exc))
+        try:
+            return await self._handle(request)
+        except Exception:
+            # Logged without the request: it may hold a password.
+            log.exception("internal error handling an %r request", str(request.get("op"))[:40])
+            return _error(protocol.INTERNAL, "internal error in vm-tokend; see its log")
+
+    async def _read_frame(self, stream: trio.SocketStream, buffer: bytearray) -> bytes:
+        # Wait as long as IDLE_TIMEOUT for a frame to begin...
+        if not buffer:
+            with trio.move_on_after(IDLE_TIMEOUT):
+                await self._receive(stream, buffer)
+            if not buffer:
+                raise _Closed
+        # ...then FRAME_TIMEOUT for all of it.
+        with trio.move_on_after(FRAME_TIMEOUT):
+            while len(buffer) < protocol.HEADER_SIZE:
+                await self._receive(stream, buffer)
+            try:
+                length = protocol.frame_length(bytes(buffer[: protocol.HEADER_SIZE]))
+            except protocol.FrameTooLarge:
+                log.debug("dropped a client that announced an oversize frame")
+                raise _Closed from None
+            end = protocol.HEADER_SIZE + length
+            while len(buffer) < end:
+                await self._receive(stream, buffer)
+            body = bytes(buffer[protocol.HEADER_SIZE:end])
+            del buffer[:end]
+            return body
+        log.debug("dropped a client that stalled in the middle of a frame")
+        raise _Closed
+
+    @staticmethod
+    async def _receive(stream: trio.SocketStream, buffer: bytearray) -> None:
+        try:
+            data = await stream.receive_some(RECEIVE_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise _Closed from None
+        if not data:
+            raise _Closed
+        buffer += data
+

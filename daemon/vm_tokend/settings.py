@@ -1,0 +1,370 @@
+"""Configuration: the one module that reads the environment and configuration files.
+
+Sources, highest priority first:
+
+1. command-line flags (passed in as a dict);
+2. environment variables `VM_TOKEN_<FIELD>`;
+3. systemd's credentials directory: `$CREDENTIALS_DIRECTORY/password`;
+4. the TOML file `$VM_TOKEN_CONFIG`, else `$XDG_CONFIG_HOME/vm-token/config.toml`.
+
+Errors come out as one `ConfigError` whose message names every bad field and where its
+value came from, so `__main__` can print it and exit 2 without a traceback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import os
+import tomllib
+from collections.abc import Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import trio
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+from vm_token import protocol
+
+__all__ = [
+    "DEFAULT_API_URL",
+    "ConfigError",
+    "Credentials",
+    "PasswordUnavailable",
+    "Settings",
+    "config_path",
+    "load_settings",
+]
+
+DEFAULT_API_URL = "https://api.video-cdn.net/v1/vms"
+ENV_PREFIX = "VM_TOKEN_"
+# `pass`, gpg and the like may wait for a pinentry; a minute is generous, and bounded.
+PASSWORD_COMMAND_TIMEOUT = 60.0
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+# The config file load_settings() was asked to read (the --config flag), for _TomlSource.
+_config_flag: ContextVar[Path | None] = ContextVar("_config_flag", default=None)
+
+
+class ConfigError(Exception):
+    """Bad configuration; the message is meant for the user as it is."""
+
+
+class PasswordUnavailable(Exception):
+    """The password file or command could not give a password."""
+
+
+def config_path(environ: Mapping[str, str]) -> Path:
+    explicit = environ.get("VM_TOKEN_CONFIG")
+    if explicit:
+        return Path(explicit)
+    base = environ.get("XDG_CONFIG_HOME") or os.path.join(
+        environ.get("HOME") or os.path.expanduser("~"), ".config"
+    )
+    return Path(base) / "vm-token" / "config.toml"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Settings(BaseSettings):
+    """Every setting of vm-tokend. Field docs double as the README's reference."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        validate_default=True,
+        hide_input_in_errors=True,  # a bad value may be a password
+    )
+
+    api_url: str = DEFAULT_API_URL
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    password_command: str | None = None
+    socket: Path | None = None
+    default_videomanager: str | None = None
+    videomanagers: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    idle_timeout: float = Field(default=3600.0, gt=0)
+    default_token_lifetime: float = Field(default=300.0, gt=0)
+    ca_bundle: Path | None = None
+    log_level: LogLevel = "info"
+
+    @field_validator("api_url")
+    @classmethod
+    def _check_api_url(cls, value: str) -> str:
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise ValueError("must be an absolute http(s) URL, like " + DEFAULT_API_URL)
+        if parts.scheme == "http" and not _is_loopback(parts.hostname):
+            raise ValueError(
+                "must use https (plain http is allowed only for loopback hosts, "
+                "127.0.0.0/8, ::1 and localhost)"
+            )
+        if parts.username or parts.password:
+            raise ValueError("must not contain credentials; use username and password")
+        if parts.query or parts.fragment:
+            raise ValueError("must not have a query or fragment")
+        return urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
+
+    @field_validator("username", "default_videomanager", "password_command")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be empty")
+        return value.strip() if value is not None else None
+
+    @field_validator("videomanagers", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        # From the environment: a JSON list or a comma-separated string.
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [item.strip() for item in text.split(",") if item.strip()]
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("password_file", "ca_bundle")
+    @classmethod
+    def _readable_file(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            value = value.expanduser()
+            if not value.is_file():
+                raise ValueError(f"{value} is not a readable file")
+        return value
+
+    @field_validator("idle_timeout", "default_token_lifetime")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number of seconds")
+        return value
+
+    @model_validator(mode="after")
+    def _password_needs_user(self) -> Settings:
+        if self.username is None and self.has_password_source:
+            raise ValueError("a password is configured but no username")
+        return self
+
+    @property
+    def has_password_source(self) -> bool:
+        return any(
+            x is not None for x in (self.password, self.password_file, self.password_command)
+        )
+
+    @property
+    def socket_path(self) -> Path:
+        if self.socket is not None:
+            return self.socket.expanduser()
+        # Same rule as the clients', minus VM_TOKEN_SOCKET which pydantic already read.
+        environ = {k: v for k, v in os.environ.items() if k != "VM_TOKEN_SOCKET"}
+        return Path(protocol.default_socket_path(environ))
+
+    def credentials(self) -> Credentials | None:
+        """The configured credentials, or None if the daemon should wait for a `login`."""
+        if self.username is None or not self.has_password_source:
+            return None
+        return Credentials(
+            username=self.username,
+            password=self.password,
+            password_file=self.password_file,
+            password_command=self.password_command,
+        )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (
+            init_settings,
+            env_settings,
+            _CredentialsDirectorySource(settings_cls),
+            _TomlSource(settings_cls),
+        )
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A username and where its password comes from, in order of precedence.
+
+    Equality compares the sources, not the secret's content of a file or command; the
+    daemon uses it to decide whether SIGHUP brought new credentials.
+    """
+
+    username: str
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    password_command: str | None = None
+
+    def describe(self) -> str:
+        if self.password is not None:
+            return "a password"
+        if self.password_file is not None:
+            return f"the password file {self.password_file}"
+        return "the password command"
+
+    async def read_password(self) -> str:
+        """The password: given, read from the file, or printed by the command (first line)."""
+        if self.password is not None:
+            return self.password.get_secret_value()
+        if self.password_file is not None:
+            try:
+                text = await trio.Path(self.password_file).read_text()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise PasswordUnavailable(
+                    f"cannot read the password file {self.password_file}: "
+                    f"{getattr(exc, 'strerror', None) or type(exc).__name__}"
+                ) from None
+            password = text.splitlines()[0] if text else ""
+        elif self.password_command is not None:
+            password = await _run_password_command(self.password_command)
+        else:  # pragma: no cover - credentials() never builds this
+            raise PasswordUnavailable("no password configured")
+        if not password:
+            raise PasswordUnavailable(f"{self.describe()} gave an empty password")
+        return password
+
+
+async def _run_password_command(command: str) -> str:
+    try:
+        with trio.fail_after(PASSWORD_COMMAND_TIMEOUT):
+            # Through the shell, like git's `!helper` and ssh's ProxyCommand: users write
+            # pipelines such as `pass show movingimage | head -1`.
+            result = await trio.run_process(
+                ["/bin/sh", "-c", command],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+    except trio.TooSlowError:
+        raise PasswordUnavailable(
+            f"the password command did not finish within {PASSWORD_COMMAND_TIMEOUT:g} s"
+        ) from None
+    except OSError as exc:
+        raise PasswordUnavailable(f"cannot run the password command: {exc.strerror}") from None
+    if result.returncode != 0:
+        # Its stderr is not shown: a failing command may echo what it was given.
+        raise PasswordUnavailable(f"the password command failed with exit code {result.returncode}")
+    try:
+        text = result.stdout.decode()
+    except UnicodeDecodeError:
+        raise PasswordUnavailable("the password command printed something not UTF-8") from None
+    return text.splitlines()[0] if text else ""
+
+
+class _CredentialsDirectorySource(PydanticBaseSettingsSource):
+    """`$CREDENTIALS_DIRECTORY/password`, as systemd's LoadCredential= provides it."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ does the work
+
+    def __call__(self) -> dict[str, Any]:
+        directory = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not directory:
+            return {}
+        path = Path(directory) / "password"
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return {}  # the user keeps the password elsewhere
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read the systemd credential {path}: {exc}") from None
+        lines = text.splitlines()
+        return {"password": lines[0]} if lines and lines[0] else {}
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ does the work
+
+    def __call__(self) -> dict[str, Any]:
+        return read_toml(_config_file())
+
+
+def _config_file() -> tuple[Path, str | None]:
+    """The config file to read, and what named it explicitly (None for the default path)."""
+    flag = _config_flag.get()
+    if flag is not None:
+        return flag, "--config"
+    return config_path(os.environ), "VM_TOKEN_CONFIG" if os.environ.get("VM_TOKEN_CONFIG") else None
+
+
+def read_toml(file: tuple[Path, str | None]) -> dict[str, Any]:
+    path, named_by = file
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        if named_by:
+            raise ConfigError(f"the config file {path} (from {named_by}) does not exist") from None
+        return {}
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"the config file {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file {path}: {exc.strerror}") from None
+
+
+def _origin(field: str, flags: Mapping[str, Any]) -> str:
+    """Where the winning value of `field` came from, in the user's words."""
+    if field in flags:
+        return f"the command-line flag --{field.replace('_', '-')}"
+    env_name = ENV_PREFIX + field.upper()
+    if any(name.upper() == env_name for name in os.environ):
+        return f"the environment variable {env_name}"
+    if field == "password" and os.environ.get("CREDENTIALS_DIRECTORY"):
+        return "$CREDENTIALS_DIRECTORY/password"
+    path, _ = _config_file()
+    if path.is_file():
+        return f"the config file {path}"
+    return "the default"
+
+
+def load_settings(flags: Mapping[str, Any] | None = None) -> Settings:
+    """Settings from every source; ConfigError with a user-facing paragraph when bad."""
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    config = flags.pop("config", None)
+    token = _config_flag.set(Path(config) if config is not None else None)
+    try:
+        return Settings(**flags)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else ""
+            message = error["msg"].removeprefix("Value error, ")
+            if error["type"] == "extra_forbidden":
+                problems.append(f"unknown setting {field!r} in {_origin(field, flags)}")
+            elif field:
+                problems.append(f"{field} (from {_origin(field, flags)}): {message}")
+            else:
+                problems.append(message)
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+    finally:
+        _config_flag.reset(token)

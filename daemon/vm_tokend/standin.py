@@ -1,0 +1,396 @@
+"""A stand-in VideoManager Pro API: a real HTTP server on loopback, for demos and tests.
+
+It implements what vm-tokend uses and what a client checks a token against:
+
+    POST {base}/auth/login                 {"username","password"}
+    POST {base}/auth/refresh/{id}          {"refreshToken"}
+    GET  {base}                            the VideoManager list   (Bearer token)
+    GET  {base}/{id}/videos                a few fake videos       (Bearer token for {id})
+
+and issues HS256-signed JWTs with `iat` and `exp`. Controls for tests — lifetimes, refresh
+token rotation, delay, injected failures (status, HTML or garbage bodies, Retry-After),
+expiring every refresh token, revoking every access token — are plain attributes and
+methods, and every request is counted.
+
+    with StandIn(access_lifetime=6) as api:
+        ...  # point vm-tokend at api.url, log in as api.username / api.password
+        assert api.counts["refresh"] == 1
+
+Run it alone with `python -m vm_tokend.standin` (it prints its URL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any, Literal
+
+__all__ = ["Fault", "StandIn"]
+
+DEFAULT_VIDEOMANAGERS = (("1001", "Marketing"), ("1002", "Sales"), ("1003", "Support"))
+BASE_PATH = "/v1/vms"
+
+BodyKind = Literal["json", "html", "garbage", "empty"]
+
+
+@dataclass
+class Fault:
+    """An injected failure for the auth endpoints."""
+
+    status: int = 503
+    body: BodyKind = "json"
+    retry_after: str | None = None
+    remaining: int | None = None  # None: until heal()
+    endpoints: frozenset[str] = frozenset({"login", "refresh"})
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class StandIn:
+    """The stand-in API. Thread-safe: tests poke its controls while it serves."""
+
+    def __init__(
+        self,
+        *,
+        username: str = "demo",
+        password: str = "demo-password",  # noqa: S107 - a stand-in's well-known login
+        videomanagers: Iterable[tuple[str, str]] = DEFAULT_VIDEOMANAGERS,
+        forbidden: Iterable[str] = (),
+        access_lifetime: int = 300,
+        refresh_lifetime: int = 3600,
+        rotate_refresh_tokens: bool = False,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        self.username = username
+        self.password = password
+        self.videomanagers = [(str(i), n) for i, n in videomanagers]
+        # VideoManagers listed for the user but refused on refresh (403).
+        self.forbidden = set(forbidden)
+        self.access_lifetime = access_lifetime
+        self.refresh_lifetime = refresh_lifetime
+        self.rotate_refresh_tokens = rotate_refresh_tokens
+        self.delay = 0.0
+        self.counts: Counter[str] = Counter()
+        self.issued: list[str] = []  # every token handed out, for leak checks
+        self._key = secrets.token_bytes(32)
+        self._revoked: set[str] = set()  # jti
+        self._used_refresh: set[str] = set()  # jti, with rotation
+        self._access_jtis: set[str] = set()
+        self._refresh_jtis: set[str] = set()
+        self._fault: Fault | None = None
+        self._lock = threading.Lock()
+        self._server = _Server((host, port), _Handler)
+        self._server.standin = self
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}{BASE_PATH}"
+
+    def start(self) -> StandIn:
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join()
+
+    def __enter__(self) -> StandIn:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- controls -------------------------------------------------------------------------
+
+    def fail(
+        self,
+        status: int = 503,
+        *,
+        body: BodyKind = "json",
+        retry_after: str | None = None,
+        count: int | None = None,
+        endpoints: Iterable[str] = ("login", "refresh"),
+    ) -> None:
+        """Answer the auth endpoints with `status` (`count` times, or until heal())."""
+        with self._lock:
+            self._fault = Fault(status, body, retry_after, count, frozenset(endpoints))
+
+    def heal(self) -> None:
+        with self._lock:
+            self._fault = None
+
+    def expire_refresh_tokens(self) -> None:
+        """Make every refresh token issued so far invalid (as if an hour had passed)."""
+        with self._lock:
+            self._revoked |= self._refresh_jtis
+
+    def revoke_access_tokens(self) -> None:
+        """Make every access token issued so far invalid."""
+        with self._lock:
+            self._revoked |= self._access_jtis
+
+    def token_valid(self, token: str, videomanager_id: str | None = None) -> bool:
+        """Whether the API would accept `token` (for `videomanager_id`, if given) now."""
+        claims = self._verify(token, "access")
+        return claims is not None and (
+            videomanager_id is None or claims.get("vm") == str(videomanager_id)
+        )
+
+    # -- tokens ---------------------------------------------------------------------------
+
+    def _sign(self, claims: dict[str, Any]) -> str:
+        header = _b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+        payload = _b64(json.dumps(claims, separators=(",", ":")).encode())
+        signature = hmac.new(self._key, f"{header}.{payload}".encode(), hashlib.sha256).digest()
+        return f"{header}.{payload}.{_b64(signature)}"
+
+    def _issue(self, kind: str, videomanager_id: str, lifetime: int) -> str:
+        now = int(time.time())
+        jti = secrets.token_hex(8)
+        token = self._sign(
+            {"sub": self.username, "vm": videomanager_id, "typ": kind, "jti": jti,
+             "iat": now, "exp": now + lifetime}
+        )
+        with self._lock:
+            (self._access_jtis if kind == "access" else self._refresh_jtis).add(jti)
+            self.issued.append(token)
+        return token
+
+    def _verify(self, token: str, kind: str) -> dict[str, Any] | None:
+        try:
+            header, payload, signature = token.split(".")
+            expected = hmac.new(
+                self._key, f"{header}.{payload}".encode(), hashlib.sha256
+            ).digest()
+            if not hmac.compare_digest(expected, _unb64(signature)):
+                return None
+            claims = json.loads(_unb64(payload))
+        except ValueError:
+            return None
+        if not isinstance(claims, dict) or claims.get("typ") != kind:
+            return None
+        with self._lock:
+            if claims.get("jti") in self._revoked:
+                return None
+        if claims.get("exp", 0) <= time.time():
+            return None
+        return claims
+
+    def _grant(self, videomanager_id: str, refresh_token: str | None) -> dict[str, Any]:
+        if refresh_token is None or self.rotate_refresh_tokens:
+            refresh_token = self._issue("refresh", videomanager_id, self.refresh_lifetime)
+        return {
+            "accessToken": self._issue("access", videomanager_id, self.access_lifetime),
+            "refreshToken": refresh_token,
+            "videoManagerList": [{"id": int(i) if i.isdigit() else i, "name": n}
+                                 for i, n in self.videomanagers],
+            "validForVideoManager": int(videomanager_id) if videomanager_id.isdigit()
+            else videomanager_id,
+        }
+
+    # -- request handling (called from the server's threads) -------------------------------
+
+    def _take_fault(self, endpoint: str) -> Fault | None:
+        with self._lock:
+            fault = self._fault
+            if fault is None or endpoint not in fault.endpoints:
+                return None
+            if fault.remaining is not None:
+                fault.remaining -= 1
+                if fault.remaining <= 0:
+                    self._fault = None
+            return fault
+
+    def handle(self, method: str, path: str, headers: dict[str, str],
+               body: bytes) -> tuple[int, dict[str, str], bytes]:
+        path = path.split("?")[0].rstrip("/")
+        if not path.startswith(BASE_PATH):
+            return _json(404, {"message": "Not found"})
+        rest = path[len(BASE_PATH):].strip("/").split("/") if path != BASE_PATH else []
+        if method == "POST" and rest[:2] == ["auth", "login"] and len(rest) == 2:
+            return self._auth("login", body, None)
+        if method == "POST" and rest[:2] == ["auth", "refresh"] and len(rest) == 3:
+            return self._auth("refresh", body, rest[2])
+        if method == "GET" and len(rest) <= 2 and (not rest or rest[1:] == ["videos"]):
+            return self._api(headers, rest[0] if rest else None)
+        return _json(404, {"message": "Not found"})
+
+    def _auth(self, endpoint: str, body: bytes,
+              videomanager_id: str | None) -> tuple[int, dict[str, str], bytes]:
+        with self._lock:
+            self.counts[endpoint] += 1
+        if self.delay:
+            time.sleep(self.delay)
+        fault = self._take_fault(endpoint)
+        if fault is not None:
+            return _fault_response(fault)
+        try:
+            data = json.loads(body)
+            if not isinstance(data, dict):
+                raise ValueError
+        except ValueError:
+            return _json(400, {"message": "Malformed JSON body"})
+        if endpoint == "login":
+            if data.get("username") != self.username or data.get("password") != self.password:
+                return _json(401, {"message": "Invalid username or password"})
+            grant = self._grant(self.videomanagers[0][0], None)
+        else:
+            assert videomanager_id is not None
+            token = data.get("refreshToken")
+            claims = self._verify(token, "refresh") if isinstance(token, str) else None
+            if claims is None:
+                return _json(401, {"message": "Invalid or expired refresh token"})
+            if self.rotate_refresh_tokens:
+                with self._lock:
+                    if claims["jti"] in self._used_refresh:
+                        self.counts["refresh_reused"] += 1
+                        return _json(401, {"message": "Refresh token already used"})
+                    self._used_refresh.add(claims["jti"])
+                    self._revoked.add(claims["jti"])
+            if videomanager_id not in {i for i, _ in self.videomanagers}:
+                return _json(403, {"message": "Access denied"})
+            if videomanager_id in self.forbidden:
+                return _json(403, {"message": "Access denied"})
+            grant = self._grant(videomanager_id,
+                                None if self.rotate_refresh_tokens else token)
+        with self._lock:
+            self.counts[f"{endpoint}_ok"] += 1
+        return _json(200, grant)
+
+    def _api(self, headers: dict[str, str],
+             videomanager_id: str | None) -> tuple[int, dict[str, str], bytes]:
+        with self._lock:
+            self.counts["api"] += 1
+        auth = headers.get("authorization", "")
+        token = auth[7:] if auth[:7].lower() == "bearer " else ""
+        claims = self._verify(token, "access") if token else None
+        if claims is None:
+            with self._lock:
+                self.counts["api_rejected"] += 1
+            return _json(401, {"message": "Invalid or expired access token"})
+        if videomanager_id is None:
+            return _json(200, [{"id": i, "name": n} for i, n in self.videomanagers])
+        if claims.get("vm") != videomanager_id:
+            with self._lock:
+                self.counts["api_rejected"] += 1
+            return _json(403, {"message": "Token not valid for this VideoManager"})
+        return _json(200, {"items": [{"id": f"v{n}", "title": f"Video {n}"} for n in range(3)]})
+
+
+def _json(status: int, data: Any) -> tuple[int, dict[str, str], bytes]:
+    return status, {"Content-Type": "application/json"}, json.dumps(data).encode()
+
+
+def _fault_response(fault: Fault) -> tuple[int, dict[str, str], bytes]:
+    headers: dict[str, str] = {}
+    if fault.retry_after is not None:
+        headers["Retry-After"] = fault.retry_after
+    if fault.body == "json":
+        status, json_headers, body = _json(fault.status, {"message": "Injected failure"})
+        return status, {**json_headers, **headers}, body
+    if fault.body == "html":
+        headers["Content-Type"] = "text/html"
+        return fault.status, headers, b"<html><body><h1>Bad Gateway</h1></body></html>"
+    if fault.body == "garbage":
+        headers["Content-Type"] = "application/json"
+        return fault.status, headers, b"\x00\xff{{not json"
+    return fault.status, headers, b""
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    standin: StandIn
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as the real API
+    server: _Server
+
+    def _serve(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        status, response_headers, payload = self.server.standin.handle(
+            self.command, self.path, headers, body
+        )
+        self.send_response(status)
+        for name, value in response_headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    do_GET = _serve
+    do_POST = _serve
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass  # quiet: tests and the demo have their own output
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m vm_tokend.standin",
+        description="Run the stand-in VideoManager Pro API on loopback until interrupted.",
+    )
+    parser.add_argument("--port", type=int, default=0, help="TCP port (default: any free one)")
+    parser.add_argument("--username", default="demo")
+    parser.add_argument("--password", default="demo-password",
+                        help="the password it accepts (a stand-in's, not a real one)")
+    parser.add_argument("--access-lifetime", type=int, default=300, metavar="S")
+    parser.add_argument("--refresh-lifetime", type=int, default=3600, metavar="S")
+    parser.add_argument("--rotate-refresh-tokens", action="store_true")
+    args = parser.parse_args(argv)
+    standin = StandIn(
+        username=args.username,
+        password=args.password,
+        access_lifetime=args.access_lifetime,
+        refresh_lifetime=args.refresh_lifetime,
+        rotate_refresh_tokens=args.rotate_refresh_tokens,
+        port=args.port,
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    with standin:
+        print(standin.url, flush=True)
+        stop.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

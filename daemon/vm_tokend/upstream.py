@@ -1,0 +1,293 @@
+"""Talking to the VideoManager Pro API: log in, refresh. The only module that does HTTP.
+
+`AuthBackend` is the seam for a second way to log in (the vendor's SDK also knows an
+OpenID Connect password grant against Keycloak): the keeper needs nothing but `login` and
+`refresh` returning a `Grant`, and the exceptions below.
+
+    UpstreamError
+    ├── CredentialsRejected   login answered 401/403: never retry on a timer
+    ├── RefreshRejected       refresh answered 401: the refresh token is gone, log in again
+    ├── Forbidden             refresh answered 403: no rights for that VideoManager
+    └── TransientError        network trouble, timeouts, 5xx, 429, garbage: back off, retry
+
+Error messages are built here from status codes and the API's `message` field, truncated and
+scrubbed of anything we sent, so no secret can reach a log or a client through them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email.utils
+import json
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
+
+import httpx
+import trio
+
+__all__ = [
+    "AuthBackend",
+    "CredentialsRejected",
+    "Forbidden",
+    "Grant",
+    "RefreshRejected",
+    "TransientError",
+    "UpstreamError",
+    "VideoManagerApi",
+    "VideoManagerRef",
+    "jwt_claims",
+]
+
+# The API documents nothing about total request time; 15 s is far beyond a healthy answer
+# (tens of ms) and short enough that a hung proxy does not hold a refresh for long.
+TOTAL_TIMEOUT: Final = 15.0
+CONNECT_TIMEOUT: Final = 5.0
+# How much of an error body we repeat to users. Enough for a sentence, not a whole page.
+MAX_MESSAGE: Final = 200
+# Tokens carry whole-second `iat`/`exp`, and a response takes time to arrive: we shorten
+# every computed lifetime by this much so we never think a token lives longer than it does.
+CLOCK_SLACK: Final = 1.0
+# A Retry-After beyond this is treated as this: a broken proxy should not silence us for
+# a day. A guess, but well above the 60 s backoff cap.
+MAX_RETRY_AFTER: Final = 600.0
+
+
+class UpstreamError(Exception):
+    """Base of the errors the API can cause; the message is safe to show."""
+
+
+class CredentialsRejected(UpstreamError):
+    pass
+
+
+class RefreshRejected(UpstreamError):
+    pass
+
+
+class Forbidden(UpstreamError):
+    pass
+
+
+class TransientError(UpstreamError):
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True, slots=True)
+class VideoManagerRef:
+    id: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What a login or refresh gave us. Secrets are kept out of repr."""
+
+    access_token: str = field(repr=False)
+    refresh_token: str = field(repr=False)
+    videomanagers: tuple[VideoManagerRef, ...]
+    valid_for: str  # the VideoManager id the access token is valid for
+    lifetime: float  # seconds the access token lives, counted from `received_at`
+    refresh_lifetime: float | None  # the same for the refresh token, when it says
+    received_at: float  # trio.current_time() when the response arrived
+
+
+class AuthBackend(Protocol):
+    """What the keeper needs from a way of logging in."""
+
+    calls: Counter[str]
+
+    async def login(self, username: str, password: str) -> Grant: ...
+
+    async def refresh(self, refresh_token: str, videomanager_id: str) -> Grant: ...
+
+
+def jwt_claims(token: str) -> dict[str, Any] | None:
+    """The payload of a JWT, unverified; None if `token` is not one."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    payload = parts[1]
+    try:
+        raw = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+        claims = json.loads(raw)
+    except (binascii.Error, ValueError):
+        return None
+    return claims if isinstance(claims, dict) else None
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def token_lifetime(token: str, default: float | None, wall_now: float) -> float | None:
+    """How long `token` lives from now, by its own claims where it has them.
+
+    `exp - iat` does not depend on our wall clock being right; only without `iat` do we
+    fall back to `exp - now`. Not a JWT, or no `exp`: `default`.
+    """
+    claims = jwt_claims(token)
+    exp = _number(claims.get("exp")) if claims else None
+    if exp is None:
+        return default
+    iat = _number(claims.get("iat")) if claims else None
+    lifetime = (exp - iat) if iat is not None else (exp - wall_now)
+    lifetime -= CLOCK_SLACK
+    if lifetime <= 0:
+        # A token that is dead on arrival by its own claims (or our clock is far off and it
+        # has no iat): trust the default rather than refreshing in a tight loop.
+        return default
+    return lifetime
+
+
+def parse_retry_after(value: str | None, wall_now: float) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or HTTP-date), capped; None if absent."""
+    if not value:
+        return None
+    value = value.strip()
+    seconds: float | None
+    if value.isdigit():
+        seconds = float(value)
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        seconds = when.timestamp() - wall_now
+    return max(0.0, min(seconds, MAX_RETRY_AFTER))
+
+
+class VideoManagerApi:
+    """The VideoManager Pro API's own login and refresh endpoints."""
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        api_url: str,
+        *,
+        default_token_lifetime: float = 300.0,
+    ) -> None:
+        self._http = http
+        self.api_url = api_url.rstrip("/")
+        self.default_token_lifetime = default_token_lifetime
+        self.calls: Counter[str] = Counter()
+
+    async def login(self, username: str, password: str) -> Grant:
+        response = await self._post(
+            "login",
+            f"{self.api_url}/auth/login",
+            {"username": username, "password": password},
+            secrets=(password,),
+        )
+        if response.status_code in (401, 403):
+            raise CredentialsRejected(
+                f"the API rejected the credentials for {username!r}: "
+                + _describe(response, (password,))
+            )
+        return self._grant(response, (password,))
+
+    async def refresh(self, refresh_token: str, videomanager_id: str) -> Grant:
+        response = await self._post(
+            "refresh",
+            f"{self.api_url}/auth/refresh/{videomanager_id}",
+            {"refreshToken": refresh_token},
+            secrets=(refresh_token,),
+        )
+        if response.status_code == 401:
+            raise RefreshRejected("the API rejected the refresh token: "
+                                  + _describe(response, (refresh_token,)))
+        if response.status_code == 403:
+            raise Forbidden(
+                f"no rights for VideoManager {videomanager_id}: "
+                + _describe(response, (refresh_token,))
+            )
+        return self._grant(response, (refresh_token,), expect=videomanager_id)
+
+    async def _post(
+        self, kind: str, url: str, body: dict[str, str], *, secrets: tuple[str, ...]
+    ) -> httpx.Response:
+        self.calls[kind] += 1
+        try:
+            with trio.fail_after(TOTAL_TIMEOUT):
+                return await self._http.post(url, json=body)
+        except trio.TooSlowError:
+            raise TransientError(f"no answer from the API within {TOTAL_TIMEOUT:g} s") from None
+        except httpx.TimeoutException:
+            raise TransientError("the API timed out") from None
+        except httpx.HTTPError as exc:
+            # httpx messages name the URL and the OS error, never the body we sent.
+            raise TransientError(
+                f"cannot reach the API: {_scrub(str(exc) or type(exc).__name__, secrets)}"
+            ) from None
+
+    def _grant(
+        self, response: httpx.Response, secrets: tuple[str, ...], expect: str | None = None
+    ) -> Grant:
+        received_at = trio.current_time()
+        if response.status_code != 200:
+            raise TransientError(
+                _describe(response, secrets),
+                retry_after=parse_retry_after(response.headers.get("retry-after"), time.time()),
+            )
+        try:
+            data = response.json()
+            access = data["accessToken"]
+            refresh = data["refreshToken"]
+            if not (isinstance(access, str) and access and isinstance(refresh, str) and refresh):
+                raise TypeError
+            vms = tuple(
+                VideoManagerRef(id=str(item["id"]), name=str(item["name"]))
+                for item in data.get("videoManagerList") or ()
+            )
+            valid_for = data.get("validForVideoManager", expect)
+            if valid_for is None:
+                raise TypeError
+        except (ValueError, TypeError, KeyError, AttributeError):
+            raise TransientError(
+                f"the API answered HTTP {response.status_code} with a body that is not the "
+                f"expected JSON ({_content_type(response)})"
+            ) from None
+        wall_now = time.time()
+        lifetime = token_lifetime(access, self.default_token_lifetime, wall_now)
+        assert lifetime is not None
+        return Grant(
+            access_token=access,
+            refresh_token=refresh,
+            videomanagers=vms,
+            valid_for=str(valid_for),
+            lifetime=lifetime,
+            refresh_lifetime=token_lifetime(refresh, None, wall_now),
+            received_at=received_at,
+        )
+
+
+def _content_type(response: httpx.Response) -> str:
+    return str(response.headers.get("content-type", "no content type")).split(";")[0].strip()
+
+
+def _scrub(text: str, secrets: tuple[str, ...]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "[redacted]")
+    text = "".join(ch if ch.isprintable() else " " for ch in text).strip()
+    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 1] + "…"
+
+
+def _describe(response: httpx.Response, secrets: tuple[str, ...]) -> str:
+    """`HTTP 503: <the API's message>`, or a note that the body was not the API's JSON."""
+    status = f"HTTP {response.status_code}"
+    try:
+        data = response.json()
+        message = data.get("message") if isinstance(data, dict) else None
+    except ValueError:
+        message = None
+    if isinstance(message, str) and message.strip():
+        return f"{status}: {_scrub(message, secrets)}"
+    return f"{status} ({_content_type(response)} body)"
