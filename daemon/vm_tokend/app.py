@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import trio
 from pydantic import SecretStr
+
 from vm_token import __version__
 
 from .keeper import Keeper

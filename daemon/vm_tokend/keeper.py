@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 
 import trio
+
 from vm_token import protocol
 
 from . import upstream
@@ -309,7 +310,7 @@ class Keeper:
             session = self._require_session()
             if session.videomanagers is not None:
                 return
-            if session.login_retry_at is not None:
+            if session.login_retry_at is not None and session.login_retry_at > trio.current_time():
                 raise UpstreamUnavailable(
                     f"cannot log in: {session.last_error}; next attempt in "
                     + _in(session.login_retry_at - trio.current_time())
@@ -337,7 +338,7 @@ class Keeper:
                     f"min_ttl {min_ttl:g} s is not less than the lifetime the API gives "
                     f"tokens for {vm.name} ({entry.lifetime:.0f} s)"
                 )
-            if entry.retry_at is not None:
+            if entry.retry_at is not None and entry.retry_at > now:
                 raise UpstreamUnavailable(self._unavailable(entry, now, min_ttl))
             if waited_on is entry and entry.token is not None:
                 # The attempt we waited for succeeded, yet the token is not enough.
@@ -560,6 +561,8 @@ class Keeper:
         return grant
 
     def _keep_refresh_token(self, session: Session, grant: Grant) -> None:
+        if grant.refresh_token == session.refresh_token:
+            return  # not rotated: it still expires when it did
         session.refresh_token = grant.refresh_token
         session.refresh_expires_at = (
             grant.received_at + grant.refresh_lifetime

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import trio
+
 from vm_token import protocol
 
 from .keeper import BadRequest, Keeper, Refused

@@ -34,6 +34,7 @@ from pydantic_settings import (
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
+
 from vm_token import protocol
 
 __all__ = [

@@ -92,6 +92,7 @@ class StandIn:
         self.delay = 0.0
         self.counts: Counter[str] = Counter()
         self.issued: list[str] = []  # every token handed out, for leak checks
+        self.requests: list[tuple[float, str]] = []  # (time.monotonic(), endpoint)
         self._key = secrets.token_bytes(32)
         self._revoked: set[str] = set()  # jti
         self._used_refresh: set[str] = set()  # jti, with rotation
@@ -253,6 +254,7 @@ class StandIn:
               videomanager_id: str | None) -> tuple[int, dict[str, str], bytes]:
         with self._lock:
             self.counts[endpoint] += 1
+            self.requests.append((time.monotonic(), endpoint))
         if self.delay:
             time.sleep(self.delay)
         fault = self._take_fault(endpoint)

@@ -1,0 +1,144 @@
+"""An in-memory AuthBackend on trio's clock, for the keeper's time rules.
+
+It behaves like the API as far as the keeper can tell — rotating refresh tokens, 401 on a
+used or expired one, 403 for VideoManagers without rights — and records the virtual time
+of every call, so tests can assert exact schedules.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import trio
+from pydantic import SecretStr
+
+from vm_tokend import upstream
+from vm_tokend.keeper import Keeper
+from vm_tokend.settings import Credentials
+from vm_tokend.upstream import Grant, VideoManagerRef
+
+VMS = (VideoManagerRef("1", "Marketing"), VideoManagerRef("2", "Sales"),
+       VideoManagerRef("3", "Support"), VideoManagerRef("4", "Legal"))
+
+
+@dataclass
+class Call:
+    at: float
+    kind: str
+    vm: str | None
+    ended: float | None = None
+
+
+@dataclass
+class FakeBackend:
+    lifetime: float = 300.0
+    refresh_lifetime: float | None = None
+    delay: float = 0.0
+    password: str = "right"
+    rotate: bool = True
+    forbidden: set[str] = field(default_factory=set)
+    # Called before answering; may raise an UpstreamError to inject a failure.
+    fault: Callable[[str], None] | None = None
+    calls: Counter[str] = field(default_factory=Counter)
+    log: list[Call] = field(default_factory=list)
+    issued: list[str] = field(default_factory=list)
+    in_flight: int = 0
+    max_in_flight: int = 0
+    reused_refresh_tokens: int = 0
+    _refresh_token: str | None = None
+    _used: set[str] = field(default_factory=set)
+    _serial: int = 0
+
+    def times(self, kind: str, vm: str | None = None) -> list[float]:
+        return [c.at for c in self.log if c.kind == kind and (vm is None or c.vm == vm)]
+
+    def access_tokens(self) -> list[str]:
+        return [t for t in self.issued if t.startswith("access-")]
+
+    def expire_refresh_token(self) -> None:
+        self._refresh_token = None
+
+    def _new(self, prefix: str) -> str:
+        self._serial += 1
+        token = f"{prefix}-{self._serial}"
+        self.issued.append(token)
+        return token
+
+    def _grant(self, vm: str, refresh_token: str) -> Grant:
+        return Grant(
+            access_token=self._new("access"),
+            refresh_token=refresh_token,
+            videomanagers=VMS,
+            valid_for=vm,
+            lifetime=self.lifetime,
+            refresh_lifetime=self.refresh_lifetime,
+            received_at=trio.current_time(),
+        )
+
+    async def _enter(self, kind: str, vm: str | None) -> Call:
+        self.calls[kind] += 1
+        call = Call(trio.current_time(), kind, vm)
+        self.log.append(call)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.delay:
+                await trio.sleep(self.delay)
+            if self.fault is not None:
+                self.fault(kind)
+        finally:
+            self.in_flight -= 1
+            call.ended = trio.current_time()
+        return call
+
+    async def login(self, username: str, password: str) -> Grant:
+        await self._enter("login", None)
+        if password != self.password:
+            raise upstream.CredentialsRejected("the API rejected the credentials: HTTP 401")
+        self._refresh_token = self._new("refresh")
+        return self._grant("1", self._refresh_token)
+
+    async def refresh(self, refresh_token: str, videomanager_id: str) -> Grant:
+        await self._enter("refresh", videomanager_id)
+        if refresh_token in self._used:
+            self.reused_refresh_tokens += 1
+        if refresh_token != self._refresh_token:
+            raise upstream.RefreshRejected("the API rejected the refresh token: HTTP 401")
+        if videomanager_id in self.forbidden:
+            raise upstream.Forbidden(f"no rights for VideoManager {videomanager_id}: HTTP 403")
+        if self.rotate:
+            self._used.add(refresh_token)
+            self._refresh_token = self._new("refresh")
+        return self._grant(videomanager_id, self._refresh_token)
+
+
+class PinnedRandom(random.Random):
+    """uniform(a, b) always answers a + (b - a) * pick: exact, predictable jitter."""
+
+    def __init__(self, pick: float) -> None:
+        super().__init__(0)
+        self.pick = pick
+
+    def uniform(self, a: float, b: float) -> float:
+        return a + (b - a) * self.pick
+
+
+def credentials(password: str = "right") -> Credentials:
+    return Credentials(username="someone@example.com", password=SecretStr(password))
+
+
+@asynccontextmanager
+async def running_keeper(backend: FakeBackend, *, password: str | None = "right",
+                         pick: float | None = 0.5, **options):
+    rng = PinnedRandom(pick) if pick is not None else random.Random(1)
+    async with trio.open_nursery() as nursery:
+        keeper = Keeper(backend, rng=rng, **options)
+        await nursery.start(keeper.run)
+        if password is not None:
+            await keeper.start_session(credentials(password))
+        yield keeper
+        nursery.cancel_scope.cancel()
