@@ -1,0 +1,166 @@
+"""The socket server in-process: peer check, framing limits, timeouts, room for clients."""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+
+import msgpack
+import pytest
+import trio
+
+from tests.fakes import FakeBackend, running_keeper
+from vm_token import protocol
+from vm_tokend import server as server_module
+from vm_tokend.server import Dispatcher, Server, bind_unix_socket
+
+
+async def start_server(nursery, private_dir, keeper, **options):
+    bound = bind_unix_socket(private_dir / "vm-token" / "socket")
+
+    async def login(username: str, password: str) -> None:
+        raise AssertionError("not used")
+
+    dispatcher = Dispatcher(keeper, version="test", login=login, describe=dict)
+    server = Server(bound, dispatcher, **options)
+    await nursery.start(server.serve)
+    return server, bound.path
+
+
+@pytest.fixture
+async def connect():
+    streams = []
+
+    async def open_one(path):
+        stream = await trio.open_unix_socket(str(path))
+        streams.append(stream)
+        return stream
+
+    yield open_one
+    for stream in streams:
+        await stream.aclose()
+
+
+async def ask(stream, message: dict) -> dict:
+    await stream.send_all(protocol.encode_frame(message))
+    buffer = b""
+    while len(buffer) < 4 or len(buffer) < 4 + struct.unpack(">I", buffer[:4])[0]:
+        data = await stream.receive_some()
+        if not data:
+            raise EOFError
+        buffer += data
+    return msgpack.unpackb(buffer[4:])
+
+
+async def closed(stream) -> bool:
+    try:
+        return await stream.receive_some() == b""
+    except trio.BrokenResourceError:
+        return True
+
+
+async def test_socket_is_private(private_dir):
+    bound = bind_unix_socket(private_dir / "vm-token" / "socket")
+    try:
+        assert stat.S_IMODE(os.stat(private_dir / "vm-token").st_mode) == 0o700
+        assert bound.path is not None
+        assert stat.S_IMODE(os.stat(bound.path).st_mode) == 0o600
+    finally:
+        bound.sock.close()
+        bound.remove()
+    assert not (private_dir / "vm-token" / "socket").exists()
+
+
+async def test_several_requests_share_a_connection(private_dir, connect):
+    with trio.fail_after(5):
+        async with running_keeper(FakeBackend()) as keeper, trio.open_nursery() as nursery:
+            server, path = await start_server(nursery, private_dir, keeper)
+            stream = await connect(path)
+            # Two frames in one write: answered in order.
+            await stream.send_all(protocol.encode_frame({"v": 1, "op": "hello"})
+                                  + protocol.encode_frame({"v": 1, "op": "get", "vm": "2"}))
+            hello = await ask(stream, {"v": 1, "op": "list"})
+            assert hello["protocol"] == 1
+            await stream.aclose()
+            server.stop()
+
+
+async def test_requests_answered_and_status_has_no_token(private_dir, connect):
+    with trio.fail_after(5):
+        async with running_keeper(FakeBackend()) as keeper, trio.open_nursery() as nursery:
+            server, path = await start_server(nursery, private_dir, keeper)
+            stream = await connect(path)
+            got = await ask(stream, {"v": 1, "op": "get", "vm": "sales", "min_ttl": 10})
+            assert got["ok"] and got["videomanager_name"] == "Sales"
+            assert got["videomanager_id"] == "2" and got["expires_at"] > 0
+            status = await ask(stream, {"v": 1, "op": "status"})
+            listing = await ask(stream, {"v": 1, "op": "list"})
+            assert got["token"] not in repr(status) and got["token"] not in repr(listing)
+            assert status["requests"] == 2 and status["state"] == "logged_in"
+            bad = await ask(stream, {"v": 1, "op": "invalidate"})
+            assert bad["error"]["code"] == "bad_request" and "'token'" in bad["error"]["message"]
+            again = await ask(stream, {"v": 1, "op": "invalidate", "token": got["token"]})
+            assert again == {"ok": True, "invalidated": True}
+            await stream.aclose()
+            server.stop()
+
+
+async def test_stalled_frame_and_idle_connection_are_dropped(private_dir, monkeypatch, connect):
+    monkeypatch.setattr(server_module, "FRAME_TIMEOUT", 0.3)
+    monkeypatch.setattr(server_module, "IDLE_TIMEOUT", 0.6)
+    with trio.fail_after(5):
+        async with running_keeper(FakeBackend()) as keeper, trio.open_nursery() as nursery:
+            server, path = await start_server(nursery, private_dir, keeper)
+            stalled = await connect(path)
+            await stalled.send_all(struct.pack(">I", 100) + b"\x80")
+            idle = await connect(path)
+            started = trio.current_time()
+            assert await closed(stalled)
+            assert 0.25 <= trio.current_time() - started < 0.6
+            assert await closed(idle)
+            assert trio.current_time() - started >= 0.55
+            server.stop()
+
+
+async def test_the_longest_idle_connection_makes_room(private_dir, connect):
+    with trio.fail_after(5):
+        async with running_keeper(FakeBackend()) as keeper, trio.open_nursery() as nursery:
+            server, path = await start_server(nursery, private_dir, keeper, max_connections=3)
+            crowd = []
+            for _ in range(3):
+                crowd.append(await connect(path))
+                await trio.sleep(0.01)
+            newcomer = await connect(path)
+            assert (await ask(newcomer, {"v": 1, "op": "hello"}))["ok"]
+            assert await closed(crowd[0])  # the oldest idle one went
+            assert (await ask(crowd[2], {"v": 1, "op": "hello"}))["ok"]
+            server.stop()
+
+
+async def test_other_users_are_closed_without_a_reply(private_dir, monkeypatch, connect):
+    monkeypatch.setattr(server_module, "peer_uid", lambda sock: 4242)
+    if os.getuid() == 4242:
+        pytest.skip("running as uid 4242")
+    with trio.fail_after(5):
+        async with running_keeper(FakeBackend()) as keeper, trio.open_nursery() as nursery:
+            server, path = await start_server(nursery, private_dir, keeper)
+            stream = await connect(path)
+            with pytest.raises((EOFError, trio.BrokenResourceError)):
+                await ask(stream, {"v": 1, "op": "hello"})
+            assert server.refused_peers == 1
+            server.stop()
+
+
+async def test_internal_errors_become_internal_replies(private_dir, monkeypatch, connect):
+    with trio.fail_after(5):
+        async with running_keeper(FakeBackend()) as keeper, trio.open_nursery() as nursery:
+            def broken(*args, **kwargs):
+                raise RuntimeError("boom")
+            monkeypatch.setattr(keeper, "list", broken)
+            server, path = await start_server(nursery, private_dir, keeper)
+            stream = await connect(path)
+            reply = await ask(stream, {"v": 1, "op": "list"})
+            assert reply["error"]["code"] == "internal"
+            assert (await ask(stream, {"v": 1, "op": "hello"}))["ok"]
+            server.stop()

@@ -1,0 +1,157 @@
+"""Configuration sources, their priority, and the errors users see."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vm_tokend.settings import ConfigError, PasswordUnavailable, load_settings
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch, tmp_path):
+    for name in list(os.environ):
+        if name.startswith("VM_TOKEN_") or name == "CREDENTIALS_DIRECTORY":
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    return tmp_path
+
+
+def write_config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config" / "vm-token" / "config.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_defaults(tmp_path):
+    settings = load_settings()
+    assert settings.api_url == "https://api.video-cdn.net/v1/vms"
+    assert settings.idle_timeout == 3600 and settings.default_token_lifetime == 300
+    assert settings.socket_path == tmp_path / "run" / "vm-token" / "socket"
+    assert settings.credentials() is None
+
+
+def test_priority_flags_then_env_then_credentials_then_toml(tmp_path, monkeypatch):
+    write_config(tmp_path, 'username = "toml-user"\npassword = "toml-pw"\n'
+                 'api_url = "https://toml.example/v1/vms"\nlog_level = "warning"\n'
+                 'idle_timeout = 10\n')
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "password").write_text("credential-pw\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    monkeypatch.setenv("VM_TOKEN_API_URL", "https://env.example/v1/vms/")
+    monkeypatch.setenv("VM_TOKEN_IDLE_TIMEOUT", "20")
+    settings = load_settings({"idle_timeout": 30.0})
+    assert settings.idle_timeout == 30  # flag
+    assert settings.api_url == "https://env.example/v1/vms"  # env, trailing slash gone
+    assert settings.password is not None
+    assert settings.password.get_secret_value() == "credential-pw"  # credentials dir
+    assert settings.username == "toml-user" and settings.log_level == "warning"  # toml
+    monkeypatch.setenv("VM_TOKEN_PASSWORD", "env-pw")
+    password = load_settings().password
+    assert password is not None and password.get_secret_value() == "env-pw"
+
+
+def test_videomanagers_from_env_as_list_or_commas(monkeypatch):
+    monkeypatch.setenv("VM_TOKEN_VIDEOMANAGERS", "Sales, 1003")
+    assert load_settings().videomanagers == ["Sales", "1003"]
+    monkeypatch.setenv("VM_TOKEN_VIDEOMANAGERS", '["Sales"]')
+    assert load_settings().videomanagers == ["Sales"]
+
+
+@pytest.mark.parametrize(("url", "ok"), [
+    ("http://127.0.0.1:8080/v1/vms", True), ("http://localhost/v1/vms", True),
+    ("http://[::1]:9/v1/vms", True), ("http://127.9.9.9/v1/vms", True),
+    ("http://api.video-cdn.net/v1/vms", False), ("http://10.0.0.1/v1/vms", False),
+    ("ftp://x/y", False), ("https://user:pw@x/y", False), ("api.video-cdn.net", False),
+])
+def test_api_url_must_be_https_except_loopback(url, ok):
+    if ok:
+        assert load_settings({"api_url": url}).api_url == url
+    else:
+        with pytest.raises(ConfigError, match="api_url"):
+            load_settings({"api_url": url})
+
+
+def test_errors_name_the_field_and_its_source(tmp_path, monkeypatch):
+    path = write_config(tmp_path, 'idle_timeout = -5\ncolour = "blue"\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    message = str(info.value)
+    assert f"idle_timeout (from the config file {path})" in message
+    assert "unknown setting 'colour'" in message
+    assert "\n" not in message
+    monkeypatch.setenv("VM_TOKEN_API_URL", "http://example.com")
+    write_config(tmp_path, "")
+    with pytest.raises(ConfigError, match="the environment variable VM_TOKEN_API_URL"):
+        load_settings()
+    with pytest.raises(ConfigError, match="the command-line flag --log-level"):
+        load_settings({"log_level": "loud"})
+
+
+def test_password_never_in_error_messages(monkeypatch):
+    monkeypatch.setenv("VM_TOKEN_PASSWORD", "hunter2-secret")
+    with pytest.raises(ConfigError) as info:
+        load_settings()  # a password but no username
+    assert "hunter2-secret" not in str(info.value)
+    assert "no username" in str(info.value)
+
+
+def test_bad_toml_and_missing_explicit_config(tmp_path, monkeypatch):
+    write_config(tmp_path, "username = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings()
+    monkeypatch.setenv("VM_TOKEN_CONFIG", str(tmp_path / "nope.toml"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings()
+
+
+async def test_password_file_and_command(tmp_path):
+    secret = tmp_path / "pw"
+    secret.write_text("from-file\nignored second line\n")
+    creds = load_settings({"username": "u", "password_file": str(secret)}).credentials()
+    assert creds is not None and await creds.read_password() == "from-file"
+    creds = load_settings({"username": "u",
+                           "password_command": "printf 'from-command\\nmore'"}).credentials()
+    assert creds is not None and await creds.read_password() == "from-command"
+    creds = load_settings({"username": "u", "password_command": "echo leaked >&2; exit 3"}
+                          ).credentials()
+    assert creds is not None
+    with pytest.raises(PasswordUnavailable, match="exit code 3") as info:
+        await creds.read_password()
+    assert "leaked" not in str(info.value)
+
+
+def test_password_file_must_exist(tmp_path):
+    with pytest.raises(ConfigError, match="password_file .*not a readable file"):
+        load_settings({"username": "u", "password_file": str(tmp_path / "missing")})
+
+
+def run_daemon(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(Path(sys.executable).parent / "vm-tokend"), *args],
+                          capture_output=True, text=True, env=env, timeout=30, check=False)
+
+
+def test_daemon_exits_2_with_one_paragraph_on_bad_config(tmp_path):
+    env = {**os.environ, "VM_TOKEN_API_URL": "http://example.com/v1/vms"}
+    result = run_daemon(env=env)
+    assert result.returncode == 2
+    assert result.stderr.startswith("vm-tokend: invalid configuration: api_url")
+    assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def test_daemon_refuses_a_socket_directory_others_can_enter(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    env = {**os.environ, "VM_TOKEN_SOCKET": str(shared / "socket")}
+    result = run_daemon(env=env)
+    assert result.returncode == 2
+    assert "accessible to other users" in result.stderr and "chmod 700" in result.stderr
+    assert not (shared / "socket").exists()

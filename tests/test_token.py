@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import vm_token
+from vm_token import errors
+
+
+def test_token_repr_and_str_hide_the_token():
+    token = vm_token.Token.from_reply({
+        "token": "secret-access-token", "videomanager_id": "1001",
+        "videomanager_name": "Marketing", "expires_at": 1_900_000_000,
+    })
+    assert "secret-access-token" not in repr(token)
+    assert "secret-access-token" not in str(token)
+    assert "Marketing" in repr(token)
+    assert token.expires_at == datetime.fromtimestamp(1_900_000_000, UTC)
+    assert token.expires_at.tzinfo is UTC
+    assert token.authorization == "Bearer secret-access-token"
+
+
+def test_every_error_code_has_its_exception():
+    from vm_token import protocol
+
+    for code in protocol.ERROR_CODES:
+        error = errors.error_for_code(code, "message")
+        assert type(error) is not errors.DaemonError
+        assert error.code == code and isinstance(error, vm_token.Error)
+    assert errors.error_for_code("from_the_future", "m").code == protocol.INTERNAL
+
+
+def test_daemon_not_running_says_how_to_start_it():
+    message = str(vm_token.DaemonNotRunning("/run/user/1/vm-token/socket"))
+    assert "vm-tokend" in message and "systemctl --user start" in message
+
+
+def test_importing_the_client_pulls_in_no_heavy_library():
+    import subprocess
+    import sys
+
+    code = ("import sys, vm_token, vm_token.cli; "
+            "print(sorted(m for m in ('trio', 'httpx', 'pydantic', 'anyio') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
