@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: all install lint test demo bench clean
+.PHONY: all install lint test demo clean
 
 all: test
 
@@ -25,9 +25,6 @@ test: lint
 
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
-
-bench: $(STAMP)
-	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -50,3 +50,11 @@ def test_default_socket_path_rules():
     assert protocol.default_socket_path({"XDG_RUNTIME_DIR": "/run/user/7"}) == \
         "/run/user/7/vm-token/socket"
     assert protocol.default_socket_path({}).startswith("/tmp/vm-token-")
+
+
+def test_the_example_in_the_protocol_document_is_right():
+    from pathlib import Path
+
+    doc = (Path(__file__).parent.parent / "docs" / "PROTOCOL.md").read_text()
+    example = doc.split("## Example")[1].split("```")[1]
+    assert bytes.fromhex(example) == protocol.encode_frame({"v": 1, "op": "get", "vm": "Sales"})
