@@ -35,17 +35,36 @@ import secrets
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final
+from typing import Any, Final
 
 import trio
 
-from vm_token import protocol
+# A refusal is the very exception the client will raise: one class per wire error code.
+from vm_token.errors import (
+    BadRequest,
+    CredentialsRejected,
+    Forbidden,
+    NotLoggedIn,
+    UnknownVideoManager,
+    UpstreamUnavailable,
+)
+from vm_token.errors import DaemonError as Refused
 
 from . import upstream
 from .settings import Credentials, PasswordUnavailable
 from .upstream import AuthBackend, Grant, VideoManagerRef
 
-__all__ = ["Keeper", "Refused", "TokenInfo"]
+__all__ = [
+    "BadRequest",
+    "CredentialsRejected",
+    "Forbidden",
+    "Keeper",
+    "NotLoggedIn",
+    "Refused",
+    "TokenInfo",
+    "UnknownVideoManager",
+    "UpstreamUnavailable",
+]
 
 log = logging.getLogger(__name__)
 
@@ -62,40 +81,6 @@ FORBIDDEN_RECHECK: Final = 60.0
 # A token reported as rejected this soon after we got it suggests the API rejects what we
 # fetch; from the second such report in a row, replacements back off like failures.
 QUICK_INVALIDATION: Final = 10.0
-
-
-class Refused(Exception):
-    """A request the keeper cannot answer; `code` is the protocol's error code."""
-
-    code: ClassVar[str] = protocol.INTERNAL
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class NotLoggedIn(Refused):
-    code = protocol.NOT_LOGGED_IN
-
-
-class CredentialsRejected(Refused):
-    code = protocol.CREDENTIALS_REJECTED
-
-
-class UnknownVideoManager(Refused):
-    code = protocol.UNKNOWN_VIDEOMANAGER
-
-
-class Forbidden(Refused):
-    code = protocol.FORBIDDEN
-
-
-class UpstreamUnavailable(Refused):
-    code = protocol.UPSTREAM_UNAVAILABLE
-
-
-class BadRequest(Refused):
-    code = protocol.BAD_REQUEST
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,3 +75,17 @@ def test_invalidate_then_get_gives_a_fresh_token(standin, start_daemon):
     assert new.access_token != old.access_token
     assert standin.token_valid(new.access_token, "1002")
     assert standin.counts["refresh"] == 2
+
+
+def test_after_the_api_revokes_every_token_one_report_brings_a_fresh_one(standin,
+                                                                          start_daemon):
+    daemon = start_daemon(standin)
+    with daemon.client() as client:
+        old = client.get_token()
+        standin.revoke_access_tokens()
+        assert not standin.token_valid(old.access_token)
+        # A hundred clients seeing 401 and reporting it: one refresh.
+        assert [client.invalidate(old) for _ in range(100)].count(True) == 1
+        new = client.get_token()
+    assert standin.token_valid(new.access_token, "1001")
+    assert standin.counts["refresh"] == 1
