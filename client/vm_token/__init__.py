@@ -5,25 +5,31 @@
     headers = {"Authorization": token.authorization}
 
 Depends on msgpack and the standard library only; never imports trio, httpx or pydantic.
+Names are loaded on first use, so that `vm-token` — which imports this package on every
+call — pays only for what it touches.
 """
 
 from ._version import __version__
-from .client import Client, VideoManager, get_token
-from .errors import (
-    BadRequest,
-    CredentialsRejected,
-    DaemonError,
-    DaemonNotRunning,
-    Error,
-    Forbidden,
-    InternalError,
-    NotLoggedIn,
-    ProtocolError,
-    UnknownVideoManager,
-    UnsupportedVersion,
-    UpstreamUnavailable,
-)
-from .token import Token
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .client import Client, VideoManager, get_token
+    from .errors import (
+        BadRequest,
+        CredentialsRejected,
+        DaemonError,
+        DaemonNotRunning,
+        Error,
+        Forbidden,
+        InternalError,
+        NotLoggedIn,
+        ProtocolError,
+        UnknownHost,
+        UnknownVideoManager,
+        UnsupportedVersion,
+        UpstreamUnavailable,
+    )
+    from .token import Token
 
 __all__ = [
     "BadRequest",
@@ -37,6 +43,7 @@ __all__ = [
     "NotLoggedIn",
     "ProtocolError",
     "Token",
+    "UnknownHost",
     "UnknownVideoManager",
     "UnsupportedVersion",
     "UpstreamUnavailable",
@@ -44,3 +51,22 @@ __all__ = [
     "__version__",
     "get_token",
 ]
+
+# Where each name lives; everything else in __all__ comes from errors.
+_WHERE = {"Client": "client", "VideoManager": "client", "get_token": "client",
+          "Token": "token"}
+
+
+def __getattr__(name: str) -> object:
+    module = _WHERE.get(name, "errors" if name in __all__ else None)
+    if module is None:
+        raise AttributeError(f"module 'vm_token' has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

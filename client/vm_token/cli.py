@@ -1,213 +1,244 @@
-"""`vm-token`: tokens for shell scripts and tools, from a running vm-tokend.
+"""`vm-token`: tokens for shell scripts, CI jobs and git, from a running vm-tokend.
+
+Start-up time is the point of this module. `token`, `header` and git's `get`, `store`
+and `erase` run on a hand-written fast path that imports nothing but the wire protocol
+(no argparse, socket, re, typing, json or datetime); anything it does not recognise —
+`--help`, a typo, the other subcommands — goes to the argparse front end, which may import
+what it likes.
 
 Exit codes: 0 success, 1 refused by the daemon, 2 usage, 3 daemon not reachable.
 """
 
 from __future__ import annotations
 
-import argparse
-import getpass
-import json
 import sys
-import time
-from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 
-from . import errors
-from .client import Client
+from . import _wire, errors, protocol
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from typing import Any
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 
-_EXIT_CODES = """\
+DEFAULT_TIMEOUT = 5.0
+# git sends a few hundred bytes; anything near this is not git.
+MAX_CREDENTIAL_INPUT = 1 << 20
+
+EXIT_CODES_HELP = """\
 exit codes:
-  0  success
-  1  refused by the daemon (not logged in, credentials rejected, unknown VideoManager, ...)
-  2  usage error
+  0  success (and, for git's get/store/erase, also when there is nothing to answer)
+  1  refused by the daemon: not logged in, credentials rejected, unknown VideoManager,
+     API unavailable, ...
+  2  usage error, or unreadable input from git
   3  the daemon is not reachable
 """
 
 
-class _Usage(Exception):
-    pass
+def fail(message: str) -> None:
+    sys.stderr.write(f"vm-token: {message}\n")
 
 
-def _fail(message: str) -> None:
-    print(f"vm-token: {message}", file=sys.stderr)
+def exit_code(exc: errors.Error) -> int:
+    """Report `exc` on one line of stderr; the exit code that goes with it."""
+    if isinstance(exc, errors.DaemonError):
+        fail(f"{exc.message} ({exc.code})")
+        return EXIT_REFUSED
+    fail(str(exc))
+    return EXIT_UNREACHABLE
 
 
-def _duration(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    if seconds >= 60:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds}s"
+# -- the fast path -------------------------------------------------------------------------
 
 
-def _cmd_token(client: Client, args: argparse.Namespace) -> int:
-    token = client.get_token(args.vm, min_ttl=args.min_ttl)
-    sys.stdout.write(token.access_token + "\n")
+def _fast_options(args: list[str], allowed: tuple[str, ...]) -> dict[str, str] | None:
+    """`--name value` / `--name=value` options; None for anything else (argparse decides)."""
+    options: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        name, eq, value = arg.partition("=")
+        if name not in allowed or name in options:
+            return None
+        if not eq:
+            if i + 1 >= len(args):
+                return None
+            value = args[i + 1]
+            i += 1
+        options[name] = value
+        i += 1
+    return options
+
+
+def _number(text: str | None, default: float) -> float | None:
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if value >= 0 and value == value and value != float("inf") else None
+
+
+def _ask(options: dict[str, str], message: dict[str, Any], timeout: float) -> dict[str, Any]:
+    path = options.get("--socket") or protocol.default_socket_path()
+    message["v"] = protocol.PROTOCOL_VERSION
+    return _wire.request_once(path, message, timeout)
+
+
+def _fast_get_token(args: list[str], header: bool) -> int | None:
+    options = _fast_options(args, ("--vm", "--min-ttl", "--socket", "--timeout"))
+    if options is None:
+        return None
+    min_ttl = _number(options.get("--min-ttl"), 0.0)
+    timeout = _number(options.get("--timeout"), DEFAULT_TIMEOUT)
+    if min_ttl is None or not timeout:
+        return None
+    message: dict[str, Any] = {"op": protocol.GET}
+    if "--vm" in options:
+        message["vm"] = options["--vm"]
+    if min_ttl:
+        message["min_ttl"] = min_ttl
+    try:
+        reply = _ask(options, message, timeout)
+    except errors.Error as exc:
+        return exit_code(exc)
+    token = reply["token"]
+    sys.stdout.write(f"Authorization: Bearer {token}\n" if header else f"{token}\n")
     return EXIT_OK
 
 
-def _cmd_list(client: Client, args: argparse.Namespace) -> int:
-    videomanagers = client.list_videomanagers()
-    if args.json:
-        print(json.dumps([{
-            "id": vm.id, "name": vm.name, "default": vm.is_default,
-            "expires_at": vm.expires_at.isoformat() if vm.expires_at else None,
-            "last_error": vm.last_error,
-        } for vm in videomanagers], indent=2))
+def _read_credential(options: dict[str, str]) -> Any:
+    from .credential import parse
+
+    data = sys.stdin.buffer.read(MAX_CREDENTIAL_INPUT + 1)
+    if len(data) > MAX_CREDENTIAL_INPUT:
+        from .credential import CredentialInputError
+
+        raise CredentialInputError("input is too long for a credential description")
+    return parse(data)
+
+
+def _git_fields(credential: Any) -> dict[str, Any] | None:
+    """The `host` and `protocol` fields of a request for git; None without a host."""
+    host = credential.get("host")
+    if not host:
+        return None
+    return {"host": host, "protocol": credential.get("protocol") or "https"}
+
+
+def _git_get(options: dict[str, str], timeout: float) -> int:
+    from .credential import format_answer, videomanager_from_path
+
+    credential = _read_credential(options)
+    fields = _git_fields(credential)
+    if fields is None:
         return EXIT_OK
-    if not videomanagers:
-        print("no VideoManagers (not logged in yet?)")
-        return EXIT_OK
-    width = max(len(vm.id) for vm in videomanagers)
-    for vm in videomanagers:
-        if vm.expires_at is not None:
-            held = "token valid " + _duration(vm.expires_at.timestamp() - time.time())
-        else:
-            held = "no token held"
-        if vm.last_error:
-            held += f"; last error: {vm.last_error}"
-        mark = "*" if vm.is_default else " "
-        print(f"{mark} {vm.id:<{width}}  {vm.name}  ({held})")
-    return EXIT_OK
-
-
-def _cmd_status(client: Client, args: argparse.Namespace) -> int:
-    status = client.status()
-    if args.json:
-        status.pop("ok", None)
-        print(json.dumps(status, indent=2, default=str))
-        return EXIT_OK
-    print(f"vm-tokend {status.get('version')} (pid {status.get('pid')}), "
-          f"up {_duration(float(status.get('uptime') or 0))}")
-    print(f"API:      {status.get('api_url')}")
-    user = status.get("username")
-    print(f"state:    {status.get('state')}" + (f" as {user}" if user else ""))
-    if status.get("last_error"):
-        print(f"error:    {status['last_error']}")
-    calls = status.get("upstream_calls") or {}
-    print(f"requests: {status.get('requests')} served; upstream calls: "
-          f"{calls.get('login', 0)} logins, {calls.get('refresh', 0)} refreshes")
-    for vm in status.get("videomanagers") or []:
-        expires = vm.get("expires_at")
-        held = ("token valid " + _duration(expires - time.time())) if expires else "no token"
-        refreshed = vm.get("refreshed_at")
-        if refreshed:
-            held += ", refreshed " + datetime.fromtimestamp(refreshed, UTC).strftime(
-                "%H:%M:%S UTC")
-        if vm.get("last_error"):
-            held += f"; last error: {vm['last_error']}"
-        mark = "*" if vm.get("default") else " "
-        print(f"  {mark} {vm.get('id')}  {vm.get('name')}  ({held})")
-    return EXIT_OK
-
-
-def _cmd_login(client: Client, args: argparse.Namespace) -> int:
-    username = args.username
-    if not username:
-        if not sys.stdin.isatty():
-            raise _Usage("--username is required when stdin is not a terminal")
-        username = input("VideoManager Pro username: ").strip()
-    if args.password_stdin:
-        line = sys.stdin.readline()
-        password = line[:-1] if line.endswith("\n") else line
+    by_path = videomanager_from_path(credential.get("path"))
+    vm = by_path or credential.get("username")
+    message: dict[str, Any] = {"op": protocol.GET, **fields}
+    if vm:
+        message["vm"] = vm
+    try:
+        try:
+            reply = _ask(options, message, timeout)
+        except errors.UnknownVideoManager:
+            if by_path or not vm:
+                raise
+            # A username that names no VideoManager is just a username: the default.
+            del message["vm"]
+            reply = _ask(options, message, timeout)
+    except errors.UnknownHost:
+        return EXIT_OK  # not the API's host: never hand the token elsewhere
+    except errors.Error as exc:
+        exit_code(exc)
+        return EXIT_OK  # git falls through to its next helper, or prompts
+    expiry = str(int(reply["expires_at"]))
+    if credential.has_capability("authtype"):
+        answer = [("capability[]", "authtype"), ("authtype", "Bearer"),
+                  ("credential", reply["token"]), ("ephemeral", "1"),
+                  ("password_expiry_utc", expiry)]
     else:
-        if not sys.stdin.isatty():
-            raise _Usage("use --password-stdin to pass the password on standard input")
-        password = getpass.getpass(f"Password for {username}: ")
-    if not username or not password:
-        raise _Usage("username and password must not be empty")
-    reply = client.login(username, password)
-    print(f"logged in as {username}; {reply.get('videomanagers', 0)} VideoManagers")
+        answer = [("username", reply.get("username") or "token"),
+                  ("password", reply["token"]), ("password_expiry_utc", expiry)]
+    sys.stdout.write(format_answer(answer))
     return EXIT_OK
 
 
-def _cmd_logout(client: Client, args: argparse.Namespace) -> int:
-    client.logout()
-    print("logged out; the daemon forgot the credentials and every token")
+def _git_erase(options: dict[str, str], timeout: float) -> int:
+    credential = _read_credential(options)
+    fields = _git_fields(credential)
+    token = credential.get("credential") or credential.get("password")
+    if fields is None or not token:
+        return EXIT_OK
+    try:
+        _ask(options, {"op": protocol.INVALIDATE, "token": token, **fields}, timeout)
+    except errors.UnknownHost:
+        pass
+    except errors.Error as exc:
+        exit_code(exc)
     return EXIT_OK
 
 
-def _parser() -> argparse.ArgumentParser:
-    from ._version import __version__
+def _git_store(options: dict[str, str], timeout: float) -> int:
+    _read_credential(options)  # read (git writes it all), check, and keep nothing
+    return EXIT_OK
 
-    parser = argparse.ArgumentParser(
-        prog="vm-token",
-        description="Get VideoManager Pro access tokens from the vm-tokend daemon.",
-        epilog=_EXIT_CODES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--version", action="version", version=f"vm-token {__version__}")
-    parser.add_argument("--socket", metavar="PATH",
-                        help="the daemon's socket (default: $VM_TOKEN_SOCKET, else "
-                             "$XDG_RUNTIME_DIR/vm-token/socket)")
-    parser.add_argument("--timeout", type=float, default=5.0, metavar="S",
-                        help="give up after S seconds (default 5)")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def add(name: str, handler: Callable[[Client, argparse.Namespace], int], help_: str,
-            example: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(
-            name, help=help_, description=help_,
-            epilog=f"example:\n  {example}\n\n{_EXIT_CODES}",
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        sub.set_defaults(handler=handler)
-        return sub
+GIT_OPERATIONS: dict[str, Callable[[dict[str, str], float], int]] = {
+    "get": _git_get,
+    "erase": _git_erase,
+    "store": _git_store,
+}
+_SUBCOMMANDS = ("token", "header", "json", "exec", "list", "status", "login", "logout")
 
-    token = add("token", _cmd_token, "print an access token, alone on a line",
-                'curl -H "Authorization: Bearer $(vm-token token --vm Marketing)" ...')
-    token.add_argument("--vm", metavar="ID|NAME", help="VideoManager (default: the default)")
-    token.add_argument("--min-ttl", type=float, default=0, metavar="S",
-                       help="the token must stay valid at least S more seconds")
-    listing = add("list", _cmd_list, "list the VideoManagers and the tokens held for them",
-                  "vm-token list")
-    listing.add_argument("--json", action="store_true", help="print JSON")
-    status = add("status", _cmd_status, "show the daemon's state (never a secret)",
-                 "vm-token status --json")
-    status.add_argument("--json", action="store_true", help="print JSON")
-    login = add("login", _cmd_login, "give the daemon credentials (kept in its memory only)",
-                "pass show vmpro | vm-token login --username me@example.com --password-stdin")
-    login.add_argument("--username", metavar="NAME")
-    login.add_argument("--password-stdin", action="store_true",
-                       help="read the password from the first line of stdin")
-    add("logout", _cmd_logout, "make the daemon forget the credentials and every token",
-        "vm-token logout")
-    return parser
+
+def _fast(args: list[str]) -> int | None:
+    """Run the common invocations; None when argparse should handle `args`."""
+    # git runs `<helper> <operation>`, and a helper configured as `vm-token --socket=X`
+    # puts options before the operation.
+    i = 0
+    while i < len(args) and args[i].startswith("--") and args[i] not in ("--help", "--"):
+        i += 1 if "=" in args[i] else 2
+    if i >= len(args):
+        return None
+    command, before, after = args[i], args[:i], args[i + 1:]
+    if command in ("token", "header") and not before:
+        return _fast_get_token(after, header=command == "header")
+    operation = GIT_OPERATIONS.get(command)
+    if operation is None:
+        if (command not in _SUBCOMMANDS and not command.startswith("-") and not after
+                and not sys.stdin.isatty()):
+            return EXIT_OK  # an operation of a newer git: helpers ignore what they don't know
+        return None
+    options = _fast_options(before + after, ("--socket", "--timeout"))
+    timeout = _number(options.get("--timeout") if options else None, DEFAULT_TIMEOUT)
+    if options is None or not timeout:
+        return None
+    from .credential import CredentialInputError
+
+    try:
+        return operation(options, timeout)
+    except CredentialInputError as exc:
+        fail(f"cannot read the credential description from git: {exc}")
+        return EXIT_USAGE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse: usage errors exit 2, --help/--version exit 0
-        return int(exc.code or 0)
-    handler: Callable[[Client, argparse.Namespace], int] = args.handler
-    try:
-        with Client(args.socket, timeout=args.timeout) as client:
-            return handler(client, args)
-    except _Usage as exc:
-        _fail(str(exc))
-        return EXIT_USAGE
-    except errors.DaemonNotRunning as exc:
-        _fail(str(exc))
-        return EXIT_UNREACHABLE
-    except errors.DaemonError as exc:
-        _fail(f"{exc.message} ({exc.code})")
-        return EXIT_REFUSED
-    except errors.Error as exc:
-        _fail(str(exc))
-        return EXIT_UNREACHABLE
-    except (KeyboardInterrupt, EOFError):
-        _fail("interrupted")
+        code = _fast(args)
+        if code is None:
+            from ._cli_full import run
+
+            code = run(args)
+        return code
+    except KeyboardInterrupt:
+        fail("interrupted")
         return 130
     except BrokenPipeError:
         return EXIT_OK
-
-

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import socket as _socket
+import _socket
 import threading
 import time
 from dataclasses import dataclass
@@ -11,8 +11,7 @@ from os import PathLike
 from types import TracebackType
 from typing import Any
 
-from . import protocol
-from .errors import DaemonNotRunning, Error, ProtocolError, error_for_code
+from . import _wire, protocol
 from .token import Token
 
 __all__ = ["Client", "VideoManager", "get_token"]
@@ -34,10 +33,6 @@ class VideoManager:
 
 def _when(value: object) -> datetime | None:
     return datetime.fromtimestamp(value, UTC) if isinstance(value, int | float) else None
-
-
-class _Closed(Exception):
-    """The daemon closed the connection."""
 
 
 class Client:
@@ -131,93 +126,31 @@ class Client:
         deadline = time.monotonic() + self.timeout
         with self._lock:
             reply = self._exchange(frame, deadline)
-        ok = reply.get("ok")
-        if ok is True:
-            return reply
-        error = reply.get("error")
-        if ok is False and isinstance(error, dict):
-            code, message = error.get("code"), error.get("message")
-            if isinstance(code, str) and isinstance(message, str):
-                raise error_for_code(code, message)
-        raise ProtocolError("vm-tokend sent a reply this client does not understand")
+        return _wire.check(reply)
 
     def _exchange(self, frame: bytes, deadline: float) -> dict[str, Any]:
-        reused = self._sock is not None
-        try:
-            sock = self._sock if self._sock is not None else self._connect(deadline)
-            self._sock = sock
+        if self._sock is not None:
             try:
-                return self._send_and_receive(sock, frame, deadline)
-            except (_Closed, ConnectionResetError, BrokenPipeError):
+                return _wire.exchange(self._sock, frame, deadline)
+            except (_wire.Closed, ConnectionResetError, BrokenPipeError):
+                # The daemon closes connections that sat idle for long, and a restarted
+                # daemon has none of the old ones: reconnect once. Every request is safe to
+                # repeat (a stale `invalidate` changes nothing).
                 self._drop()
-                if not reused:
-                    raise
-            # The daemon closes connections that sat idle for long; that is no error.
-            sock = self._sock = self._connect(deadline)
-            return self._send_and_receive(sock, frame, deadline)
-        except (_Closed, ConnectionResetError, BrokenPipeError) as exc:
-            self._drop()
-            raise ProtocolError("vm-tokend closed the connection without answering") from exc
-        except TimeoutError as exc:
-            self._drop()
-            raise ProtocolError(f"vm-tokend did not answer within {self.timeout:g} s") from exc
-        except protocol.MalformedFrame as exc:
-            self._drop()
-            raise ProtocolError(f"vm-tokend sent a malformed reply: {exc}") from exc
-        except protocol.FrameTooLarge as exc:
-            self._drop()
-            raise ProtocolError(str(exc)) from exc
-        except OSError as exc:
-            self._drop()
-            raise ProtocolError(f"talking to vm-tokend failed: {exc.strerror or exc}") from exc
-
-    def _connect(self, deadline: float) -> _socket.socket:
-        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+            except (OSError, protocol.MalformedFrame, protocol.FrameTooLarge) as exc:
+                self._drop()
+                raise _wire.translate(exc, self.timeout) from exc
+        self._sock = _wire.connect(self.socket_path, deadline)
         try:
-            sock.settimeout(_remaining(deadline))
-            sock.connect(self.socket_path)
-        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as exc:
-            sock.close()
-            raise DaemonNotRunning(self.socket_path) from exc
-        except PermissionError as exc:
-            sock.close()
-            raise Error(f"no permission to connect to {self.socket_path}") from exc
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-
-    def _send_and_receive(
-        self, sock: _socket.socket, frame: bytes, deadline: float
-    ) -> dict[str, Any]:
-        sock.settimeout(_remaining(deadline))
-        sock.sendall(frame)
-        header = _receive_exactly(sock, protocol.HEADER_SIZE, deadline)
-        body = _receive_exactly(sock, protocol.frame_length(header), deadline)
-        return protocol.decode_body(body)
+            return _wire.exchange(self._sock, frame, deadline)
+        except (_wire.Closed, OSError, protocol.MalformedFrame, protocol.FrameTooLarge) as exc:
+            self._drop()
+            raise _wire.translate(exc, self.timeout) from exc
 
     def _drop(self) -> None:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-
-
-def _remaining(deadline: float) -> float:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise TimeoutError
-    return left
-
-
-def _receive_exactly(sock: _socket.socket, size: int, deadline: float) -> bytes:
-    chunks = bytearray()
-    while len(chunks) < size:
-        sock.settimeout(_remaining(deadline))
-        chunk = sock.recv(size - len(chunks))
-        if not chunk:
-            raise _Closed
-        chunks += chunk
-    return bytes(chunks)
 
 
 def get_token(

@@ -8,6 +8,7 @@
         ├── NotLoggedIn           not_logged_in
         ├── CredentialsRejected   credentials_rejected
         ├── UnknownVideoManager   unknown_videomanager
+        ├── UnknownHost           unknown_host (a git host that is not the API's)
         ├── Forbidden             forbidden
         ├── UpstreamUnavailable   upstream_unavailable
         ├── UnsupportedVersion    unsupported_version
@@ -18,8 +19,6 @@ the client never adds one.
 """
 
 from __future__ import annotations
-
-from typing import ClassVar
 
 from . import protocol
 
@@ -33,6 +32,7 @@ __all__ = [
     "InternalError",
     "NotLoggedIn",
     "ProtocolError",
+    "UnknownHost",
     "UnknownVideoManager",
     "UnsupportedVersion",
     "UpstreamUnavailable",
@@ -63,7 +63,7 @@ class ProtocolError(Error):
 class DaemonError(Error):
     """The daemon refused the request; `code` is the protocol's error code."""
 
-    code: ClassVar[str] = protocol.INTERNAL
+    code: str = protocol.INTERNAL  # per class; set on the class, never on instances
 
     def __init__(self, message: str) -> None:
         self.message = message
@@ -84,6 +84,10 @@ class CredentialsRejected(DaemonError):
 
 class UnknownVideoManager(DaemonError):
     code = protocol.UNKNOWN_VIDEOMANAGER
+
+
+class UnknownHost(DaemonError):
+    code = protocol.UNKNOWN_HOST
 
 
 class Forbidden(DaemonError):
@@ -109,6 +113,7 @@ _BY_CODE: dict[str, type[DaemonError]] = {
         NotLoggedIn,
         CredentialsRejected,
         UnknownVideoManager,
+        UnknownHost,
         Forbidden,
         UpstreamUnavailable,
         UnsupportedVersion,

@@ -4,18 +4,24 @@ A frame is a 4-byte big-endian length followed by that many bytes of one msgpack
 docs/PROTOCOL.md describes it for people writing clients in other languages; keep the two
 in step.
 
-This module is on the hot path of the `vm-token` shim, so it imports only what it needs:
-`msgpack` and `struct`, nothing that costs start-up time.
+This module is on the hot path of the `vm-token` shim, so it imports only `struct` and
+`os`; msgpack is imported when the C codec is first used.
 """
 
 from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Mapping
-from typing import Any, Final
 
-import msgpack
+# typing costs milliseconds to import, and msgpack more: the shim pays for neither (it
+# packs with _minipack); the daemon and Client use msgpack's C extension.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from typing import Any, Final
+
+    Packer = Callable[[Any], bytes]
+    Unpacker = Callable[[bytes], Any]
 
 __all__ = [
     "ERROR_CODES",
@@ -56,6 +62,7 @@ BAD_REQUEST: Final = "bad_request"
 NOT_LOGGED_IN: Final = "not_logged_in"
 CREDENTIALS_REJECTED: Final = "credentials_rejected"
 UNKNOWN_VIDEOMANAGER: Final = "unknown_videomanager"
+UNKNOWN_HOST: Final = "unknown_host"
 FORBIDDEN: Final = "forbidden"
 UPSTREAM_UNAVAILABLE: Final = "upstream_unavailable"
 UNSUPPORTED_VERSION: Final = "unsupported_version"
@@ -66,6 +73,7 @@ ERROR_CODES: Final = frozenset(
         NOT_LOGGED_IN,
         CREDENTIALS_REJECTED,
         UNKNOWN_VIDEOMANAGER,
+        UNKNOWN_HOST,
         FORBIDDEN,
         UPSTREAM_UNAVAILABLE,
         UNSUPPORTED_VERSION,
@@ -82,9 +90,24 @@ class FrameTooLarge(ValueError):
     """A frame header announcing more than MAX_FRAME bytes."""
 
 
-def encode_frame(message: dict[str, Any]) -> bytes:
+def _packb(message: Any) -> bytes:
+    import msgpack
+
+    packed: bytes = msgpack.packb(message, use_bin_type=True)
+    return packed
+
+
+def _unpackb(body: bytes) -> Any:
+    import msgpack
+
+    # unpackb bounds every string, array and map by the input's length, and the input is
+    # at most MAX_FRAME bytes: a hostile frame cannot make it allocate much.
+    return msgpack.unpackb(body, raw=False, strict_map_key=True)
+
+
+def encode_frame(message: dict[str, Any], packb: Packer = _packb) -> bytes:
     """Serialize one message as a complete frame (header + body)."""
-    body: bytes = msgpack.packb(message, use_bin_type=True)
+    body = packb(message)
     if len(body) > MAX_FRAME:
         raise FrameTooLarge(f"message of {len(body)} bytes exceeds the {MAX_FRAME}-byte limit")
     return _HEADER.pack(len(body)) + body
@@ -98,16 +121,10 @@ def frame_length(header: bytes) -> int:
     return int(length)
 
 
-def decode_body(body: bytes) -> dict[str, Any]:
+def decode_body(body: bytes, unpackb: Unpacker = _unpackb) -> dict[str, Any]:
     """Parse one frame body; MalformedFrame unless it is exactly one msgpack map with str keys."""
     try:
-        message = msgpack.unpackb(
-            body,
-            raw=False,
-            strict_map_key=True,
-            # unpackb bounds every string, array and map by the input's length, and the input
-            # is at most MAX_FRAME bytes: a hostile frame cannot make it allocate much.
-        )
+        message = unpackb(body)
     except Exception as exc:  # msgpack raises a zoo of types; any of them means "malformed"
         raise MalformedFrame("not a valid msgpack message") from exc
     if not isinstance(message, dict):
@@ -117,13 +134,15 @@ def decode_body(body: bytes) -> dict[str, Any]:
     return message
 
 
-def default_socket_path(environ: Mapping[str, str] = os.environ) -> str:
+def default_socket_path(environ: Mapping[str, str] | None = None) -> str:
     """Where the daemon listens unless told otherwise.
 
     `$VM_TOKEN_SOCKET`, else `$XDG_RUNTIME_DIR/vm-token/socket`, else
     `/tmp/vm-token-<uid>/socket` (the daemon refuses that directory unless it owns it and
     only it can enter it, so another user cannot plant a socket there).
     """
+    if environ is None:
+        environ = os.environ
     explicit = environ.get("VM_TOKEN_SOCKET")
     if explicit:
         return explicit

@@ -85,7 +85,8 @@ class App:
                     idle_timeout=settings.idle_timeout,
                 )
                 dispatcher = Dispatcher(
-                    keeper, version=__version__, login=self._login, describe=self._describe
+                    keeper, version=__version__, login=self._login, describe=self._describe,
+                    git_hosts=lambda: self.settings.git_hosts(),
                 )
                 self.server = Server(self.bound, dispatcher)
                 async with trio.open_nursery() as nursery:

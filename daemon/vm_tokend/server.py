@@ -24,8 +24,10 @@ from typing import Any, Final
 import trio
 
 from vm_token import protocol
+from vm_token.errors import UnknownHost
 
 from .keeper import BadRequest, Keeper, Refused
+from .settings import host_is_loopback, normalize_host
 
 __all__ = [
     "Dispatcher",
@@ -200,11 +202,13 @@ class Dispatcher:
         version: str,
         login: Callable[[str, str], Awaitable[None]],
         describe: Callable[[], dict[str, Any]],
+        git_hosts: Callable[[], frozenset[str]] = frozenset,
     ) -> None:
         self.keeper = keeper
         self.version = version
         self._login = login
         self._describe = describe  # api_url, uptime, … from the app
+        self._git_hosts = git_hosts
         self.requests = 0
         self._ops: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
             protocol.HELLO: self._hello,
@@ -238,18 +242,41 @@ class Dispatcher:
         except Refused as exc:
             return _error(exc.code, exc.message)
 
+    def _check_host(self, request: dict[str, Any]) -> None:
+        """For git: refuse a `host` that is not the API's, or plain http to a remote one."""
+        host = request.get("host")
+        if host is None:
+            return
+        scheme = request.get("protocol", "https")
+        if not isinstance(host, str) or not isinstance(scheme, str):
+            raise BadRequest("'host' and 'protocol' must be strings")
+        scheme = scheme.lower()
+        name = normalize_host(host, scheme)
+        allowed = self._git_hosts()
+        if name not in allowed:
+            raise UnknownHost(
+                f"{name[:100]!r} is not the API's host; vm-tokend gives tokens only for "
+                + ", ".join(sorted(allowed))
+            )
+        if scheme != "https" and not (scheme == "http" and host_is_loopback(name)):
+            raise UnknownHost(f"vm-tokend gives tokens for {name} only over https")
+
     async def _hello(self, request: dict[str, Any]) -> dict[str, Any]:
         return {"ok": True, "protocol": protocol.PROTOCOL_VERSION,
-                "daemon": "vm-tokend", "version": self.version}
+                "daemon": "vm-tokend", "version": self.version,
+                "api_url": self._describe().get("api_url")}
 
     async def _get(self, request: dict[str, Any]) -> dict[str, Any]:
+        self._check_host(request)
         info = await self.keeper.get(_opt_ref(request, "vm"), _min_ttl(request))
+        credentials = self.keeper.credentials
         return {
             "ok": True,
             "token": info.token,
             "videomanager_id": info.videomanager.id,
             "videomanager_name": info.videomanager.name,
             "expires_at": info.expires_at,
+            "username": credentials.username if credentials else None,
         }
 
     async def _list(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -266,6 +293,7 @@ class Dispatcher:
         }
 
     async def _invalidate(self, request: dict[str, Any]) -> dict[str, Any]:
+        self._check_host(request)
         token = _required_str(request, "token")
         return {"ok": True, "invalidated": self.keeper.invalidate(token, _opt_ref(request, "vm"))}
 

@@ -76,6 +76,21 @@ def config_path(environ: Mapping[str, str]) -> Path:
     return Path(base) / "vm-token" / "config.toml"
 
 
+def normalize_host(host: str, scheme: str) -> str:
+    """`host[:port]` as git names it: lower case, without the scheme's default port."""
+    host = host.strip().lower()
+    for default_scheme, port in (("https", ":443"), ("http", ":80")):
+        if scheme == default_scheme and host.endswith(port):
+            host = host[: -len(port)]
+    return host.rstrip(".")
+
+
+def host_is_loopback(host: str) -> bool:
+    """Whether `host[:port]` names this machine."""
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
+    return _is_loopback(name.strip("[]"))
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -103,6 +118,7 @@ class Settings(BaseSettings):
     socket: Path | None = None
     default_videomanager: str | None = None
     videomanagers: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    credential_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     idle_timeout: float = Field(default=3600.0, gt=0)
     default_token_lifetime: float = Field(default=300.0, gt=0)
     ca_bundle: Path | None = None
@@ -132,7 +148,7 @@ class Settings(BaseSettings):
             raise ValueError("must not be empty")
         return value.strip() if value is not None else None
 
-    @field_validator("videomanagers", mode="before")
+    @field_validator("videomanagers", "credential_hosts", mode="before")
     @classmethod
     def _split_list(cls, value: Any) -> Any:
         # From the environment: a JSON list or a comma-separated string.
@@ -142,6 +158,22 @@ class Settings(BaseSettings):
                 return json.loads(text)
             return [item.strip() for item in text.split(",") if item.strip()]
         return value
+
+    @field_validator("credential_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        for host in value:
+            if not host or any(c in host for c in "/@ \t") or host.count(":") > 1 \
+                    and not host.startswith("["):
+                raise ValueError(f"{host!r} is not a host or host:port")
+        return value
+
+    def git_hosts(self) -> frozenset[str]:
+        """The hosts git may have tokens for: the API's own and `credential_hosts`."""
+        parts = urlsplit(self.api_url)
+        hosts = {normalize_host(parts.netloc, parts.scheme)}
+        hosts.update(normalize_host(h, "https") for h in self.credential_hosts)
+        return frozenset(hosts)
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -1,0 +1,294 @@
+"""The argparse front end of `vm-token`: help, usage errors, and the less frequent commands.
+
+`cli` sends here whatever its fast path does not handle; start-up time matters less here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from . import errors
+from .cli import (
+    DEFAULT_TIMEOUT,
+    EXIT_CODES_HELP,
+    EXIT_OK,
+    EXIT_USAGE,
+    GIT_OPERATIONS,
+    exit_code,
+    fail,
+)
+from .client import Client
+
+
+class _Usage(Exception):
+    pass
+
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def _iso(timestamp: float | None) -> str | None:
+    from datetime import UTC, datetime
+
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds").replace(
+        "+00:00", "Z")
+
+
+def _cmd_token(client: Client, args: argparse.Namespace) -> int:
+    token = client.get_token(args.vm, min_ttl=args.min_ttl)
+    print(token.access_token)
+    return EXIT_OK
+
+
+def _cmd_header(client: Client, args: argparse.Namespace) -> int:
+    print(f"Authorization: Bearer {client.get_token(args.vm).access_token}")
+    return EXIT_OK
+
+
+def _cmd_json(client: Client, args: argparse.Namespace) -> int:
+    import json
+
+    token = client.get_token(args.vm, min_ttl=args.min_ttl)
+    print(json.dumps({
+        "token": token.access_token,
+        "videomanager_id": token.videomanager_id,
+        "videomanager_name": token.videomanager_name,
+        "expires_at": _iso(token.expires_at.timestamp()),
+    }))
+    return EXIT_OK
+
+
+def _cmd_exec(client: Client, args: argparse.Namespace) -> int:
+    import os
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise _Usage("exec needs a command after --, e.g. vm-token exec -- ./upload.sh")
+    token = client.get_token(args.vm, min_ttl=args.min_ttl)
+    api_url = client.hello().get("api_url") or ""
+    client.close()
+    env = {
+        **os.environ,
+        "VM_TOKEN_ACCESS_TOKEN": token.access_token,
+        "VM_TOKEN_VIDEOMANAGER_ID": token.videomanager_id,
+        "VM_TOKEN_API_URL": api_url,
+    }
+    sys.stdout.flush()
+    try:
+        os.execvpe(command[0], command, env)  # noqa: S606 - running the user's command is the point
+    except FileNotFoundError:
+        fail(f"{command[0]}: command not found")
+        return 127
+    except PermissionError:
+        fail(f"{command[0]}: permission denied")
+        return 126
+    except OSError as exc:
+        fail(f"{command[0]}: {exc.strerror}")
+        return 126
+    return EXIT_OK  # not reached: execvpe does not return
+
+
+def _cmd_list(client: Client, args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    videomanagers = client.list_videomanagers()
+    if args.json:
+        print(json.dumps([{
+            "id": vm.id, "name": vm.name, "default": vm.is_default,
+            "expires_at": _iso(vm.expires_at.timestamp()) if vm.expires_at else None,
+            "refreshed_at": _iso(vm.refreshed_at.timestamp()) if vm.refreshed_at else None,
+            "last_error": vm.last_error,
+        } for vm in videomanagers], indent=2))
+        return EXIT_OK
+    if not videomanagers:
+        print("no VideoManagers (not logged in yet?)")
+        return EXIT_OK
+    width = max(len(vm.id) for vm in videomanagers)
+    for vm in videomanagers:
+        if vm.expires_at is not None:
+            held = "token valid " + _duration(vm.expires_at.timestamp() - time.time())
+        else:
+            held = "no token held"
+        if vm.last_error:
+            held += f"; last error: {vm.last_error}"
+        mark = "*" if vm.is_default else " "
+        print(f"{mark} {vm.id:<{width}}  {vm.name}  ({held})")
+    return EXIT_OK
+
+
+def _cmd_status(client: Client, args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    status = client.status()
+    status.pop("ok", None)
+    if args.json:
+        for key in ("logged_in_at",):
+            status[key] = _iso(status.get(key))
+        for vm in status.get("videomanagers") or []:
+            vm["expires_at"] = _iso(vm.get("expires_at"))
+            vm["refreshed_at"] = _iso(vm.get("refreshed_at"))
+        print(json.dumps(status, indent=2))
+        return EXIT_OK
+    print(f"vm-tokend {status.get('version')} (pid {status.get('pid')}), "
+          f"up {_duration(float(status.get('uptime') or 0))}")
+    print(f"API:      {status.get('api_url')}")
+    user = status.get("username")
+    print(f"state:    {status.get('state')}" + (f" as {user}" if user else ""))
+    if status.get("last_error"):
+        print(f"error:    {status['last_error']}")
+    calls = status.get("upstream_calls") or {}
+    print(f"requests: {status.get('requests')} served; upstream calls: "
+          f"{calls.get('login', 0)} logins, {calls.get('refresh', 0)} refreshes")
+    for vm in status.get("videomanagers") or []:
+        expires = vm.get("expires_at")
+        held = ("token valid " + _duration(expires - time.time())) if expires else "no token"
+        refreshed = vm.get("refreshed_at")
+        if refreshed:
+            held += ", refreshed " + (_iso(refreshed) or "")
+        if vm.get("last_error"):
+            held += f"; last error: {vm['last_error']}"
+        mark = "*" if vm.get("default") else " "
+        print(f"  {mark} {vm.get('id')}  {vm.get('name')}  ({held})")
+    return EXIT_OK
+
+
+def _cmd_login(client: Client, args: argparse.Namespace) -> int:
+    import getpass
+
+    username = args.username
+    if not username:
+        if not sys.stdin.isatty():
+            raise _Usage("--username is required when stdin is not a terminal")
+        username = input("VideoManager Pro username: ").strip()
+    if args.password_stdin:
+        line = sys.stdin.readline()
+        password = line[:-1] if line.endswith("\n") else line
+    else:
+        if not sys.stdin.isatty():
+            raise _Usage("use --password-stdin to pass the password on standard input")
+        password = getpass.getpass(f"Password for {username}: ")
+    if not username or not password:
+        raise _Usage("username and password must not be empty")
+    reply = client.login(username, password)
+    print(f"logged in as {username}; {reply.get('videomanagers', 0)} VideoManagers")
+    return EXIT_OK
+
+
+def _cmd_logout(client: Client, args: argparse.Namespace) -> int:
+    client.logout()
+    print("logged out; the daemon forgot the credentials and every token")
+    return EXIT_OK
+
+
+def _cmd_git(client: Client, args: argparse.Namespace) -> int:
+    raise _Usage(f"`vm-token {args.operation}` reads a credential description from git on "
+                 "stdin; see `vm-token --help`")
+
+
+def _parser() -> argparse.ArgumentParser:
+    import argparse
+
+    from ._version import __version__
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--socket", metavar="PATH", default=argparse.SUPPRESS,
+                        help="the daemon's socket (default: $VM_TOKEN_SOCKET, else "
+                             "$XDG_RUNTIME_DIR/vm-token/socket)")
+    common.add_argument("--timeout", type=float, metavar="S", default=argparse.SUPPRESS,
+                        help=f"give up after S seconds (default {DEFAULT_TIMEOUT:g})")
+    parser = argparse.ArgumentParser(
+        prog="vm-token", parents=[common],
+        description=(
+            "Get VideoManager Pro access tokens from the vm-tokend daemon. Also a git "
+            "credential helper: `git config --global "
+            "credential.https://api.video-cdn.net.helper vm-token`."
+        ),
+        epilog="git credential helper operations: get, store, erase (input on stdin).\n\n"
+               + EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.set_defaults(socket=None, timeout=DEFAULT_TIMEOUT)
+    parser.add_argument("--version", action="version", version=f"vm-token {__version__}")
+    commands = parser.add_subparsers(dest="subcommand", metavar="COMMAND", required=True)
+
+    def add(name: str, handler: Callable[[Client, argparse.Namespace], int], help_: str,
+            example: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(
+            name, help=help_, description=help_, parents=[common],
+            epilog=f"example:\n  {example}\n\n{EXIT_CODES_HELP}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        sub.set_defaults(handler=handler)
+        return sub
+
+    def vm_options(sub: argparse.ArgumentParser, min_ttl: bool = True) -> None:
+        sub.add_argument("--vm", metavar="ID|NAME",
+                         help="the VideoManager, by id or name (default: the default one)")
+        if min_ttl:
+            sub.add_argument("--min-ttl", type=float, default=0, metavar="S",
+                             help="the token must stay valid at least S more seconds")
+
+    vm_options(add("token", _cmd_token, "print an access token, alone on a line",
+                   'curl -H "Authorization: Bearer $(vm-token token --vm Marketing)" URL'))
+    vm_options(add("header", _cmd_header, "print an Authorization header line",
+                   "vm-token header --vm Sales | curl -H @- URL"), min_ttl=False)
+    vm_options(add("json", _cmd_json, "print the token, VideoManager and expiry as JSON",
+                   "vm-token json --vm Sales | jq -r .expires_at"))
+    run = add("exec", _cmd_exec,
+              "run a command with the token in its environment (VM_TOKEN_ACCESS_TOKEN, "
+              "VM_TOKEN_VIDEOMANAGER_ID, VM_TOKEN_API_URL), never in its arguments",
+              "vm-token exec --vm Sales -- ./upload.sh video.mp4")
+    vm_options(run)
+    run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
+    listing = add("list", _cmd_list, "list the VideoManagers and the tokens held for them",
+                  "vm-token list --json")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    status = add("status", _cmd_status, "show the daemon's state (never a secret)",
+                 "vm-token status --json")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    login = add("login", _cmd_login, "give the daemon credentials (kept in its memory only)",
+                "pass show vmpro | vm-token login --username me@example.com --password-stdin")
+    login.add_argument("--username", metavar="NAME")
+    login.add_argument("--password-stdin", action="store_true",
+                       help="read the password from the first line of stdin")
+    add("logout", _cmd_logout, "make the daemon forget the credentials and every token",
+        "vm-token logout")
+    for operation in GIT_OPERATIONS:
+        git = add(operation, _cmd_git, f"git credential helper: {operation}",
+                  "printf 'protocol=https\\nhost=api.video-cdn.net\\n\\n' | vm-token get")
+        git.set_defaults(operation=operation)
+    return parser
+
+
+def run(args: list[str]) -> int:
+    parser = _parser()
+    try:
+        options = parser.parse_args(args)
+    except SystemExit as exc:  # usage errors exit 2, --help/--version 0
+        return int(exc.code or 0)
+    from .client import Client
+
+    handler: Callable[[Client, argparse.Namespace], int] = options.handler
+    try:
+        with Client(options.socket, timeout=options.timeout) as client:
+            return handler(client, options)
+    except _Usage as exc:
+        fail(str(exc))
+        return EXIT_USAGE
+    except errors.Error as exc:
+        return exit_code(exc)
+
+
