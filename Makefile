@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: all install lint test demo clean
+.PHONY: all install lint test demo bench clean
 
 all: test
 
@@ -30,6 +30,9 @@ test: lint
 
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
+
+bench: $(STAMP)
+	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
