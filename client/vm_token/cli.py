@@ -113,14 +113,20 @@ def _fast_get_token(args: list[str], header: bool) -> int | None:
 
 
 def _read_credential(options: dict[str, str]) -> Any:
-    from .credential import parse
+    """Read git's description up to a blank line or EOF (a caller may keep stdin open)."""
+    from .credential import MAX_LINE, CredentialInputError, parse
 
-    data = sys.stdin.buffer.read(MAX_CREDENTIAL_INPUT + 1)
-    if len(data) > MAX_CREDENTIAL_INPUT:
-        from .credential import CredentialInputError
-
-        raise CredentialInputError("input is too long for a credential description")
-    return parse(data)
+    lines = []
+    total = 0
+    while True:
+        line = sys.stdin.buffer.readline(MAX_LINE + 1)
+        lines.append(line)
+        total += len(line)
+        if not line or line in (b"\n", b"\r\n") or len(line) > MAX_LINE:
+            break  # the end, or a line too long: parse() says which
+        if total > MAX_CREDENTIAL_INPUT:
+            raise CredentialInputError("input is too long for a credential description")
+    return parse(b"".join(lines))
 
 
 def _git_fields(credential: Any) -> dict[str, Any] | None:

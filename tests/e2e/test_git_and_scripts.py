@@ -220,3 +220,17 @@ def test_the_fast_path_imports_almost_nothing(standin, start_daemon):
                             text=True, env=daemon.env, timeout=15, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == "[]"
+
+
+def test_get_answers_at_the_blank_line_without_waiting_for_eof(standin, start_daemon):
+    daemon = start_daemon(standin)
+    helper = subprocess.Popen([HELPER, "get"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              env=daemon.env, text=True)
+    assert helper.stdin is not None and helper.stdout is not None
+    helper.stdin.write(describe(standin))
+    helper.stdin.flush()  # and keep stdin open
+    answer = helper.stdout.read()
+    assert helper.wait(timeout=10) == 0
+    helper.stdin.close()
+    helper.stdout.close()
+    assert standin.token_valid(attributes(answer)["password"])
