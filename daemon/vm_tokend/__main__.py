@@ -28,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
             "VM_TOKEN_PASSWORD, --password-file, --password-command, systemd's "
             "credentials, or `vm-token login`."
         ),
-        epilog="example: vm-tokend --username me@example.com --password-command 'pass show vmpro'",
+        epilog="example: vm-tokend --username me@example.com --password-command 'pass show vmpro'"
+               "\n\nvm-tokend install-units [--enable] sets it up as a systemd user service.",
     )
     parser.add_argument("--version", action="version", version=f"vm-tokend {__version__}")
     parser.add_argument("--config", metavar="PATH",
@@ -52,11 +53,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def setup_logging(level: str) -> None:
+class JournalFormatter(logging.Formatter):
+    """`<N>message` per line: the journal reads the syslog priority and adds the time."""
+
+    PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+                  logging.CRITICAL: 2}
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = self.PRIORITIES.get(record.levelno, 6)
+        return "\n".join(f"<{priority}>{line}" for line in super().format(record).splitlines())
+
+
+def setup_logging(level: str, journal: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s vm-tokend[%(process)d] %(levelname)s %(message)s")
-    )
+    if journal:
+        handler.setFormatter(JournalFormatter("%(message)s"))
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s vm-tokend[%(process)d] %(levelname)s %(message)s")
+        )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
@@ -67,36 +82,75 @@ def setup_logging(level: str) -> None:
     logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 
+def _install_units(argv: list[str]) -> int:
+    import os
+
+    from .install import install_units
+
+    parser = argparse.ArgumentParser(
+        prog="vm-tokend install-units",
+        description="Write vm-tokend.socket and vm-tokend.service to "
+                    "$XDG_CONFIG_HOME/systemd/user/, with ExecStart= pointing at this "
+                    "installation, and print (or, with --enable, run) the systemctl "
+                    "commands that start the socket.",
+        epilog="example: vm-tokend install-units --enable",
+    )
+    parser.add_argument("--enable", action="store_true",
+                        help="run systemctl --user daemon-reload and "
+                             "enable --now vm-tokend.socket")
+    args = parser.parse_args(argv)
+    try:
+        return install_units(os.environ, enable=args.enable)
+    except OSError as exc:
+        print(f"vm-tokend: cannot write the units: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["install-units"]:
+        return _install_units(argv[1:])
     args = _parser().parse_args(argv)
     flags: dict[str, Any] = {k: v for k, v in vars(args).items() if v is not None}
 
     # Imported here so that `--help` and `--version` stay quick.
+    import os
+
     import trio
 
+    from . import systemd
     from .app import App
-    from .server import SocketAlreadyServed, SocketSetupError, bind_unix_socket
+    from .server import BoundSocket, SocketAlreadyServed, SocketSetupError, bind_unix_socket
     from .settings import ConfigError, load_settings
 
+    setup_logging("info", journal=systemd.stderr_is_journal(os.environ))
+    systemd.harden_process()
     try:
         settings = load_settings(flags)
     except ConfigError as exc:
         print(f"vm-tokend: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    setup_logging(settings.log_level)
+    logging.getLogger("vm_tokend").setLevel(settings.log_level.upper())
+    notifier = systemd.Notifier(os.environ)
     try:
-        bound = bind_unix_socket(settings.socket_path)
+        activated = systemd.activated_socket(os.environ)
+        if activated is not None:
+            bound = BoundSocket(activated, path=None)  # systemd's: never ours to remove
+        else:
+            bound = bind_unix_socket(settings.socket_path)
     except SocketAlreadyServed as exc:
         print(f"vm-tokend: {exc}", file=sys.stderr)
         return EXIT_ALREADY_RUNNING
-    except SocketSetupError as exc:
+    except (SocketSetupError, systemd.ActivationError) as exc:
         print(f"vm-tokend: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    app = App(settings, bound, flags=flags)
+    app = App(settings, bound, flags=flags, notifier=notifier,
+              watchdog_interval=systemd.watchdog_interval(os.environ))
     try:
         trio.run(app.run)
     finally:
         bound.remove()
+        notifier.close()
     return EXIT_OK
 
 

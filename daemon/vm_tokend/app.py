@@ -24,11 +24,15 @@ from vm_token import __version__
 from .keeper import Keeper
 from .server import BoundSocket, Dispatcher, Server
 from .settings import ConfigError, Credentials, PasswordUnavailable, Settings, load_settings
+from .systemd import Notifier
 from .upstream import CONNECT_TIMEOUT, TOTAL_TIMEOUT, VideoManagerApi
 
 __all__ = ["App"]
 
 log = logging.getLogger(__name__)
+
+# How often STATUS= is recomputed (and sent, if it changed).
+STATUS_INTERVAL = 1.0
 
 
 def _ssl_context(settings: Settings) -> ssl.SSLContext:
@@ -47,8 +51,12 @@ class App:
         bound: BoundSocket,
         *,
         flags: dict[str, Any] | None = None,
+        notifier: Notifier | None = None,
+        watchdog_interval: float | None = None,
     ) -> None:
         self.settings = settings
+        self.notifier = notifier if notifier is not None else Notifier({})
+        self.watchdog_interval = watchdog_interval
         self.flags = dict(flags or {})
         self.bound = bound
         self.started_at = time.time()
@@ -61,6 +69,7 @@ class App:
         self._configured_session = False
 
     def stop(self) -> None:
+        self.notifier.stopping()
         if self.server is not None:
             self.server.stop()
 
@@ -102,7 +111,13 @@ class App:
                     await keeper.start_session(credentials)
                     nursery.start_soon(self._on_signals, signals)
                     await nursery.start(self._serve)
-                    log.info("vm-tokend %s serving on %s", __version__, settings.socket_path)
+                    where = self.bound.path or "the socket systemd passed"
+                    log.info("vm-tokend %s serving on %s", __version__, where)
+                    self.notifier.ready()
+                    if self.notifier.enabled:
+                        nursery.start_soon(self._report_status)
+                        if self.watchdog_interval:
+                            nursery.start_soon(self._watchdog, self.watchdog_interval)
                     task_status.started()
         log.info("stopped")
 
@@ -112,6 +127,43 @@ class App:
         assert self.server is not None and self._nursery is not None
         await self.server.serve(task_status=task_status)
         self._nursery.cancel_scope.cancel()  # the keeper and signal tasks end with it
+
+    async def _watchdog(self, interval: float) -> None:
+        # Runs on the event loop: if the loop is stuck, the pings stop and systemd restarts us.
+        while True:
+            self.notifier.watchdog()
+            await trio.sleep(interval)
+
+    async def _report_status(self) -> None:
+        while True:
+            self.notifier.status(self.summary())
+            await trio.sleep(STATUS_INTERVAL)
+
+    def summary(self) -> str:
+        """One line on the daemon's state, for systemctl status (never a secret)."""
+        assert self.keeper is not None
+        state = self.keeper.state()
+        user = state["username"]
+        error = state["last_error"]
+        match state["state"]:
+            case "logged_out":
+                return "waiting for `vm-token login` (no credentials configured)"
+            case "logging_in":
+                return f"logging in as {user}"
+            case "upstream_unavailable":
+                return f"cannot reach the API to log in as {user}: {error}"
+            case "credentials_rejected":
+                return f"credentials for {user} rejected; waiting for `vm-token login` or a reload"
+            case "not_logged_in":
+                return f"cannot log in: {error}"
+        videomanagers = self.keeper.list()
+        held = sum(1 for vm in videomanagers if vm["expires_at"] is not None)
+        text = (f"logged in as {user}; {len(videomanagers)} VideoManagers, "
+                f"{held} tokens held")
+        errors = [vm["last_error"] for vm in videomanagers if vm["last_error"]]
+        if errors:
+            text += f"; last upstream error: {errors[-1]}"
+        return text
 
     async def _on_signals(self, signals: AsyncIterator[int]) -> None:
         async for signum in signals:
@@ -141,6 +193,15 @@ class App:
         """Re-read the configuration (SIGHUP)."""
         assert self.keeper is not None and self._backend is not None
         log.info("SIGHUP: reloading the configuration")
+        self.notifier.reloading()
+        try:
+            await self._reload()
+        finally:
+            self.notifier.ready()
+            self.notifier.status(self.summary())
+
+    async def _reload(self) -> None:
+        assert self.keeper is not None and self._backend is not None
         try:
             new = load_settings(self.flags)
         except ConfigError as exc:

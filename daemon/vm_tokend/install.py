@@ -1,0 +1,84 @@
+"""`vm-tokend install-units`: put the systemd user units in place for this installation."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
+from importlib import resources
+from pathlib import Path
+
+__all__ = ["UNITS", "daemon_command", "install_units", "render", "user_unit_dir"]
+
+UNITS = ("vm-tokend.socket", "vm-tokend.service")
+ENABLE_COMMANDS = (
+    ["systemctl", "--user", "daemon-reload"],
+    ["systemctl", "--user", "enable", "--now", "vm-tokend.socket"],
+)
+
+
+def user_unit_dir(environ: Mapping[str, str]) -> Path:
+    base = environ.get("XDG_CONFIG_HOME") or os.path.join(
+        environ.get("HOME") or os.path.expanduser("~"), ".config")
+    return Path(base) / "systemd" / "user"
+
+
+def _systemd_quote(word: str) -> str:
+    """One word of an ExecStart= line: specifiers and variables escaped, quoted if needed."""
+    word = word.replace("%", "%%").replace("$", "$$")
+    if any(c in word for c in ' \t"\'\\;'):
+        word = '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return word
+
+
+def daemon_command() -> str:
+    """How systemd should start this installation's daemon."""
+    script = Path(sys.executable).parent / "vm-tokend"
+    if script.exists():
+        return _systemd_quote(str(script.absolute()))
+    return f"{_systemd_quote(str(Path(sys.executable).absolute()))} -m vm_tokend"
+
+
+def render(name: str, exec_start: str) -> str:
+    """A unit file as shipped, with ExecStart= pointing at `exec_start`."""
+    text = (resources.files("vm_tokend") / "unit_files" / name).read_text()
+    lines = [f"ExecStart={exec_start}" if line.startswith("ExecStart=") else line
+             for line in text.splitlines()]
+    return "\n".join(lines) + "\n"
+
+
+def install_units(
+    environ: Mapping[str, str],
+    *,
+    enable: bool,
+    run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run,
+) -> int:
+    target = user_unit_dir(environ)
+    target.mkdir(parents=True, exist_ok=True)
+    command = daemon_command()
+    for name in UNITS:
+        path = target / name
+        path.write_text(render(name, command))
+        path.chmod(0o644)
+        print(f"wrote {path}")
+    print(f"ExecStart={command}")
+    if not enable:
+        print("\nnow run:")
+        for args in ENABLE_COMMANDS:
+            print("  " + " ".join(args))
+        return 0
+    if shutil.which("systemctl") is None:
+        print("vm-tokend: systemctl not found; enable the socket by hand", file=sys.stderr)
+        return 1
+    for args in ENABLE_COMMANDS:
+        print("$ " + " ".join(args))
+        result = run(args, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            message = (result.stderr or result.stdout).strip().splitlines()
+            print(f"vm-tokend: `{' '.join(args)}` failed: "
+                  f"{message[-1] if message else result.returncode}", file=sys.stderr)
+            return 1
+    print("vm-tokend.socket is listening; the daemon starts on the first request")
+    return 0
