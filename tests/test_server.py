@@ -109,6 +109,7 @@ async def test_requests_answered_and_status_has_no_token(private_dir, connect):
 async def test_stalled_frame_and_idle_connection_are_dropped(private_dir, monkeypatch, connect):
     monkeypatch.setattr(server_module, "FRAME_TIMEOUT", 0.3)
     monkeypatch.setattr(server_module, "IDLE_TIMEOUT", 0.6)
+    monkeypatch.setattr(server_module, "SWEEP_INTERVAL", 0.02)
     with trio.fail_after(5):
         async with running_keeper(FakeBackend()) as keeper, trio.open_nursery() as nursery:
             server, path = await start_server(nursery, private_dir, keeper)
@@ -163,4 +164,22 @@ async def test_internal_errors_become_internal_replies(private_dir, monkeypatch,
             reply = await ask(stream, {"v": 1, "op": "list"})
             assert reply["error"]["code"] == "internal"
             assert (await ask(stream, {"v": 1, "op": "hello"}))["ok"]
+            server.stop()
+
+
+async def test_a_burst_beyond_the_limit_waits_and_is_served(private_dir, connect):
+    with trio.fail_after(10):
+        async with running_keeper(FakeBackend()) as keeper, trio.open_nursery() as nursery:
+            server, path = await start_server(nursery, private_dir, keeper, max_connections=2)
+            replies = []
+
+            async def client() -> None:
+                stream = await connect(path)
+                replies.append(await ask(stream, {"v": 1, "op": "get"}))
+                await stream.aclose()
+
+            async with trio.open_nursery() as clients:
+                for _ in range(20):
+                    clients.start_soon(client)
+            assert len(replies) == 20 and all(r["ok"] for r in replies)
             server.stop()

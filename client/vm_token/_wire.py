@@ -8,6 +8,7 @@ interpreter itself.
 from __future__ import annotations
 
 import _socket
+import time
 from time import monotonic
 
 from . import _minipack, protocol
@@ -33,8 +34,17 @@ def connect(path: str, deadline: float) -> _socket.socket:
     """A connection to the daemon; DaemonNotRunning when nothing answers."""
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
-        sock.settimeout(_remaining(deadline))
-        sock.connect(path)
+        pause = 0.001
+        while True:
+            sock.settimeout(_remaining(deadline))
+            try:
+                sock.connect(path)
+                break
+            except BlockingIOError:
+                # The daemon's accept queue is full (a burst of clients): Unix sockets say
+                # EAGAIN rather than queue us. Try again until the deadline.
+                time.sleep(min(pause, _remaining(deadline)))
+                pause = min(pause * 2, 0.05)
     except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as exc:
         sock.close()
         raise DaemonNotRunning(path) from exc

@@ -48,7 +48,9 @@ SEND_TIMEOUT: Final = 10.0
 MAX_CONNECTIONS: Final = 512
 # In-flight requests get this long to finish at shutdown.
 DRAIN_TIMEOUT: Final = 2.0
-LISTEN_BACKLOG: Final = 512
+# Connections waiting to be accepted. A burst of clients beyond it would see EAGAIN on
+# connect (Unix sockets do not queue more); the kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG: Final = 4096
 RECEIVE_SIZE: Final = 64 * 1024
 # The largest min_ttl we accept: a day is far beyond any token's lifetime.
 MAX_MIN_TTL: Final = 86400.0
@@ -314,16 +316,30 @@ class Dispatcher:
 # -- connections ------------------------------------------------------------------------------
 
 
+# A connection is in one phase at a time; the timeouts of each are enforced by a sweeper
+# (see Server._sweep) rather than by a cancel scope per phase: moving a deadline costs
+# trio more than everything else the daemon does for a request.
+IDLE, MID_FRAME, BUSY, SENDING = "idle", "mid-frame", "busy", "sending"
+# How often the sweeper looks; timeouts fire up to this much late.
+SWEEP_INTERVAL: Final = 0.5
+# When every slot is taken, a newcomer waits this long for one to free before the
+# connection idle the longest is closed for it: bursts of real clients are not evicted,
+# a crowd of silent ones does not lock a real client out.
+EVICTION_GRACE: Final = 0.2
+
+
 class _Connection:
+    __slots__ = ("phase", "scope", "since", "stream")
+
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
         self.scope = trio.CancelScope()
-        self.busy = False
-        self.last_active = trio.current_time()
+        self.phase = IDLE
+        self.since = trio.current_time()  # when the current phase began
 
-
-class _Closed(Exception):
-    pass
+    def enter(self, phase: str) -> None:
+        self.phase = phase
+        self.since = trio.current_time()
 
 
 class Server:
@@ -339,7 +355,7 @@ class Server:
         self._bound = bound
         self._listener = trio.socket.from_stdlib_socket(bound.sock)
         self._handle = handle
-        self._max_connections = max_connections
+        self._slots = trio.Semaphore(max_connections)
         self._connections: set[_Connection] = set()
         self._stop = trio.Event()
         self._stopping = False
@@ -352,6 +368,7 @@ class Server:
         async with trio.open_nursery() as handlers:
             async with trio.open_nursery() as acceptor:
                 acceptor.start_soon(self._accept_loop, handlers)
+                acceptor.start_soon(self._sweep)
                 task_status.started()
                 await self._stop.wait()
                 acceptor.cancel_scope.cancel()
@@ -360,69 +377,94 @@ class Server:
             self._listener.close()
             self._bound.remove()
             for connection in list(self._connections):
-                if not connection.busy:
+                if connection.phase in (IDLE, MID_FRAME):
                     connection.scope.cancel()
             handlers.cancel_scope.deadline = trio.current_time() + DRAIN_TIMEOUT
 
     async def _accept_loop(self, handlers: trio.Nursery) -> None:
         while True:
+            with trio.move_on_after(EVICTION_GRACE) as waiting:
+                await self._slots.acquire()
+            if waiting.cancelled_caught:
+                self._make_room()
+                await self._slots.acquire()
             try:
                 sock, _ = await self._listener.accept()
             except OSError as exc:
+                self._slots.release()
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     log.warning("cannot accept a connection: %s; pausing", exc.strerror)
                     await trio.sleep(0.1)
                     continue
                 raise
+            except BaseException:
+                self._slots.release()
+                raise
             handlers.start_soon(self._serve_connection, trio.SocketStream(sock))
 
     def _make_room(self) -> None:
-        idle = [c for c in self._connections if not c.busy]
-        if not idle:
-            return
-        oldest = min(idle, key=lambda c: c.last_active)
-        oldest.scope.cancel()
-        self._connections.discard(oldest)
+        """Close the connection that has been idle the longest (never one mid-request)."""
+        idle = [c for c in self._connections if c.phase == IDLE]
+        if idle:
+            oldest = min(idle, key=lambda c: c.since)
+            log.debug("closing the longest idle connection to make room")
+            oldest.scope.cancel()
+
+    async def _sweep(self) -> None:
+        while True:
+            await trio.sleep(SWEEP_INTERVAL)
+            now = trio.current_time()
+            limits = {IDLE: IDLE_TIMEOUT, MID_FRAME: FRAME_TIMEOUT, SENDING: SEND_TIMEOUT}
+            for connection in self._connections:
+                limit = limits.get(connection.phase)
+                if limit is not None and now - connection.since >= limit:
+                    log.debug("dropped a connection that timed out (%s)", connection.phase)
+                    connection.scope.cancel()
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
-        uid = peer_uid(stream.socket)
-        if uid is None or uid not in (os.getuid(), 0):
-            self.refused_peers += 1
-            log.warning("refused a connection from uid %s", uid)
-            await stream.aclose()
-            return
-        if len(self._connections) >= self._max_connections:
-            self._make_room()
-        connection = _Connection(stream)
-        self._connections.add(connection)
         try:
-            with connection.scope:
-                await self._converse(connection)
+            uid = peer_uid(stream.socket)
+            if uid is None or uid not in (os.getuid(), 0):
+                self.refused_peers += 1
+                log.warning("refused a connection from uid %s", uid)
+                return
+            connection = _Connection(stream)
+            self._connections.add(connection)
+            try:
+                with connection.scope:
+                    await self._converse(connection)
+            finally:
+                self._connections.discard(connection)
         finally:
-            self._connections.discard(connection)
+            self._slots.release()
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
     async def _converse(self, connection: _Connection) -> None:
+        stream = connection.stream
         buffer = bytearray()
         while not self._stopping:
-            try:
-                body = await self._read_frame(connection.stream, buffer)
-            except _Closed:
+            if not buffer and not await self._receive(stream, buffer):
                 return
-            connection.busy = True
+            try:
+                body = self._take_frame(buffer)
+                if body is None:
+                    connection.enter(MID_FRAME)
+                    while body is None:
+                        if not await self._receive(stream, buffer):
+                            return
+                        body = self._take_frame(buffer)
+            except protocol.FrameTooLarge:
+                log.debug("dropped a client that announced an oversize frame")
+                return
+            connection.phase = BUSY  # no timeout: the keeper bounds its own waits
             try:
                 reply = await self._reply(body)
-                with trio.move_on_after(SEND_TIMEOUT) as sending:
-                    await connection.stream.send_all(protocol.encode_frame(reply))
-                if sending.cancelled_caught:
-                    log.debug("dropped a client that did not read its reply")
-                    return
+                connection.enter(SENDING)
+                await stream.send_all(protocol.encode_frame(reply))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
-            finally:
-                connection.busy = False
-                connection.last_active = trio.current_time()
+            connection.enter(IDLE)
 
     async def _reply(self, body: bytes) -> dict[str, Any]:
         try:
@@ -436,38 +478,27 @@ class Server:
             log.exception("internal error handling an %r request", str(request.get("op"))[:40])
             return _error(protocol.INTERNAL, "internal error in vm-tokend; see its log")
 
-    async def _read_frame(self, stream: trio.SocketStream, buffer: bytearray) -> bytes:
-        # Wait as long as IDLE_TIMEOUT for a frame to begin...
-        if not buffer:
-            with trio.move_on_after(IDLE_TIMEOUT):
-                await self._receive(stream, buffer)
-            if not buffer:
-                raise _Closed
-        # ...then FRAME_TIMEOUT for all of it.
-        with trio.move_on_after(FRAME_TIMEOUT):
-            while len(buffer) < protocol.HEADER_SIZE:
-                await self._receive(stream, buffer)
-            try:
-                length = protocol.frame_length(bytes(buffer[: protocol.HEADER_SIZE]))
-            except protocol.FrameTooLarge:
-                log.debug("dropped a client that announced an oversize frame")
-                raise _Closed from None
-            end = protocol.HEADER_SIZE + length
-            while len(buffer) < end:
-                await self._receive(stream, buffer)
-            body = bytes(buffer[protocol.HEADER_SIZE:end])
-            del buffer[:end]
-            return body
-        log.debug("dropped a client that stalled in the middle of a frame")
-        raise _Closed
+    @staticmethod
+    def _take_frame(buffer: bytearray) -> bytes | None:
+        """A whole frame's body from the front of `buffer`, None if incomplete;
+        FrameTooLarge if the header announces too much."""
+        if len(buffer) < protocol.HEADER_SIZE:
+            return None
+        length = protocol.frame_length(bytes(buffer[: protocol.HEADER_SIZE]))
+        end = protocol.HEADER_SIZE + length
+        if len(buffer) < end:
+            return None
+        body = bytes(buffer[protocol.HEADER_SIZE:end])
+        del buffer[:end]
+        return body
 
     @staticmethod
-    async def _receive(stream: trio.SocketStream, buffer: bytearray) -> None:
+    async def _receive(stream: trio.SocketStream, buffer: bytearray) -> bool:
+        """Append what arrives to `buffer`; False once the peer has gone."""
         try:
             data = await stream.receive_some(RECEIVE_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            raise _Closed from None
-        if not data:
-            raise _Closed
+            return False
         buffer += data
+        return bool(data)
 

@@ -89,3 +89,29 @@ def test_after_the_api_revokes_every_token_one_report_brings_a_fresh_one(standin
         new = client.get_token()
     assert standin.token_valid(new.access_token, "1001")
     assert standin.counts["refresh"] == 1
+
+
+def test_a_full_accept_queue_is_waited_out_not_reported_at_once(private_dir):
+    path = private_dir / "busy"
+    busy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    busy.bind(str(path))
+    busy.listen(0)
+    queued = []
+    try:
+        for _ in range(3):  # fill the accept queue: further connects get EAGAIN
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            try:
+                s.connect(str(path))
+            except BlockingIOError:
+                s.close()
+                break
+            queued.append(s)
+        started = time.monotonic()
+        with pytest.raises(vm_token.ProtocolError, match="did not accept the connection"):
+            vm_token.get_token(socket=path, timeout=0.5)
+        assert time.monotonic() - started >= 0.45
+    finally:
+        for s in queued:
+            s.close()
+        busy.close()
