@@ -267,9 +267,31 @@ async def test_refresh_token_close_to_expiry_means_login_instead(autojump_clock)
     async with running_keeper(backend, pick=0.5) as keeper:
         await keeper.get()
         await trio.sleep(3700)
-        # Refreshes every 200 s; the one due at 3600 would use a token with < 30 s left.
-        assert backend.times("login") == [0, 3600]
-        assert backend.calls["refresh"] == 17
+        # Refreshes every 200 s. The refresh token (an hour) would expire before the
+        # refresh due at 3600, so the one due at 3400 is a login instead: it brings the
+        # token for this VideoManager too, so renewing costs no extra call.
+        assert backend.times("login") == [0, 3400]
+        assert backend.times("refresh") == pytest.approx([200 * i for i in range(1, 17)]
+                                                          + [3600])
+        assert len(backend.log) == 1 + 16 + 1 + 1
+
+
+async def test_a_login_for_another_videomanager_refreshes_the_logins_own(autojump_clock):
+    backend = FakeBackend(lifetime=300)
+    async with running_keeper(backend, pick=0.5, default_videomanager="Sales") as keeper:
+        old_marketing = (await keeper.get("Marketing")).token  # the login's VideoManager
+        sales = (await keeper.get("Sales")).token
+        assert backend.times("refresh", "1") == [0]
+        await trio.sleep(10)
+        backend.expire_refresh_token()
+        keeper.invalidate(sales)  # Sales needs a token: refused refresh, login, refresh
+        await keeper.get("Sales")
+        assert backend.times("login") == [0, 10]
+        # The login's token went to Marketing, which needed no refresh of its own.
+        marketing = (await keeper.get("Marketing")).token
+        assert marketing != old_marketing
+        assert marketing == backend.access_tokens()[-2]  # the login's, before Sales' own
+        assert backend.times("refresh", "1") == [0]
 
 
 async def test_invalidate_current_token_refreshes_once(autojump_clock):

@@ -156,6 +156,7 @@ class Session:
         self.refresh_token: str | None = None
         self.refresh_expires_at = math.inf
         self.videomanagers: tuple[VideoManagerRef, ...] | None = None
+        self.login_videomanager: str | None = None  # whose token a login brings
         self.default_id: str | None = None
         self.pinned: set[str] = set()
         self.entries: dict[str, Entry] = {}
@@ -535,6 +536,7 @@ class Keeper:
         finally:
             del password
         self._keep_refresh_token(session, grant)
+        session.login_videomanager = grant.valid_for
         first = session.videomanagers is None
         session.videomanagers = grant.videomanagers
         session.logged_in_at_wall = time.time()
@@ -559,27 +561,59 @@ class Keeper:
         async with session.lock:
             if session.blocked is not None:
                 raise session.blocked
-            now = trio.current_time()
-            if (session.refresh_token is None
-                    or session.refresh_expires_at - now < REFRESH_TOKEN_MARGIN):
-                grant = await self._login(session)
-                if grant.valid_for == vm_id:
+            if self._login_due(session, vm_id):
+                grant = await self._login_for(session, vm_id)
+                if grant is not None:
                     return grant
             try:
-                grant = await self._refresh(session, vm_id)
+                return await self._refresh(session, vm_id)
             except upstream.RefreshRejected as exc:
                 log.info("%s; logging in again", exc)
                 session.refresh_token = None
-                grant = await self._login(session)
-                if grant.valid_for == vm_id:
-                    return grant
-                try:
-                    grant = await self._refresh(session, vm_id)
-                except upstream.RefreshRejected as again:
-                    session.refresh_token = None
-                    raise upstream.TransientError(
-                        f"a fresh refresh token was rejected too: {again}") from None
+            grant = await self._login_for(session, vm_id)
+            if grant is not None:
+                return grant
+            try:
+                return await self._refresh(session, vm_id)
+            except upstream.RefreshRejected as again:
+                session.refresh_token = None
+                raise upstream.TransientError(
+                    f"a fresh refresh token was rejected too: {again}") from None
+
+    def _login_due(self, session: Session, vm_id: str) -> bool:
+        """Whether to log in rather than refresh now.
+
+        When there is no refresh token, or it expires within REFRESH_TOKEN_MARGIN. And one
+        step earlier for the VideoManager a login gives a token for: if its refresh token
+        would expire before that VideoManager's next refresh, a login now costs no more than
+        the refresh would have — it brings this VideoManager's token too — while waiting
+        would cost a login on top of another VideoManager's refresh.
+        """
+        if session.refresh_token is None:
+            return True
+        left = session.refresh_expires_at - trio.current_time()
+        if left < REFRESH_TOKEN_MARGIN:
+            return True
+        entry = session.entries.get(vm_id)
+        if vm_id != session.login_videomanager or entry is None or entry.lifetime is None:
+            return False
+        return left < entry.lifetime * (REFRESH_AT + REFRESH_JITTER) + REFRESH_TOKEN_MARGIN
+
+    async def _login_for(self, session: Session, vm_id: str) -> Grant | None:
+        """Log in; the grant if its token is for `vm_id`, else None (a refresh must follow).
+
+        A login's access token is valid for one VideoManager; if we hold another's, it gets
+        the fresh token rather than going to the API for one later.
+        """
+        grant = await self._login(session)
+        if grant.valid_for == vm_id:
             return grant
+        entry = session.entries.get(grant.valid_for)
+        if entry is not None and entry.retry_at is None and entry.blocked is None:
+            entry.take(grant, self._refresh_at(grant))
+            entry.wake.set()
+            entry.notify()
+        return None
 
     async def _refresh(self, session: Session, vm_id: str) -> Grant:
         assert session.refresh_token is not None
