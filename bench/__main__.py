@@ -1,4 +1,6 @@
-"""`make bench`: run every benchmark against the stand-in and print the results."""
+"""`make bench`: every benchmark against the stand-in, one table, each figure next to the
+limit it is compared with in the same run. Exits 1 if a target is missed.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +8,103 @@ import os
 import platform
 import sys
 
-from bench import harness, startup
+from bench import burst, coldstart, harness, memory, roundtrip, startup, upstream_load
+
+Row = tuple[str, str, str, str, bool]
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+def _us(seconds: float) -> str:
+    return f"{seconds * 1e6:.0f} µs"
 
 
 def main() -> int:
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, "
-          f"Python {platform.python_version()}, {platform.platform()}")
+    harness.raise_fd_limit()
+    rows: list[Row] = []
     with harness.daemon() as running:
-        print(f"\n== start-up, medians of {startup.RUNS} interleaved runs")
-        lines, met = startup.report(startup.measure(running))
-        print("\n".join(lines))
-    return 0 if met else 1
+        idle_rss = memory.idle_rss(running.process.pid)
+        print("1/7 start-up ...", file=sys.stderr)
+        times = startup.measure(running)
+        base, ours = times["python -I -c pass"], times["vm-token token"]
+        git = times.get("git credential-cache get")
+        rows.append((
+            "1. `vm-token token`, wall time (median of "
+            f"{startup.RUNS} interleaved runs)",
+            _ms(ours),
+            f"`python -I -c pass` {_ms(base)}"
+            + (f"; `git credential-cache get` {_ms(git)}" if git else ""),
+            f"{ours / base:.2f} × interpreter (≤ {startup.TARGET})",
+            ours / base <= startup.TARGET,
+        ))
+        print("2/7 library round trip ...", file=sys.stderr)
+        reply = roundtrip.canned_reply(running.socket)
+        with harness.bare_server(reply) as bare:
+            single, floor = roundtrip.single_process(running.socket, bare)
+            rows.append((
+                "2. `Client.get_token()` calls/s, one process",
+                f"{single:,.0f}/s", f"bare trio + msgpack server {floor:,.0f}/s",
+                f"{single / floor:.2f} (≥ 0.8)", single / floor >= 0.8,
+            ))
+            print("3/7 four client processes ...", file=sys.stderr)
+            multi = roundtrip.multi_process(running.socket, bare)
+            ratio = multi["ours"] / multi["floor"]
+            rows.append((
+                f"3. throughput, {roundtrip.WORKERS} client processes",
+                f"{multi['ours']:,.0f}/s (p50 {_us(multi['p50'])}, "
+                f"p99 {_us(multi['p99'])})",
+                f"bare server {multi['floor']:,.0f}/s",
+                f"{ratio:.2f} (≥ 0.7)", ratio >= 0.7,
+            ))
+        print("4/7 1,000 connections at once ...", file=sys.stderr)
+        results = [burst.burst(running.socket) for _ in range(3)]
+        worst = max(results, key=lambda r: r["p99"])
+        failed = sum(int(r["failed"]) for r in results)
+        rows.append((
+            f"4. {burst.CLIENTS:,} connections at once, one request each (worst of 3)",
+            f"{int(worst['served'])} served, p50 {_ms(worst['p50'])}, "
+            f"p99 {_ms(worst['p99'])}",
+            "—", f"{failed} failed; p99 ≤ 100 ms",
+            failed == 0 and worst["p99"] <= 0.1,
+        ))
+        print("5/7 memory ...", file=sys.stderr)
+        mem = memory.measure(running.process.pid, running.socket)
+        growth = mem["end_rss"] - mem["half_rss"]
+        rows.append((
+            f"5. daemon memory: at idle after start → after all of the above and "
+            f"{memory.REQUESTS:,} more requests",
+            f"RSS {idle_rss:.1f} → {mem['end_rss']:.1f} MiB, "
+            f"peak {mem['peak_rss']:.1f} MiB",
+            f"growth over the second {memory.REQUESTS // 2:,}: {growth:+.2f} MiB",
+            "≤ 60 MiB, flat (< 1 MiB growth)",
+            mem["peak_rss"] <= 60 and growth < 1.0,
+        ))
+    print("6/7 cold start ...", file=sys.stderr)
+    cold = coldstart.measure()
+    rows.append((
+        f"6. cold start to the first token (median of {coldstart.RUNS})",
+        _ms(cold), "—", "≤ 1.5 s", cold <= 1.5,
+    ))
+    print("7/7 upstream load, one simulated hour ...", file=sys.stderr)
+    for rate in (1, 1000):
+        sim = upstream_load.simulate(rate)
+        rows.append((
+            f"7. upstream calls in one hour, {rate:,} requests/s, 3 VideoManagers, "
+            "5-minute tokens",
+            f"{sim['calls']} ({sim['per_videomanager']} per VideoManager at most)",
+            f"a script logging in per run: {rate * 3600:,} (1 login per run)",
+            "≤ 19 per VideoManager", sim["per_videomanager"] <= 19,
+        ))
+
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, "
+          f"Python {platform.python_version()}, {platform.platform()}\n")
+    print("| benchmark | vm-token | compared with (same run) | ratio / target | met |")
+    print("|---|---|---|---|---|")
+    for what, value, limit, target, met in rows:
+        print(f"| {what} | {value} | {limit} | {target} | {'yes' if met else '**NO**'} |")
+    return 0 if all(row[4] for row in rows) else 1
 
 
 if __name__ == "__main__":

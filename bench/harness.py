@@ -33,6 +33,34 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+@contextmanager
+def bare_server(reply: bytes) -> Iterator[Path]:
+    """bench.bare in its own process, answering every request with `reply`; its socket."""
+    workdir = Path(tempfile.mkdtemp(prefix="vmt-bare-"))
+    path = workdir / "socket"
+    process = subprocess.Popen([sys.executable, "-m", "bench.bare", str(path), reply.hex()],
+                               stdout=subprocess.PIPE, text=True, env=child_env())
+    try:
+        assert process.stdout is not None
+        if process.stdout.readline().strip() != "ready":
+            raise SystemExit("bench: the bare server did not start")
+        yield path
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        if process.stdout is not None:
+            process.stdout.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def raise_fd_limit(wanted: int = 8192) -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
+
+
 @dataclass
 class Running:
     standin: StandIn
@@ -41,10 +69,8 @@ class Running:
     process: subprocess.Popen[bytes]
 
 
-@contextmanager
-def daemon(**standin_options: object) -> Iterator[Running]:
-    workdir = Path(tempfile.mkdtemp(prefix="vmt-bench-"))
-    standin = StandIn(**standin_options).start()  # type: ignore[arg-type]
+def daemon_env(standin: StandIn, workdir: Path) -> tuple[dict[str, str], Path]:
+    """The environment for a vm-tokend against `standin`, and its socket in `workdir`."""
     socket = workdir / "vm-token" / "socket"
     env = child_env(
         XDG_CONFIG_HOME=str(workdir / "config"),
@@ -54,6 +80,14 @@ def daemon(**standin_options: object) -> Iterator[Running]:
         VM_TOKEN_PASSWORD=standin.password,
         VM_TOKEN_LOG_LEVEL="warning",  # noqa: S106 - a log level, not a secret
     )
+    return env, socket
+
+
+@contextmanager
+def daemon(**standin_options: object) -> Iterator[Running]:
+    workdir = Path(tempfile.mkdtemp(prefix="vmt-bench-"))
+    standin = StandIn(**standin_options).start()  # type: ignore[arg-type]
+    env, socket = daemon_env(standin, workdir)
     process = subprocess.Popen([str(BIN / "vm-tokend")], env=env)
     try:
         deadline = time.monotonic() + 15
