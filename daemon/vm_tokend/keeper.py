@@ -107,6 +107,7 @@ class Entry:
         self.obtained_at = -math.inf
         self.expires_at = -math.inf  # trio clock
         self.expires_at_wall: float | None = None
+        self._info: TokenInfo | None = None  # what get() answers, made once per token
         self.refresh_at = math.inf
         self.refreshed_at_wall: float | None = None
         self.last_error: str | None = None
@@ -129,8 +130,8 @@ class Entry:
         return self.expires_at - now if self.token is not None else -math.inf
 
     def info(self) -> TokenInfo:
-        assert self.token is not None and self.expires_at_wall is not None
-        return TokenInfo(self.token, self.vm, self.expires_at_wall)
+        assert self._info is not None and self._info.token == self.token
+        return self._info
 
     def take(self, grant: Grant, refresh_at: float) -> None:
         self.token = grant.access_token
@@ -138,6 +139,7 @@ class Entry:
         self.obtained_at = grant.received_at
         self.expires_at = grant.received_at + grant.lifetime
         self.expires_at_wall = time.time() + (self.expires_at - trio.current_time())
+        self._info = TokenInfo(grant.access_token, self.vm, self.expires_at_wall)
         self.refresh_at = refresh_at
         self.refreshed_at_wall = time.time()
         self.last_error = None
@@ -156,6 +158,7 @@ class Session:
         self.refresh_token: str | None = None
         self.refresh_expires_at = math.inf
         self.videomanagers: tuple[VideoManagerRef, ...] | None = None
+        self._by_key: dict[str, VideoManagerRef] = {}
         self.login_videomanager: str | None = None  # whose token a login brings
         self.default_id: str | None = None
         self.pinned: set[str] = set()
@@ -175,17 +178,15 @@ class Session:
         self.changed.set()
         self.changed = trio.Event()
 
+    def set_videomanagers(self, videomanagers: tuple[VideoManagerRef, ...]) -> None:
+        self.videomanagers = videomanagers
+        # Ids first: an id wins over a VideoManager whose name looks like an id.
+        self._by_key = {vm.name.casefold(): vm for vm in reversed(videomanagers)}
+        self._by_key.update((vm.id, vm) for vm in videomanagers)
+
     def find(self, ref: str) -> VideoManagerRef | None:
         """A VideoManager by id, or by name case-insensitively."""
-        assert self.videomanagers is not None
-        for vm in self.videomanagers:
-            if vm.id == ref:
-                return vm
-        folded = ref.casefold()
-        for vm in self.videomanagers:
-            if vm.name.casefold() == folded:
-                return vm
-        return None
+        return self._by_key.get(ref) or self._by_key.get(ref.casefold())
 
     def resolve(self, ref: str | None) -> VideoManagerRef:
         assert self.videomanagers is not None
@@ -307,8 +308,10 @@ class Keeper:
         """A token for VideoManager `ref` (id or name; None: default) valid > min_ttl s."""
         waited_on: Entry | None = None
         while True:
-            await self.wait_logged_in()
             session = self._require_session()
+            if session.videomanagers is None:
+                await self.wait_logged_in()
+                continue
             vm = session.resolve(ref)
             now = trio.current_time()
             entry = session.entries.get(vm.id) or self._add_entry(session, vm)
@@ -538,7 +541,7 @@ class Keeper:
         self._keep_refresh_token(session, grant)
         session.login_videomanager = grant.valid_for
         first = session.videomanagers is None
-        session.videomanagers = grant.videomanagers
+        session.set_videomanagers(grant.videomanagers)
         session.logged_in_at_wall = time.time()
         if first:
             log.info("logged in as %r; %d VideoManagers", creds.username,
