@@ -383,11 +383,14 @@ class Server:
 
     async def _accept_loop(self, handlers: trio.Nursery) -> None:
         while True:
-            with trio.move_on_after(EVICTION_GRACE) as waiting:
-                await self._slots.acquire()
-            if waiting.cancelled_caught:
-                self._make_room()
-                await self._slots.acquire()
+            try:
+                self._slots.acquire_nowait()
+            except trio.WouldBlock:
+                with trio.move_on_after(EVICTION_GRACE) as waiting:
+                    await self._slots.acquire()
+                if waiting.cancelled_caught:
+                    self._make_room()
+                    await self._slots.acquire()
             try:
                 sock, _ = await self._listener.accept()
             except OSError as exc:
@@ -437,8 +440,7 @@ class Server:
                 self._connections.discard(connection)
         finally:
             self._slots.release()
-            with trio.CancelScope(shield=True):
-                await stream.aclose()
+            stream.socket.close()  # synchronous: no checkpoint, so no shield needed
 
     async def _converse(self, connection: _Connection) -> None:
         stream = connection.stream
