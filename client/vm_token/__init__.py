@@ -4,7 +4,8 @@
     token = vm_token.get_token("Marketing", min_ttl=60)
     headers = {"Authorization": token.authorization}
 
-Depends on msgpack and the standard library only; never imports trio, httpx or pydantic.
+Depends on msgpack and the standard library only; never imports trio, httpx or pydantic
+(VideoManagerAuth imports httpx when first used, AsyncClient trio only under trio).
 Names are loaded on first use, so that `vm-token` — which imports this package on every
 call — pays only for what it touches.
 """
@@ -13,6 +14,8 @@ from ._version import __version__
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from .aio import AsyncClient
+    from .auth import RequestsAuth, VideoManagerAuth
     from .client import Client, VideoManager, get_token
     from .errors import (
         BadRequest,
@@ -32,6 +35,7 @@ if TYPE_CHECKING:
     from .token import Token
 
 __all__ = [
+    "AsyncClient",
     "BadRequest",
     "Client",
     "CredentialsRejected",
@@ -42,19 +46,22 @@ __all__ = [
     "InternalError",
     "NotLoggedIn",
     "ProtocolError",
+    "RequestsAuth",
     "Token",
     "UnknownHost",
     "UnknownVideoManager",
     "UnsupportedVersion",
     "UpstreamUnavailable",
     "VideoManager",
+    "VideoManagerAuth",
     "__version__",
     "get_token",
 ]
 
 # Where each name lives; everything else in __all__ comes from errors.
 _WHERE = {"Client": "client", "VideoManager": "client", "get_token": "client",
-          "Token": "token"}
+          "Token": "token", "AsyncClient": "aio", "VideoManagerAuth": "auth",
+          "RequestsAuth": "auth"}
 
 
 def __getattr__(name: str) -> object:

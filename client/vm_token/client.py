@@ -35,6 +35,39 @@ def _when(value: object) -> datetime | None:
     return datetime.fromtimestamp(value, UTC) if isinstance(value, int | float) else None
 
 
+def get_fields(videomanager: str | int | None, min_ttl: float) -> dict[str, Any]:
+    """The fields of a `get` request."""
+    fields: dict[str, Any] = {}
+    if videomanager is not None:
+        fields["vm"] = str(videomanager)
+    if min_ttl:
+        fields["min_ttl"] = min_ttl
+    return fields
+
+
+def invalidate_fields(token: str | Token, videomanager: str | int | None) -> dict[str, Any]:
+    """The fields of an `invalidate` request."""
+    fields: dict[str, Any] = {"token": token.access_token if isinstance(token, Token) else token}
+    if videomanager is not None:
+        fields["vm"] = str(videomanager)
+    return fields
+
+
+def videomanagers_from_reply(reply: dict[str, Any]) -> list[VideoManager]:
+    """The VideoManagers of a `list` reply."""
+    return [
+        VideoManager(
+            id=str(item["id"]),
+            name=str(item["name"]),
+            is_default=bool(item.get("default")),
+            expires_at=_when(item.get("expires_at")),
+            refreshed_at=_when(item.get("refreshed_at")),
+            last_error=item.get("last_error"),
+        )
+        for item in reply["videomanagers"]
+    ]
+
+
 class Client:
     """A connection to vm-tokend.
 
@@ -61,26 +94,10 @@ class Client:
 
     def get_token(self, videomanager: str | int | None = None, *, min_ttl: float = 0) -> Token:
         """A token for `videomanager` (id or name; None for the default) valid ≥ min_ttl s."""
-        fields: dict[str, Any] = {}
-        if videomanager is not None:
-            fields["vm"] = str(videomanager)
-        if min_ttl:
-            fields["min_ttl"] = min_ttl
-        return Token.from_reply(self.request(protocol.GET, **fields))
+        return Token.from_reply(self.request(protocol.GET, **get_fields(videomanager, min_ttl)))
 
     def list_videomanagers(self) -> list[VideoManager]:
-        reply = self.request(protocol.LIST)
-        return [
-            VideoManager(
-                id=str(item["id"]),
-                name=str(item["name"]),
-                is_default=bool(item.get("default")),
-                expires_at=_when(item.get("expires_at")),
-                refreshed_at=_when(item.get("refreshed_at")),
-                last_error=item.get("last_error"),
-            )
-            for item in reply["videomanagers"]
-        ]
+        return videomanagers_from_reply(self.request(protocol.LIST))
 
     def status(self) -> dict[str, Any]:
         """The daemon's state: user, VideoManagers, counters. Never contains a secret."""
@@ -88,11 +105,7 @@ class Client:
 
     def invalidate(self, token: str | Token, videomanager: str | int | None = None) -> bool:
         """Report a token the API rejected; True if it was current and is being replaced."""
-        fields: dict[str, Any] = {
-            "token": token.access_token if isinstance(token, Token) else token
-        }
-        if videomanager is not None:
-            fields["vm"] = str(videomanager)
+        fields = invalidate_fields(token, videomanager)
         return bool(self.request(protocol.INVALIDATE, **fields).get("invalidated"))
 
     def login(self, username: str, password: str) -> dict[str, Any]:
@@ -106,6 +119,13 @@ class Client:
     def close(self) -> None:
         with self._lock:
             self._drop()
+
+    def __del__(self) -> None:
+        # A Client that was never closed (`vm_token.Client().get_token()`) closes its
+        # socket when collected instead of leaving it to a ResourceWarning.
+        sock = getattr(self, "_sock", None)
+        if sock is not None:
+            sock.close()
 
     def __enter__(self) -> Client:
         return self

@@ -187,6 +187,8 @@ class App:
             "pid": os.getpid(),
             "api_url": self.settings.api_url,
             "uptime": round(time.time() - self.started_at, 3),
+            "connections_accepted": self.server.accepted if self.server else 0,
+            "connections_open": self.server.open_connections if self.server else 0,
         }
 
     async def reload(self) -> None:

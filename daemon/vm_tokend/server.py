@@ -360,6 +360,11 @@ class Server:
         self._stop = trio.Event()
         self._stopping = False
         self.refused_peers = 0
+        self.accepted = 0
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._connections)
 
     def stop(self) -> None:
         self._stop.set()
@@ -433,6 +438,7 @@ class Server:
                 return
             connection = _Connection(stream)
             self._connections.add(connection)
+            self.accepted += 1
             try:
                 with connection.scope:
                     await self._converse(connection)

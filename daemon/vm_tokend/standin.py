@@ -6,6 +6,7 @@ It implements what vm-tokend uses and what a client checks a token against:
     POST {base}/auth/refresh/{id}          {"refreshToken"}
     GET  {base}                            the VideoManager list   (Bearer token)
     GET  {base}/{id}/videos                a few fake videos       (Bearer token for {id})
+    POST {base}/{id}/videos                "creates" one: 201      (Bearer token for {id})
 
 and issues HS256-signed JWTs with `iat` and `exp`. Controls for tests — lifetimes, refresh
 token rotation, delay, injected failures (status, HTML or garbage bodies, Retry-After),
@@ -248,6 +249,8 @@ class StandIn:
             return self._auth("refresh", body, rest[2])
         if method == "GET" and len(rest) <= 2 and (not rest or rest[1:] == ["videos"]):
             return self._api(headers, rest[0] if rest else None)
+        if method == "POST" and len(rest) == 2 and rest[1] == "videos":
+            return self._api(headers, rest[0], create=True)
         return _json(404, {"message": "Not found"})
 
     def _auth(self, endpoint: str, body: bytes,
@@ -293,8 +296,8 @@ class StandIn:
             self.counts[f"{endpoint}_ok"] += 1
         return _json(200, grant)
 
-    def _api(self, headers: dict[str, str],
-             videomanager_id: str | None) -> tuple[int, dict[str, str], bytes]:
+    def _api(self, headers: dict[str, str], videomanager_id: str | None,
+             create: bool = False) -> tuple[int, dict[str, str], bytes]:
         with self._lock:
             self.counts["api"] += 1
         auth = headers.get("authorization", "")
@@ -310,6 +313,8 @@ class StandIn:
             with self._lock:
                 self.counts["api_rejected"] += 1
             return _json(403, {"message": "Token not valid for this VideoManager"})
+        if create:
+            return _json(201, {"id": secrets.token_hex(4)})
         return _json(200, {"items": [{"id": f"v{n}", "title": f"Video {n}"} for n in range(3)]})
 
 
