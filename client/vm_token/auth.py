@@ -31,15 +31,47 @@ __all__ = ["RequestsAuth", "VideoManagerAuth"]
 DEFAULT_MIN_TTL = 30.0
 
 
-class _Choice:
-    """What VideoManagerAuth and RequestsAuth share: which token to ask for."""
+class _TokenSource:
+    """What VideoManagerAuth and RequestsAuth share: which token, and how to get one.
 
-    def __init__(self, videomanager: str | int | None, min_ttl: float) -> None:
+    No connection to the daemon is kept between requests — asking costs a connect, tens
+    of microseconds next to the milliseconds of an API call — so nothing needs closing
+    and an auth object may be shared by threads and event loops alike.
+    """
+
+    def __init__(
+        self,
+        videomanager: str | int | None = None,
+        *,
+        min_ttl: float = DEFAULT_MIN_TTL,
+        socket: str | PathLike[str] | None = None,
+    ) -> None:
         self.videomanager = None if videomanager is None else str(videomanager)
         self.min_ttl = min_ttl
+        self.socket = socket
 
     def videomanager_for(self, path: str) -> str | None:
+        """The one given, else the id in a `/v1/vms/{id}/...` path, else None (default)."""
         return self.videomanager or videomanager_from_path(path)
+
+    def token(self, vm: str | None) -> Token:
+        with Client(self.socket) as client:
+            return _get(client, vm, self.min_ttl)
+
+    def replace(self, rejected: Token, vm: str | None) -> Token:
+        """Report a token the API rejected; a new one."""
+        with Client(self.socket) as client:
+            client.invalidate(rejected, rejected.videomanager_id)
+            return _get(client, vm, self.min_ttl)
+
+    async def atoken(self, vm: str | None) -> Token:
+        async with AsyncClient(self.socket, max_connections=1) as client:
+            return await _aget(client, vm, self.min_ttl)
+
+    async def areplace(self, rejected: Token, vm: str | None) -> Token:
+        async with AsyncClient(self.socket, max_connections=1) as client:
+            await client.invalidate(rejected, rejected.videomanager_id)
+            return await _aget(client, vm, self.min_ttl)
 
 
 def _get(client: Client, vm: str | None, min_ttl: float) -> Token:
@@ -67,59 +99,39 @@ def _replayable(request: httpx.Request) -> bool:
     return isinstance(request.stream, httpx.ByteStream)
 
 
-class VideoManagerAuth(httpx.Auth):
+class VideoManagerAuth(_TokenSource, httpx.Auth):
     """httpx auth for the VideoManager Pro API, with tokens from vm-tokend.
+
+        VideoManagerAuth(videomanager=None, *, min_ttl=30, socket=None)
 
     Works with httpx.Client and httpx.AsyncClient, under trio and asyncio; the async flow
     never blocks the event loop. On a 401 it reports the token to the daemon, gets a new
     one and sends the request once more (bodies that were streamed cannot be re-sent: then
     the 401 is returned).
-
-    It holds no connection to the daemon between requests — asking costs a connect, tens
-    of microseconds next to the milliseconds of an API call — so it needs no closing and
-    may be shared by threads and event loops alike.
     """
 
-    def __init__(
-        self,
-        videomanager: str | int | None = None,
-        *,
-        min_ttl: float = DEFAULT_MIN_TTL,
-        socket: str | PathLike[str] | None = None,
-    ) -> None:
-        self._choice = _Choice(videomanager, min_ttl)
-        self._socket = socket
-
     def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response]:
-        vm = self._choice.videomanager_for(request.url.path)
-        with Client(self._socket) as client:
-            token = _get(client, vm, self._choice.min_ttl)
+        vm = self.videomanager_for(request.url.path)
+        token = self.token(vm)
         request.headers["Authorization"] = token.authorization
         response = yield request
         if response.status_code == 401 and _replayable(request):
-            with Client(self._socket) as client:
-                client.invalidate(token, token.videomanager_id)
-                token = _get(client, vm, self._choice.min_ttl)
-            request.headers["Authorization"] = token.authorization
+            request.headers["Authorization"] = self.replace(token, vm).authorization
             yield request
 
     async def async_auth_flow(
         self, request: httpx.Request
     ) -> AsyncGenerator[httpx.Request, httpx.Response]:
-        vm = self._choice.videomanager_for(request.url.path)
-        async with AsyncClient(self._socket, max_connections=1) as client:
-            token = await _aget(client, vm, self._choice.min_ttl)
+        vm = self.videomanager_for(request.url.path)
+        token = await self.atoken(vm)
         request.headers["Authorization"] = token.authorization
         response = yield request
         if response.status_code == 401 and _replayable(request):
-            async with AsyncClient(self._socket, max_connections=1) as client:
-                await client.invalidate(token, token.videomanager_id)
-                token = await _aget(client, vm, self._choice.min_ttl)
-            request.headers["Authorization"] = token.authorization
+            request.headers["Authorization"] = (await self.areplace(token, vm)).authorization
             yield request
 
 
-class RequestsAuth:
+class RequestsAuth(_TokenSource):
     """The same for requests: `requests.get(url, auth=vm_token.RequestsAuth())`."""
 
     def __init__(
@@ -131,15 +143,13 @@ class RequestsAuth:
     ) -> None:
         import requests  # noqa: F401 - ImportError now, not on the first request
 
-        self._choice = _Choice(videomanager, min_ttl)
-        self._socket = socket
+        super().__init__(videomanager, min_ttl=min_ttl, socket=socket)
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
         from urllib.parse import urlsplit
 
-        vm = self._choice.videomanager_for(urlsplit(request.url or "").path)
-        with Client(self._socket) as client:
-            token = _get(client, vm, self._choice.min_ttl)
+        vm = self.videomanager_for(urlsplit(request.url or "").path)
+        token = self.token(vm)
         request.headers["Authorization"] = token.authorization
         state = {"token": token, "vm": vm, "retried": False}
         request.register_hook(  # type: ignore[no-untyped-call]
@@ -154,10 +164,7 @@ class RequestsAuth:
         if body is not None and not isinstance(body, bytes | str):
             return response  # a streamed upload cannot be sent again
         state["retried"] = True
-        token: Token = state["token"]
-        with Client(self._socket) as client:
-            client.invalidate(token, token.videomanager_id)
-            token = _get(client, state["vm"], self._choice.min_ttl)
+        token = self.replace(state["token"], state["vm"])
         response.content  # noqa: B018 - read it, so the connection can be reused
         response.close()
         retry = response.request.copy()
