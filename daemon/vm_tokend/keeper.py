@@ -397,7 +397,8 @@ class Keeper:
         """The session's state for `status`. No secrets."""
         session = self._session
         if session is None:
-            return {"state": "logged_out", "username": None, "last_error": None}
+            return {"state": "logged_out", "username": None, "logged_in_at": None,
+                    "last_error": None}
         if session.blocked is not None:
             state = "credentials_rejected" if isinstance(
                 session.blocked, CredentialsRejected) else "not_logged_in"

@@ -2,9 +2,10 @@
 
 Each connection is one task. It checks the peer's uid with SO_PEERCRED, then reads frames
 (4-byte big-endian length + msgpack map), answers each in turn, and is closed when it sits
-idle too long, stalls half-way through a frame, or announces an oversize frame. At most
-MAX_CONNECTIONS are open at once; past that, the one idle the longest makes room, so a
-crowd of silent connections cannot lock a real client out.
+idle too long, stalls half-way through a frame, does not read its reply, or announces an
+oversize frame. At most MAX_CONNECTIONS are open at once; past that, a newcomer waits a
+moment for a slot and then the connection idle the longest makes room, so a crowd of
+silent connections cannot lock a real client out.
 """
 
 from __future__ import annotations
