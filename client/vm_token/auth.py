@@ -132,18 +132,10 @@ class VideoManagerAuth(_TokenSource, httpx.Auth):
 
 
 class RequestsAuth(_TokenSource):
-    """The same for requests: `requests.get(url, auth=vm_token.RequestsAuth())`."""
+    """The same for requests: `requests.get(url, auth=vm_token.RequestsAuth())`.
 
-    def __init__(
-        self,
-        videomanager: str | int | None = None,
-        *,
-        min_ttl: float = DEFAULT_MIN_TTL,
-        socket: str | PathLike[str] | None = None,
-    ) -> None:
-        import requests  # noqa: F401 - ImportError now, not on the first request
-
-        super().__init__(videomanager, min_ttl=min_ttl, socket=socket)
+        RequestsAuth(videomanager=None, *, min_ttl=30, socket=None)
+    """
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
         from urllib.parse import urlsplit
