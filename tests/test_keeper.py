@@ -360,3 +360,19 @@ async def test_logout_forgets_everything(autojump_clock):
             await keeper.get()
         assert keeper.list() == []
         assert keeper.state()["state"] == "logged_out"
+
+
+async def test_reconfiguring_moves_the_default_and_the_warm_set(autojump_clock):
+    backend = FakeBackend(lifetime=300)
+    async with running_keeper(backend, pick=0.5, idle_timeout=500,
+                              videomanagers=["Support"]) as keeper:
+        assert (await keeper.get()).videomanager.name == "Marketing"
+        await settle()
+        keeper.configure(default_videomanager="Legal", videomanagers=[], idle_timeout=500)
+        assert (await keeper.get()).videomanager.name == "Legal"
+        await trio.sleep(2000)
+        # Support is no longer kept warm: refreshed until idle for 500 s, then dropped.
+        assert backend.times("refresh", "3") == pytest.approx([0, 200, 400])
+        assert backend.times("refresh", "4")[-1] >= 1800  # the new default stays warm
+        keeper.configure(default_videomanager=None, videomanagers=[], idle_timeout=500)
+        assert (await keeper.get()).videomanager.name == "Marketing"  # the login's again

@@ -268,7 +268,7 @@ class Keeper:
         self.idle_timeout = idle_timeout
         session = self._session
         if session is not None and session.videomanagers is not None:
-            self._pin(session, fallback=session.default_id)
+            self._pin(session, fallback=session.login_videomanager)
             for entry in session.entries.values():
                 entry.wake.set()  # recompute idle deadlines
 
