@@ -155,3 +155,10 @@ def test_daemon_refuses_a_socket_directory_others_can_enter(tmp_path):
     assert result.returncode == 2
     assert "accessible to other users" in result.stderr and "chmod 700" in result.stderr
     assert not (shared / "socket").exists()
+
+
+def test_daemon_usage_errors_are_one_line():
+    result = run_daemon("--idle-timeout", "soon", env=dict(os.environ))
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("vm-tokend: argument --idle-timeout")
+    assert len(result.stderr.splitlines()) == 1

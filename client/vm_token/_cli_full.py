@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 
 from . import errors
+from ._argparse import ArgumentParser
 from .cli import (
     DEFAULT_TIMEOUT,
     EXIT_CODES_HELP,
@@ -198,18 +199,18 @@ def _cmd_git(client: Client, args: argparse.Namespace) -> int:
                  "stdin; see `vm-token --help`")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> ArgumentParser:
     import argparse
 
     from ._version import __version__
 
-    common = argparse.ArgumentParser(add_help=False)
+    common = ArgumentParser(add_help=False)
     common.add_argument("--socket", metavar="PATH", default=argparse.SUPPRESS,
                         help="the daemon's socket (default: $VM_TOKEN_SOCKET, else "
                              "$XDG_RUNTIME_DIR/vm-token/socket)")
     common.add_argument("--timeout", type=float, metavar="S", default=argparse.SUPPRESS,
                         help=f"give up after S seconds (default {DEFAULT_TIMEOUT:g})")
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="vm-token", parents=[common],
         description=(
             "Get VideoManager Pro access tokens from the vm-tokend daemon. Also a git "

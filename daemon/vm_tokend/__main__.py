@@ -6,20 +6,20 @@ Exit codes: 0 after a clean shutdown, 1 when another daemon already serves the s
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from typing import Any
 
 from vm_token import __version__
+from vm_token._argparse import ArgumentParser
 
 EXIT_OK = 0
 EXIT_ALREADY_RUNNING = 1
 EXIT_CONFIG = 2
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def _parser() -> ArgumentParser:
+    parser = ArgumentParser(
         prog="vm-tokend",
         description=(
             "Keep fresh VideoManager Pro access tokens in memory and hand them out on a "
@@ -87,7 +87,7 @@ def _install_units(argv: list[str]) -> int:
 
     from .install import install_units
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="vm-tokend install-units",
         description="Write vm-tokend.socket and vm-tokend.service to "
                     "$XDG_CONFIG_HOME/systemd/user/, with ExecStart= pointing at this "
