@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from typing import Any
 
+    from .credential import Credential
+
 EXIT_OK = 0
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
@@ -112,7 +114,7 @@ def _fast_get_token(args: list[str], header: bool) -> int | None:
     return EXIT_OK
 
 
-def _read_credential(options: dict[str, str]) -> Any:
+def _read_credential() -> Credential:
     """Read git's description up to a blank line or EOF (a caller may keep stdin open)."""
     from .credential import MAX_LINE, CredentialInputError, parse
 
@@ -129,7 +131,7 @@ def _read_credential(options: dict[str, str]) -> Any:
     return parse(b"".join(lines))
 
 
-def _git_fields(credential: Any) -> dict[str, Any] | None:
+def _git_fields(credential: Credential) -> dict[str, Any] | None:
     """The `host` and `protocol` fields of a request for git; None without a host."""
     host = credential.get("host")
     if not host:
@@ -140,7 +142,7 @@ def _git_fields(credential: Any) -> dict[str, Any] | None:
 def _git_get(options: dict[str, str], timeout: float) -> int:
     from .credential import format_answer, videomanager_from_path
 
-    credential = _read_credential(options)
+    credential = _read_credential()
     fields = _git_fields(credential)
     if fields is None:
         return EXIT_OK
@@ -176,7 +178,7 @@ def _git_get(options: dict[str, str], timeout: float) -> int:
 
 
 def _git_erase(options: dict[str, str], timeout: float) -> int:
-    credential = _read_credential(options)
+    credential = _read_credential()
     fields = _git_fields(credential)
     token = credential.get("credential") or credential.get("password")
     if fields is None or not token:
@@ -191,7 +193,7 @@ def _git_erase(options: dict[str, str], timeout: float) -> int:
 
 
 def _git_store(options: dict[str, str], timeout: float) -> int:
-    _read_credential(options)  # read (git writes it all), check, and keep nothing
+    _read_credential()  # read (git writes it all), check, and keep nothing
     return EXIT_OK
 
 
