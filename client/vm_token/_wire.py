@@ -8,8 +8,7 @@ interpreter itself.
 from __future__ import annotations
 
 import _socket
-import time
-from time import monotonic
+from time import monotonic, sleep
 
 from . import _minipack, protocol
 from .errors import DaemonNotRunning, Error, ProtocolError, error_for_code
@@ -43,7 +42,7 @@ def connect(path: str, deadline: float) -> _socket.socket:
             except BlockingIOError:
                 # The daemon's accept queue is full (a burst of clients): Unix sockets say
                 # EAGAIN rather than queue us. Try again until the deadline.
-                time.sleep(min(pause, _remaining(deadline)))
+                sleep(min(pause, _remaining(deadline)))
                 pause = min(pause * 2, 0.05)
     except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as exc:
         sock.close()
