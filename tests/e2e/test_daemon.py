@@ -317,3 +317,49 @@ async def test_sighup_reloads_the_password_file(standin, start_daemon, private_d
                 await trio.sleep(0.1)
     assert api_accepts(standin, token.access_token, "1001")
     assert "reloading" in daemon.log()
+
+
+async def test_sighup_applies_the_config_file(make_standin, start_daemon, private_dir):
+    first, second = make_standin(), make_standin(username="other", password="other-pw")
+    config = private_dir / "config" / "vm-token" / "config.toml"
+    config.parent.mkdir(parents=True)
+
+    def write(standin, password: str, default: str = "Marketing") -> None:
+        config.write_text(f'api_url = "{standin.url}"\nusername = "{standin.username}"\n'
+                          f'password = "{password}"\ndefault_videomanager = "{default}"\n')
+
+    write(first, first.password)
+    daemon = start_daemon(None)  # all from the config file ($XDG_CONFIG_HOME/vm-token)
+    client = partial(vm_token.get_token, socket=daemon.socket)
+
+    async def after_reload(expect):
+        daemon.signal(signal.SIGHUP)
+        with trio.fail_after(10):
+            while True:
+                try:
+                    result = await in_thread(client)
+                except (vm_token.CredentialsRejected, vm_token.UpstreamUnavailable) as exc:
+                    result = exc
+                if expect(result):
+                    return result
+                await trio.sleep(0.1)
+
+    assert first.token_valid((await in_thread(client)).access_token, "1001")
+    # Same credentials, another default: no new login.
+    write(first, first.password, default="Sales")
+    token = await after_reload(lambda r: isinstance(r, vm_token.Token)
+                               and r.videomanager_name == "Sales")
+    assert first.token_valid(token.access_token, "1002")
+    assert first.counts["login"] == 1
+    # A wrong password: a new session, rejected; then the right one again.
+    write(first, "wrong", default="Sales")
+    await after_reload(lambda r: isinstance(r, vm_token.CredentialsRejected))
+    write(first, first.password, default="Sales")
+    await after_reload(lambda r: isinstance(r, vm_token.Token))
+    assert first.counts["login"] == 3
+    # Another API and user altogether.
+    write(second, second.password)
+    token = await after_reload(lambda r: isinstance(r, vm_token.Token)
+                               and second.token_valid(r.access_token))
+    assert second.counts["login"] == 1
+    assert daemon.proc.poll() is None
