@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
+
+from .settings import config_home
 
 __all__ = ["UNITS", "daemon_command", "install_units", "render", "user_unit_dir"]
 
@@ -20,9 +21,7 @@ ENABLE_COMMANDS = (
 
 
 def user_unit_dir(environ: Mapping[str, str]) -> Path:
-    base = environ.get("XDG_CONFIG_HOME") or os.path.join(
-        environ.get("HOME") or os.path.expanduser("~"), ".config")
-    return Path(base) / "systemd" / "user"
+    return config_home(environ) / "systemd" / "user"
 
 
 def _systemd_quote(word: str) -> str:

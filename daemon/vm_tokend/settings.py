@@ -66,14 +66,19 @@ class PasswordUnavailable(Exception):
     """The password file or command could not give a password."""
 
 
+def config_home(environ: Mapping[str, str]) -> Path:
+    """$XDG_CONFIG_HOME, else ~/.config."""
+    base = environ.get("XDG_CONFIG_HOME") or os.path.join(
+        environ.get("HOME") or os.path.expanduser("~"), ".config"
+    )
+    return Path(base)
+
+
 def config_path(environ: Mapping[str, str]) -> Path:
     explicit = environ.get("VM_TOKEN_CONFIG")
     if explicit:
         return Path(explicit)
-    base = environ.get("XDG_CONFIG_HOME") or os.path.join(
-        environ.get("HOME") or os.path.expanduser("~"), ".config"
-    )
-    return Path(base) / "vm-token" / "config.toml"
+    return config_home(environ) / "vm-token" / "config.toml"
 
 
 def normalize_host(host: str, scheme: str) -> str:
