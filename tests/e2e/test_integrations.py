@@ -21,26 +21,26 @@ SPACING = 0.05  # 200 requests over 10 s
 
 
 def sync_flow(standin, socket, path: str, statuses: list[int], seen: Counter,
-              revoke_after: int | None = None) -> None:
+              on_request=None) -> None:
     def hook(response: httpx.Response) -> None:
         seen[response.status_code] += 1
 
+    hooks = {"response": [hook], "request": [on_request] if on_request else []}
     auth = vm_token.VideoManagerAuth(socket=socket)
-    with httpx.Client(auth=auth, event_hooks={"response": [hook]}) as client:
-        for i in range(REQUESTS):
-            if i == revoke_after:
-                standin.revoke_access_tokens()
+    with httpx.Client(auth=auth, event_hooks=hooks) as client:
+        for _ in range(REQUESTS):
             statuses.append(client.get(f"{standin.url}{path}").status_code)
             time.sleep(SPACING)
 
 
 async def async_flow(standin, socket, path: str, statuses: list[int], seen: Counter,
-                     sleep, revoke_after: int | None = None) -> None:
+                     sleep, revoke_after: int | None = None, on_request=None) -> None:
     async def hook(response: httpx.Response) -> None:
         seen[response.status_code] += 1
 
+    hooks = {"response": [hook], "request": [on_request] if on_request else []}
     auth = vm_token.VideoManagerAuth(socket=socket)
-    async with httpx.AsyncClient(auth=auth, event_hooks={"response": [hook]}) as client:
+    async with httpx.AsyncClient(auth=auth, event_hooks=hooks) as client:
         for i in range(REQUESTS):
             if i == revoke_after:
                 standin.revoke_access_tokens()
@@ -48,13 +48,13 @@ async def async_flow(standin, socket, path: str, statuses: list[int], seen: Coun
             await sleep(SPACING)
 
 
-async def run_three_flows(standin, socket, paths, revoke_after=None):
+async def run_three_flows(standin, socket, paths):
     """The sync flow in a thread, asyncio in another, trio here; all at once."""
     statuses: dict[str, list[int]] = {"sync": [], "asyncio": [], "trio": []}
     seen: dict[str, Counter] = {"sync": Counter(), "asyncio": Counter(), "trio": Counter()}
     threads = [
         threading.Thread(target=sync_flow, args=(standin, socket, paths[0], statuses["sync"],
-                                                 seen["sync"], revoke_after)),
+                                                 seen["sync"])),
         threading.Thread(target=lambda: asyncio.run(async_flow(
             standin, socket, paths[1], statuses["asyncio"], seen["asyncio"], asyncio.sleep))),
     ]
@@ -82,19 +82,36 @@ async def test_sync_trio_and_asyncio_see_only_200s_with_3_second_tokens(make_sta
 
 
 async def test_revoked_tokens_one_retry_per_flow_one_refresh(make_standin, start_daemon):
+    """Both flows hold the same token when it is revoked: one 401 each, one refresh."""
     standin = make_standin()
     daemon = start_daemon(standin)
-    REVOKE = 100
     refreshes = standin.counts["refresh"]
+    # httpx runs request hooks after the auth flow has set the header. On its 100th request
+    # each flow waits here, token in hand and not yet sent, and the last to arrive revokes
+    # every access token. Without this meeting the flow that comes second could ask the
+    # daemon after the first one's report and never see the revoked token at all.
+    meeting = threading.Barrier(2, action=standin.revoke_access_tokens, timeout=20)
+    sent: Counter[str] = Counter()
+
+    def sync_meet(request: httpx.Request) -> None:
+        sent["sync"] += 1
+        if sent["sync"] == REQUESTS // 2:
+            meeting.wait()
+
+    async def trio_meet(request: httpx.Request) -> None:
+        sent["trio"] += 1
+        if sent["trio"] == REQUESTS // 2:
+            await trio.to_thread.run_sync(meeting.wait)
+
     with trio.fail_after(60):
         statuses: dict[str, list[int]] = {"sync": [], "trio": []}
         seen: dict[str, Counter] = {"sync": Counter(), "trio": Counter()}
         thread = threading.Thread(target=sync_flow, args=(
-            standin, daemon.socket, "/1001/videos", statuses["sync"], seen["sync"], REVOKE))
+            standin, daemon.socket, "/1001/videos", statuses["sync"], seen["sync"], sync_meet))
         thread.start()
         try:
             await async_flow(standin, daemon.socket, "/1001/videos", statuses["trio"],
-                             seen["trio"], trio.sleep)
+                             seen["trio"], trio.sleep, on_request=trio_meet)
         finally:
             await trio.to_thread.run_sync(thread.join)
     for flow in statuses:
