@@ -272,8 +272,11 @@ async def test_sigterm_finishes_in_flight_requests_and_removes_the_socket(standi
                 result.append(await in_thread(partial(vm_token.get_token, "Sales",
                                                       socket=daemon.socket)))
 
+            refreshes = standin.counts["refresh"]
             nursery.start_soon(slow_get)
-            await trio.sleep(0.3)  # the refresh is under way
+            # Counted on arrival, answered a second later: the refresh is under way.
+            while standin.counts["refresh"] == refreshes:  # noqa: ASYNC110 - another thread's counter
+                await trio.sleep(0.01)
             daemon.signal(signal.SIGTERM)
         assert await in_thread(daemon.proc.wait) == 0
     assert result and result[0].videomanager_name == "Sales"
