@@ -5,27 +5,31 @@ from __future__ import annotations
 import os
 import stat
 import struct
+from contextlib import asynccontextmanager
 
 import msgpack
 import pytest
 import trio
 
-from tests.fakes import FakeBackend, running_keeper
+from tests.fakes import VMS, FakeBackend, running_keeper
 from vm_token import protocol
 from vm_tokend import server as server_module
 from vm_tokend.server import Dispatcher, Server, bind_unix_socket
 
 
-async def start_server(nursery, private_dir, keeper, **options):
-    bound = bind_unix_socket(private_dir / "vm-token" / "socket")
-
+@asynccontextmanager
+async def serving(private_dir, **options):
+    """A keeper on the fake backend and a server on a private socket, stopped at the end."""
     async def login(username: str, password: str) -> None:
         raise AssertionError("not used")
 
-    dispatcher = Dispatcher(keeper, version="test", login=login, describe=dict)
-    server = Server(bound, dispatcher, **options)
-    await nursery.start(server.serve)
-    return server, bound.path
+    async with running_keeper(FakeBackend()) as keeper, trio.open_nursery() as nursery:
+        bound = bind_unix_socket(private_dir / "vm-token" / "socket")
+        dispatcher = Dispatcher(keeper, version="test", login=login, describe=dict)
+        server = Server(bound, dispatcher, **options)
+        await nursery.start(server.serve)
+        yield server, bound.path, keeper
+        server.stop()
 
 
 @pytest.fixture
@@ -42,15 +46,27 @@ async def connect():
         await stream.aclose()
 
 
-async def ask(stream, message: dict) -> dict:
-    await stream.send_all(protocol.encode_frame(message))
+async def receive(stream, count: int) -> list[dict]:
+    """The next `count` replies, however the bytes arrive."""
     buffer = b""
-    while len(buffer) < 4 or len(buffer) < 4 + struct.unpack(">I", buffer[:4])[0]:
+    replies: list[dict] = []
+    while len(replies) < count:
+        if len(buffer) >= 4 and len(buffer) >= 4 + (size := struct.unpack(">I", buffer[:4])[0]):
+            replies.append(msgpack.unpackb(buffer[4:4 + size]))
+            buffer = buffer[4 + size:]
+            continue
         data = await stream.receive_some()
         if not data:
             raise EOFError
         buffer += data
-    return msgpack.unpackb(buffer[4:])
+    assert buffer == b"", "more bytes than replies"
+    return replies
+
+
+async def ask(stream, message: dict) -> dict:
+    await stream.send_all(protocol.encode_frame(message))
+    (reply,) = await receive(stream, 1)
+    return reply
 
 
 async def closed(stream) -> bool:
@@ -74,22 +90,21 @@ async def test_socket_is_private(private_dir):
 
 async def test_several_requests_share_a_connection(private_dir, connect):
     with trio.fail_after(5):
-        async with running_keeper(FakeBackend()) as keeper, trio.open_nursery() as nursery:
-            server, path = await start_server(nursery, private_dir, keeper)
+        async with serving(private_dir) as (server, path, keeper):
             stream = await connect(path)
-            # Two frames in one write: answered in order.
+            # Two frames in one write, a third after: each answered, in order.
             await stream.send_all(protocol.encode_frame({"v": 1, "op": "hello"})
                                   + protocol.encode_frame({"v": 1, "op": "get", "vm": "2"}))
-            hello = await ask(stream, {"v": 1, "op": "list"})
+            await stream.send_all(protocol.encode_frame({"v": 1, "op": "list"}))
+            hello, got, listing = await receive(stream, 3)
             assert hello["protocol"] == 1
-            await stream.aclose()
-            server.stop()
+            assert got["ok"] and got["videomanager_id"] == "2"
+            assert [vm["id"] for vm in listing["videomanagers"]] == [vm.id for vm in VMS]
 
 
 async def test_requests_answered_and_status_has_no_token(private_dir, connect):
     with trio.fail_after(5):
-        async with running_keeper(FakeBackend()) as keeper, trio.open_nursery() as nursery:
-            server, path = await start_server(nursery, private_dir, keeper)
+        async with serving(private_dir) as (server, path, keeper):
             stream = await connect(path)
             got = await ask(stream, {"v": 1, "op": "get", "vm": "sales", "min_ttl": 10})
             assert got["ok"] and got["videomanager_name"] == "Sales"
@@ -103,7 +118,6 @@ async def test_requests_answered_and_status_has_no_token(private_dir, connect):
             again = await ask(stream, {"v": 1, "op": "invalidate", "token": got["token"]})
             assert again == {"ok": True, "invalidated": True}
             await stream.aclose()
-            server.stop()
 
 
 async def test_stalled_frame_and_idle_connection_are_dropped(private_dir, monkeypatch, connect):
@@ -111,8 +125,7 @@ async def test_stalled_frame_and_idle_connection_are_dropped(private_dir, monkey
     monkeypatch.setattr(server_module, "IDLE_TIMEOUT", 0.6)
     monkeypatch.setattr(server_module, "SWEEP_INTERVAL", 0.02)
     with trio.fail_after(5):
-        async with running_keeper(FakeBackend()) as keeper, trio.open_nursery() as nursery:
-            server, path = await start_server(nursery, private_dir, keeper)
+        async with serving(private_dir) as (server, path, keeper):
             stalled = await connect(path)
             await stalled.send_all(struct.pack(">I", 100) + b"\x80")
             idle = await connect(path)
@@ -121,13 +134,11 @@ async def test_stalled_frame_and_idle_connection_are_dropped(private_dir, monkey
             assert 0.25 <= trio.current_time() - started < 0.6
             assert await closed(idle)
             assert trio.current_time() - started >= 0.55
-            server.stop()
 
 
 async def test_the_longest_idle_connection_makes_room(private_dir, connect):
     with trio.fail_after(5):
-        async with running_keeper(FakeBackend()) as keeper, trio.open_nursery() as nursery:
-            server, path = await start_server(nursery, private_dir, keeper, max_connections=3)
+        async with serving(private_dir, max_connections=3) as (server, path, keeper):
             crowd = []
             for _ in range(3):
                 crowd.append(await connect(path))
@@ -136,7 +147,6 @@ async def test_the_longest_idle_connection_makes_room(private_dir, connect):
             assert (await ask(newcomer, {"v": 1, "op": "hello"}))["ok"]
             assert await closed(crowd[0])  # the oldest idle one went
             assert (await ask(crowd[2], {"v": 1, "op": "hello"}))["ok"]
-            server.stop()
 
 
 async def test_other_users_are_closed_without_a_reply(private_dir, monkeypatch, connect):
@@ -144,33 +154,28 @@ async def test_other_users_are_closed_without_a_reply(private_dir, monkeypatch, 
     if os.getuid() == 4242:
         pytest.skip("running as uid 4242")
     with trio.fail_after(5):
-        async with running_keeper(FakeBackend()) as keeper, trio.open_nursery() as nursery:
-            server, path = await start_server(nursery, private_dir, keeper)
+        async with serving(private_dir) as (server, path, keeper):
             stream = await connect(path)
             with pytest.raises((EOFError, trio.BrokenResourceError)):
                 await ask(stream, {"v": 1, "op": "hello"})
             assert server.refused_peers == 1
-            server.stop()
 
 
 async def test_internal_errors_become_internal_replies(private_dir, monkeypatch, connect):
     with trio.fail_after(5):
-        async with running_keeper(FakeBackend()) as keeper, trio.open_nursery() as nursery:
+        async with serving(private_dir) as (server, path, keeper):
             def broken(*args, **kwargs):
                 raise RuntimeError("boom")
             monkeypatch.setattr(keeper, "list", broken)
-            server, path = await start_server(nursery, private_dir, keeper)
             stream = await connect(path)
             reply = await ask(stream, {"v": 1, "op": "list"})
             assert reply["error"]["code"] == "internal"
             assert (await ask(stream, {"v": 1, "op": "hello"}))["ok"]
-            server.stop()
 
 
 async def test_a_burst_beyond_the_limit_waits_and_is_served(private_dir, connect):
     with trio.fail_after(10):
-        async with running_keeper(FakeBackend()) as keeper, trio.open_nursery() as nursery:
-            server, path = await start_server(nursery, private_dir, keeper, max_connections=2)
+        async with serving(private_dir, max_connections=2) as (server, path, keeper):
             replies = []
 
             async def client() -> None:
@@ -182,4 +187,3 @@ async def test_a_burst_beyond_the_limit_waits_and_is_served(private_dir, connect
                 for _ in range(20):
                     clients.start_soon(client)
             assert len(replies) == 20 and all(r["ok"] for r in replies)
-            server.stop()
