@@ -22,6 +22,12 @@ class Closed(Exception):
     """The daemon closed the connection."""
 
 
+# A connection the daemon closed: worth one reconnect when it was an idle, reused one.
+DISCONNECTED = (Closed, ConnectionResetError, BrokenPipeError)
+# Everything `exchange` raises; `translate` turns each into a vm_token error.
+FAILURES = (Closed, OSError, protocol.MalformedFrame, protocol.FrameTooLarge)
+
+
 def _remaining(deadline: float) -> float:
     left = deadline - monotonic()
     if left <= 0:
@@ -76,8 +82,8 @@ def _receive_exactly(sock: _socket.socket, size: int, deadline: float) -> bytes:
 def exchange(
     sock: _socket.socket, frame: bytes, deadline: float, unpackb: protocol.Unpacker | None = None
 ) -> dict[str, Any]:
-    """Send one frame, return the reply map. Raises Closed, OSError, TimeoutError and
-    protocol's frame errors; `translate` turns them into vm_token errors."""
+    """Send one frame, return the reply map. Raises FAILURES (TimeoutError is an OSError);
+    `translate` turns them into vm_token errors."""
     sock.settimeout(_remaining(deadline))
     sock.sendall(frame)
     header = _receive_exactly(sock, protocol.HEADER_SIZE, deadline)
@@ -89,7 +95,7 @@ def exchange(
 
 def translate(exc: BaseException, timeout: float) -> Error:
     """The vm_token error for a failure of `exchange`."""
-    if isinstance(exc, Closed | ConnectionResetError | BrokenPipeError):
+    if isinstance(exc, DISCONNECTED):
         return ProtocolError("vm-tokend closed the connection without answering")
     if isinstance(exc, TimeoutError):
         return ProtocolError(f"vm-tokend did not answer within {timeout:g} s")
@@ -121,7 +127,7 @@ def request_once(path: str, message: dict[str, Any], timeout: float) -> dict[str
     try:
         frame = protocol.encode_frame(message, _minipack.packb)
         reply = exchange(sock, frame, deadline, _minipack.unpackb)
-    except (Closed, OSError, protocol.MalformedFrame, protocol.FrameTooLarge) as exc:
+    except FAILURES as exc:
         raise translate(exc, timeout) from exc
     finally:
         sock.close()

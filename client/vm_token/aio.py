@@ -207,7 +207,6 @@ class AsyncClient:
         self._library: _Library | None = None
         self._slots: _Semaphore | None = None
         self._idle: list[_Stream] = []
-        self._open = 0
         self._closed = False
 
     # -- operations (the same as Client's) ------------------------------------------------
@@ -268,7 +267,7 @@ class AsyncClient:
                 async with self._lease(library) as lease:
                     try:
                         reply = await self._exchange(lease.stream, frame)
-                    except (_wire.Closed, ConnectionResetError, BrokenPipeError):
+                    except _wire.DISCONNECTED:
                         if not lease.reused:
                             raise
                         # An idle connection the daemon closed, or a restarted daemon.
@@ -278,7 +277,7 @@ class AsyncClient:
                     lease.healthy = True
         except TimeoutError as exc:
             raise ProtocolError(f"vm-tokend did not answer within {self.timeout:g} s") from exc
-        except (_wire.Closed, OSError, protocol.MalformedFrame, protocol.FrameTooLarge) as exc:
+        except _wire.FAILURES as exc:
             raise _wire.translate(exc, self.timeout) from exc
         return _wire.check(reply)
 

@@ -152,18 +152,18 @@ class Client:
         if self._sock is not None:
             try:
                 return _wire.exchange(self._sock, frame, deadline)
-            except (_wire.Closed, ConnectionResetError, BrokenPipeError):
+            except _wire.DISCONNECTED:
                 # The daemon closes connections that sat idle for long, and a restarted
                 # daemon has none of the old ones: reconnect once. Every request is safe to
                 # repeat (a stale `invalidate` changes nothing).
                 self._drop()
-            except (OSError, protocol.MalformedFrame, protocol.FrameTooLarge) as exc:
+            except _wire.FAILURES as exc:
                 self._drop()
                 raise _wire.translate(exc, self.timeout) from exc
         self._sock = _wire.connect(self.socket_path, deadline)
         try:
             return _wire.exchange(self._sock, frame, deadline)
-        except (_wire.Closed, OSError, protocol.MalformedFrame, protocol.FrameTooLarge) as exc:
+        except _wire.FAILURES as exc:
             self._drop()
             raise _wire.translate(exc, self.timeout) from exc
 
