@@ -20,12 +20,11 @@ from .cli import (
     exit_code,
     fail,
 )
-from .client import Client
+from .client import Client, VideoManager, videomanagers_from_reply
 
 
 class _Usage(Exception):
     pass
-
 
 
 def _duration(seconds: float) -> str:
@@ -102,7 +101,6 @@ def _cmd_exec(client: Client, args: argparse.Namespace) -> int:
 
 def _cmd_list(client: Client, args: argparse.Namespace) -> int:
     import json
-    import time
 
     videomanagers = client.list_videomanagers()
     if args.json:
@@ -116,22 +114,33 @@ def _cmd_list(client: Client, args: argparse.Namespace) -> int:
     if not videomanagers:
         print("no VideoManagers (not logged in yet?)")
         return EXIT_OK
-    width = max(len(vm.id) for vm in videomanagers)
+    for line in _vm_lines(videomanagers, refreshed=False):
+        print(line)
+    return EXIT_OK
+
+
+def _vm_lines(videomanagers: list[VideoManager], *, refreshed: bool) -> list[str]:
+    """A line per VideoManager: `*` for the default, id, name, and the token held."""
+    import time
+
+    width = max((len(vm.id) for vm in videomanagers), default=0)
+    lines = []
     for vm in videomanagers:
         if vm.expires_at is not None:
             held = "token valid " + _duration(vm.expires_at.timestamp() - time.time())
         else:
             held = "no token held"
+        if refreshed and vm.refreshed_at is not None:
+            held += ", refreshed " + (_iso(vm.refreshed_at.timestamp()) or "")
         if vm.last_error:
             held += f"; last error: {vm.last_error}"
         mark = "*" if vm.is_default else " "
-        print(f"{mark} {vm.id:<{width}}  {vm.name}  ({held})")
-    return EXIT_OK
+        lines.append(f"{mark} {vm.id:<{width}}  {vm.name}  ({held})")
+    return lines
 
 
 def _cmd_status(client: Client, args: argparse.Namespace) -> int:
     import json
-    import time
 
     status = client.status()
     status.pop("ok", None)
@@ -153,16 +162,8 @@ def _cmd_status(client: Client, args: argparse.Namespace) -> int:
     calls = status.get("upstream_calls") or {}
     print(f"requests: {status.get('requests')} served; upstream calls: "
           f"{calls.get('login', 0)} logins, {calls.get('refresh', 0)} refreshes")
-    for vm in status.get("videomanagers") or []:
-        expires = vm.get("expires_at")
-        held = ("token valid " + _duration(expires - time.time())) if expires else "no token"
-        refreshed = vm.get("refreshed_at")
-        if refreshed:
-            held += ", refreshed " + (_iso(refreshed) or "")
-        if vm.get("last_error"):
-            held += f"; last error: {vm['last_error']}"
-        mark = "*" if vm.get("default") else " "
-        print(f"  {mark} {vm.get('id')}  {vm.get('name')}  ({held})")
+    for line in _vm_lines(videomanagers_from_reply(status), refreshed=True):
+        print(f"  {line}")
     return EXIT_OK
 
 
@@ -200,8 +201,6 @@ def _cmd_git(client: Client, args: argparse.Namespace) -> int:
 
 
 def _parser() -> ArgumentParser:
-    import argparse
-
     from ._version import __version__
 
     common = ArgumentParser(add_help=False)
@@ -280,8 +279,6 @@ def run(args: list[str]) -> int:
         options = parser.parse_args(args)
     except SystemExit as exc:  # usage errors exit 2, --help/--version 0
         return int(exc.code or 0)
-    from .client import Client
-
     handler: Callable[[Client, argparse.Namespace], int] = options.handler
     try:
         with Client(options.socket, timeout=options.timeout) as client:

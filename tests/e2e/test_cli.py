@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import pytest
@@ -47,7 +48,13 @@ def test_token_list_status(standin, start_daemon):
     assert data["upstream_calls"] == {"login": 1, "refresh": 1}
     for secret in (*standin.issued, standin.password):
         assert secret not in status.stdout and secret not in listing.stdout
-    assert "logged_in as demo" in daemon.cli("status").stdout
+    text = daemon.cli("status").stdout
+    assert "logged_in as demo" in text
+    # The same VideoManager lines as `list`, indented, with when each token was refreshed.
+    rows = text.splitlines()[-3:]
+    assert rows[0].startswith("  * 1001  Marketing  (token valid 4m")
+    assert re.search(r"1002  Sales  \(token valid 4m\d\ds, refreshed 20\d\d-\d\d-\d\dT", rows[1])
+    assert rows[2] == "    1003  Support  (no token held)"
 
 
 def test_errors_are_one_line_with_documented_exit_codes(standin, start_daemon, private_dir):
