@@ -511,11 +511,7 @@ class Keeper:
         session.login_retry_at = None
         session.last_error = None
         self._pin(session, fallback=grant.valid_for)
-        if grant.valid_for in session.pinned:
-            # The login's own token is good for this VideoManager: no refresh needed.
-            entry = session.entries[grant.valid_for]
-            entry.take(grant, self._refresh_at(grant))
-            entry.wake.set()
+        self._hand_over(session, grant)  # its VideoManager, if pinned, needs no refresh
         session.notify()
 
     async def _login(self, session: Session) -> Grant:
@@ -612,12 +608,17 @@ class Keeper:
         grant = await self._login(session)
         if grant.valid_for == vm_id:
             return grant
+        self._hand_over(session, grant)
+        return None
+
+    def _hand_over(self, session: Session, grant: Grant) -> None:
+        """Give a login's token to the entry it is valid for, if we hold one in good
+        standing (not backing off, not forbidden)."""
         entry = session.entries.get(grant.valid_for)
         if entry is not None and entry.retry_at is None and entry.blocked is None:
             entry.take(grant, self._refresh_at(grant))
             entry.wake.set()
             entry.notify()
-        return None
 
     async def _refresh(self, session: Session, vm_id: str) -> Grant:
         assert session.refresh_token is not None
@@ -625,11 +626,16 @@ class Keeper:
         self._keep_refresh_token(session, grant)  # always the newest: it may rotate
         return grant
 
+    def _idle_at(self, session: Session, entry: Entry) -> float:
+        """When an unused entry is dropped: never for the default and kept-warm ones."""
+        if entry.vm.id in session.pinned:
+            return math.inf
+        return entry.last_used + self.idle_timeout
+
     def _next_due(self, session: Session, entry: Entry, now: float) -> float:
         if session.blocked is not None or entry.blocked is not None:
             return math.inf  # only new credentials or a client's recheck revive it
-        idle = (math.inf if entry.vm.id in session.pinned
-                else entry.last_used + self.idle_timeout)
+        idle = self._idle_at(session, entry)
         if entry.retry_at is not None:
             return min(entry.retry_at, idle)
         if entry.token is None:
@@ -648,8 +654,7 @@ class Keeper:
                     await entry.wake.wait()
                 entry.wake = trio.Event()
                 continue
-            if (entry.vm.id not in session.pinned
-                    and now - entry.last_used >= self.idle_timeout):
+            if now >= self._idle_at(session, entry):
                 log.debug("dropping the idle token for %s", entry.vm.name)
                 del session.entries[entry.vm.id]
                 entry.token = None
