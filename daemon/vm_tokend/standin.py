@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -45,6 +45,9 @@ DEFAULT_VIDEOMANAGERS = (("1001", "Marketing"), ("1002", "Sales"), ("1003", "Sup
 BASE_PATH = "/v1/vms"
 
 BodyKind = Literal["json", "html", "garbage", "empty"]
+# Rewrites a successful auth answer before it is sent: (endpoint, answer) -> a new answer
+# (any JSON value), or bytes to send as they are. For hostile-upstream tests.
+Rewrite = Callable[[str, dict[str, Any]], Any]
 
 
 @dataclass
@@ -52,8 +55,9 @@ class Fault:
     """An injected failure for the auth endpoints."""
 
     status: int = 503
-    body: BodyKind = "json"
+    body: BodyKind | bytes = "json"  # bytes: sent as they are
     retry_after: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
     remaining: int | None = None  # None: until heal()
     endpoints: frozenset[str] = frozenset({"login", "refresh"})
 
@@ -100,6 +104,7 @@ class StandIn:
         self._access_jtis: set[str] = set()
         self._refresh_jtis: set[str] = set()
         self._fault: Fault | None = None
+        self.rewrite: Rewrite | None = None
         self._lock = threading.Lock()
         self._server = _Server((host, port), _Handler)
         self._server.standin = self
@@ -142,14 +147,16 @@ class StandIn:
         self,
         status: int = 503,
         *,
-        body: BodyKind = "json",
+        body: BodyKind | bytes = "json",
         retry_after: str | None = None,
+        headers: Iterable[tuple[str, str]] = (),
         count: int | None = None,
         endpoints: Iterable[str] = ("login", "refresh"),
     ) -> None:
         """Answer the auth endpoints with `status` (`count` times, or until heal())."""
         with self._lock:
-            self._fault = Fault(status, body, retry_after, count, frozenset(endpoints))
+            self._fault = Fault(status, body, retry_after, tuple(headers), count,
+                                frozenset(endpoints))
 
     def heal(self) -> None:
         with self._lock:
@@ -294,6 +301,12 @@ class StandIn:
                                 None if self.rotate_refresh_tokens else token)
         with self._lock:
             self.counts[f"{endpoint}_ok"] += 1
+            rewrite = self.rewrite
+        if rewrite is not None:
+            answer = rewrite(endpoint, grant)
+            if isinstance(answer, bytes):
+                return 200, {"Content-Type": "application/json"}, answer
+            return _json(200, answer)
         return _json(200, grant)
 
     def _api(self, headers: dict[str, str], videomanager_id: str | None,
@@ -323,9 +336,12 @@ def _json(status: int, data: Any) -> tuple[int, dict[str, str], bytes]:
 
 
 def _fault_response(fault: Fault) -> tuple[int, dict[str, str], bytes]:
-    headers: dict[str, str] = {}
+    headers: dict[str, str] = dict(fault.headers)
     if fault.retry_after is not None:
         headers["Retry-After"] = fault.retry_after
+    if isinstance(fault.body, bytes):
+        headers.setdefault("Content-Type", "application/json")
+        return fault.status, headers, fault.body
     if fault.body == "json":
         status, json_headers, body = _json(fault.status, {"message": "Injected failure"})
         return status, {**json_headers, **headers}, body
