@@ -9,7 +9,8 @@ It implements what vm-tokend uses and what a client checks a token against:
     POST {base}/{id}/videos                "creates" one: 201      (Bearer token for {id})
 
 and issues HS256-signed JWTs with `iat` and `exp`. Controls for tests — lifetimes, refresh
-token rotation, delay, injected failures (status, HTML or garbage bodies, Retry-After),
+token rotation, delay, injected failures (status, HTML or garbage bodies, Retry-After, or
+one picked per request by `faults`),
 expiring every refresh token, revoking every access token — are plain attributes and
 methods, and every request is counted.
 
@@ -48,6 +49,9 @@ BodyKind = Literal["json", "html", "garbage", "empty"]
 # Rewrites a successful auth answer before it is sent: (endpoint, answer) -> a new answer
 # (any JSON value), or bytes to send as they are. For hostile-upstream tests.
 Rewrite = Callable[[str, dict[str, Any]], Any]
+# Picks an answer per auth request: endpoint -> a Fault to answer with, or None to answer
+# normally. Consulted when no fail() is in effect. For hostile-upstream tests.
+FaultPicker = Callable[[str], "Fault | None"]
 
 
 @dataclass
@@ -105,6 +109,7 @@ class StandIn:
         self._refresh_jtis: set[str] = set()
         self._fault: Fault | None = None
         self.rewrite: Rewrite | None = None
+        self.faults: FaultPicker | None = None
         self._lock = threading.Lock()
         self._server = _Server((host, port), _Handler)
         self._server.standin = self
@@ -236,13 +241,16 @@ class StandIn:
     def _take_fault(self, endpoint: str) -> Fault | None:
         with self._lock:
             fault = self._fault
-            if fault is None or endpoint not in fault.endpoints:
-                return None
-            if fault.remaining is not None:
-                fault.remaining -= 1
-                if fault.remaining <= 0:
-                    self._fault = None
-            return fault
+            picker = self.faults
+            if fault is not None:
+                if endpoint not in fault.endpoints:
+                    return None
+                if fault.remaining is not None:
+                    fault.remaining -= 1
+                    if fault.remaining <= 0:
+                        self._fault = None
+                return fault
+        return picker(endpoint) if picker is not None else None
 
     def handle(self, method: str, path: str, headers: dict[str, str],
                body: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -373,7 +381,9 @@ class _Handler(BaseHTTPRequestHandler):
         )
         self.send_response(status)
         for name, value in response_headers.items():
-            self.send_header(name, value)
+            # http.server sends headers as Latin-1 and fails on anything else; a sloppy
+            # server sends UTF-8, and so does this one (hostile tests send odd values).
+            self.send_header(name, value.encode("utf-8").decode("latin-1"))
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
