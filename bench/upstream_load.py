@@ -42,7 +42,7 @@ class SimulatedApi:
             videomanagers=VIDEOMANAGERS, valid_for=vm,
             lifetime=ACCESS_LIFETIME - upstream.CLOCK_SLACK,
             refresh_lifetime=REFRESH_LIFETIME - upstream.CLOCK_SLACK,
-            received_at=trio.current_time(),
+            requested_at=trio.current_time(),
         )
 
     async def login(self, username: str, password: str) -> Grant:

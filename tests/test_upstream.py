@@ -8,6 +8,7 @@ import time
 
 import httpx
 import pytest
+import trio
 
 from vm_tokend import upstream
 from vm_tokend.upstream import VideoManagerApi, parse_retry_after, token_lifetime
@@ -122,3 +123,102 @@ def test_retry_after_forms():
     assert parse_retry_after("99999", now) == upstream.MAX_RETRY_AFTER
     assert parse_retry_after("soon", now) is None
     assert parse_retry_after(None, now) is None
+
+
+def test_retry_after_accepts_only_ascii_digits_or_a_date():
+    now = time.time()
+    for odd in ("²", "١٢", "1e3", "-1", "5.5", "0x10", "Fri, 99 Foo 99999 99:99:99 GMT",
+                "Mon, 01 Jan 99999 00:00:00 GMT"):
+        assert parse_retry_after(odd, now) is None, odd
+    assert parse_retry_after(" 5 ", now) == 5
+    assert parse_retry_after("99999999999999999999999", now) == upstream.MAX_RETRY_AFTER
+    assert parse_retry_after("Fri, 31 Dec 1999 23:59:59 GMT", now) == 0
+
+
+@pytest.mark.parametrize("retry_after", ["²", "١٢", "1e3"])
+async def test_odd_retry_after_is_a_plain_transient_error(api, standin, retry_after):
+    standin.fail(503, retry_after=retry_after)
+    with pytest.raises(upstream.TransientError) as info:
+        await api.login(standin.username, standin.password)
+    assert info.value.retry_after is None
+
+
+@pytest.mark.parametrize("body", [
+    b"[" * 100_000,
+    b'{"message": ' + b"[" * 100_000,
+    b'{"accessToken": "a.b.c", "videoManagerList": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+], ids=["array", "message", "list"])
+@pytest.mark.parametrize("status", [200, 503])
+async def test_json_nested_too_deep_is_not_the_expected_json(api, standin, body, status):
+    standin.fail(status, body=body)
+    with pytest.raises(upstream.TransientError) as info:
+        await api.login(standin.username, standin.password)
+    assert ("not the expected JSON" in str(info.value)) == (status == 200)
+
+
+async def test_a_jwt_nested_too_deep_falls_back_to_the_default_lifetime():
+    deep = base64.urlsafe_b64encode(b"[" * 100_000).rstrip(b"=").decode()
+    assert token_lifetime(f"x.{deep}.y", 300, time.time()) == 300
+
+
+async def test_refresh_answer_without_refresh_token_is_accepted(api, standin):
+    grant = await api.login(standin.username, standin.password)
+    standin.rewrite = lambda endpoint, answer: {k: v for k, v in answer.items()
+                                                if k != "refreshToken"}
+    sales = await api.refresh(grant.refresh_token, "1002")
+    assert sales.refresh_token is None and standin.token_valid(sales.access_token, "1002")
+
+
+@pytest.mark.parametrize(("change", "expect"), [
+    (lambda a: {**a, "accessToken": 42}, "not the expected JSON"),
+    (lambda a: {**a, "accessToken": "x" * (upstream.MAX_TOKEN + 1)}, "not the expected JSON"),
+    (lambda a: {**a, "accessToken": "tök.en"}, "not the expected JSON"),
+    (lambda a: {k: v for k, v in a.items() if k != "videoManagerList"},
+     "not the expected JSON"),
+    (lambda a: {**a, "videoManagerList": []}, "listed no VideoManagers"),
+    (lambda a: {**a, "videoManagerList": [{"id": {"x": 1}, "name": "n"}]},
+     "not the expected JSON"),
+    (lambda a: {**a, "videoManagerList": [{"id": "9" * 65, "name": "n"}]},
+     "not the expected JSON"),
+    (lambda a: {**a, "validForVideoManager": [1]}, "not the expected JSON"),
+    (lambda a: [a], "not the expected JSON"),
+], ids=["token-type", "token-size", "token-ascii", "no-list", "empty-list", "id-type",
+        "id-size", "valid-for-type", "not-a-map"])
+async def test_malformed_login_answers_are_transient(api, standin, change, expect):
+    standin.rewrite = lambda endpoint, answer: change(answer)
+    with pytest.raises(upstream.TransientError, match=expect):
+        await api.login(standin.username, standin.password)
+
+
+async def test_login_answer_is_taken_as_it_comes_within_bounds(api, standin):
+    standin.rewrite = lambda endpoint, answer: {
+        **answer, "validForVideoManager": "42",
+        "videoManagerList": [{"id": 7, "name": "x\x00" * 1_000_000}, {"id": "8"}]}
+    grant = await api.login(standin.username, standin.password)
+    assert grant.valid_for == "42"  # not listed: the keeper picks another default
+    assert [vm.id for vm in grant.videomanagers] == ["7", "8"]
+    assert len(grant.videomanagers[0].name) == upstream.MAX_NAME
+    assert grant.videomanagers[0].name.isprintable()
+    assert grant.videomanagers[1].name == "8"
+
+
+@pytest.mark.parametrize(("status", "body", "error"), [
+    (403, "html", upstream.TransientError),
+    (403, "garbage", upstream.TransientError),
+    (403, "empty", upstream.TransientError),
+    (403, "json", upstream.CredentialsRejected),
+    (401, "html", upstream.CredentialsRejected),
+])
+async def test_a_proxy_403_page_is_not_a_rejection(api, standin, status, body, error):
+    standin.fail(status, body=body)
+    with pytest.raises(error):
+        await api.login(standin.username, standin.password)
+
+
+async def test_lifetime_counts_from_when_the_request_was_sent(api, standin):
+    standin.delay = 0.3
+    sent = trio.current_time()
+    grant = await api.login(standin.username, standin.password)
+    answered = trio.current_time()
+    assert answered - sent >= 0.3
+    assert sent <= grant.requested_at < sent + 0.1  # when we asked, not when it answered

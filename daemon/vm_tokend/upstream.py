@@ -5,10 +5,12 @@ OpenID Connect password grant against Keycloak): the keeper needs nothing but `l
 `refresh` returning a `Grant`, and the exceptions below.
 
     UpstreamError
-    ├── CredentialsRejected   login answered 401/403: never retry on a timer
+    ├── CredentialsRejected   login answered 401, or 403 with the API's JSON: never retry
+                              on a timer
     ├── RefreshRejected       refresh answered 401: the refresh token is gone, log in again
     ├── Forbidden             refresh answered 403: no rights for that VideoManager
-    └── TransientError        network trouble, timeouts, 5xx, 429, garbage: back off, retry
+    └── TransientError        network trouble, timeouts, 5xx, 429, a proxy's 403 page,
+                              garbage, an empty VideoManager list: back off, retry
 
 Error messages are built here from status codes and the API's `message` field, truncated and
 scrubbed of anything we sent, so no secret can reach a log or a client through them.
@@ -28,6 +30,8 @@ from typing import Any, Final, Protocol
 
 import httpx
 import trio
+
+from .text import quote
 
 __all__ = [
     "AuthBackend",
@@ -54,6 +58,16 @@ CLOCK_SLACK: Final = 1.0
 # A Retry-After beyond this is treated as this: a broken proxy should not silence us for
 # a day. A guess, but well above the 60 s backoff cap.
 MAX_RETRY_AFTER: Final = 600.0
+# What we accept from the API, so that nothing it sends can make a reply to a client
+# overflow the 64 KiB frame: real tokens are 1-4 KiB (Keycloak's grow with roles), ids are
+# short numbers, names a few words. Longer ids or tokens are "not the expected JSON";
+# longer names are cut.
+MAX_TOKEN: Final = 16 * 1024
+MAX_ID: Final = 64
+MAX_NAME: Final = 200
+# A lifetime beyond this is treated as this (a token claiming to live for years would
+# never be refreshed); a day is far beyond the API's five minutes. A guess.
+MAX_LIFETIME: Final = 86400.0
 
 
 class UpstreamError(Exception):
@@ -89,12 +103,14 @@ class Grant:
     """What a login or refresh gave us. Secrets are kept out of repr."""
 
     access_token: str = field(repr=False)
-    refresh_token: str = field(repr=False)
+    refresh_token: str | None = field(repr=False)  # None: keep the one we have
     videomanagers: tuple[VideoManagerRef, ...]
     valid_for: str  # the VideoManager id the access token is valid for
-    lifetime: float  # seconds the access token lives, counted from `received_at`
+    lifetime: float  # seconds the access token lives, counted from `requested_at`
     refresh_lifetime: float | None  # the same for the refresh token, when it says
-    received_at: float  # trio.current_time() when the response arrived
+    # trio.current_time() when the request was sent: the token was issued after it, so
+    # counting from here errs on the early side however slow the answer was.
+    requested_at: float
 
 
 class AuthBackend(Protocol):
@@ -107,6 +123,14 @@ class AuthBackend(Protocol):
     async def refresh(self, refresh_token: str, videomanager_id: str) -> Grant: ...
 
 
+def loads(data: str | bytes) -> Any:
+    """JSON, or ValueError — also for JSON nested too deep for the parser."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("JSON nested too deep") from None
+
+
 def jwt_claims(token: str) -> dict[str, Any] | None:
     """The payload of a JWT, unverified; None if `token` is not one."""
     parts = token.split(".")
@@ -115,7 +139,7 @@ def jwt_claims(token: str) -> dict[str, Any] | None:
     payload = parts[1]
     try:
         raw = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
-        claims = json.loads(raw)
+        claims = loads(raw)
     except (binascii.Error, ValueError):
         return None
     return claims if isinstance(claims, dict) else None
@@ -144,7 +168,7 @@ def token_lifetime(token: str, default: float | None, wall_now: float) -> float 
         # A token that is dead on arrival by its own claims (or our clock is far off and it
         # has no iat): trust the default rather than refreshing in a tight loop.
         return default
-    return lifetime
+    return min(lifetime, MAX_LIFETIME)
 
 
 def parse_retry_after(value: str | None, wall_now: float) -> float | None:
@@ -153,14 +177,15 @@ def parse_retry_after(value: str | None, wall_now: float) -> float | None:
         return None
     value = value.strip()
     seconds: float | None
-    if value.isdigit():
+    # isdigit() alone also accepts "²" and "١٢", which float() refuses.
+    if value.isascii() and value.isdigit():
         seconds = float(value)
     else:
         try:
             when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
+            seconds = when.timestamp() - wall_now
+        except (TypeError, ValueError, IndexError, OverflowError):
             return None
-        seconds = when.timestamp() - wall_now
     return max(0.0, min(seconds, MAX_RETRY_AFTER))
 
 
@@ -180,20 +205,25 @@ class VideoManagerApi:
         self.calls: Counter[str] = Counter()
 
     async def login(self, username: str, password: str) -> Grant:
+        sent = trio.current_time()
         response = await self._post(
             "login",
             f"{self.api_url}/auth/login",
             {"username": username, "password": password},
             secrets=(password,),
         )
-        if response.status_code in (401, 403):
+        # A 403 is the API's refusal only when it comes with the API's JSON: a proxy or a
+        # firewall in between answers with a page of its own, and that passes.
+        if response.status_code == 401 or (
+                response.status_code == 403 and _api_message(response) is not None):
             raise CredentialsRejected(
-                f"the API rejected the credentials for {username!r}: "
+                f"the API rejected the credentials for {quote(username)}: "
                 + _describe(response, (password,))
             )
-        return self._grant(response, (password,))
+        return self._grant(response, (password,), sent)
 
     async def refresh(self, refresh_token: str, videomanager_id: str) -> Grant:
+        sent = trio.current_time()
         response = await self._post(
             "refresh",
             f"{self.api_url}/auth/refresh/{videomanager_id}",
@@ -208,7 +238,7 @@ class VideoManagerApi:
                 f"no rights for VideoManager {videomanager_id}: "
                 + _describe(response, (refresh_token,))
             )
-        return self._grant(response, (refresh_token,), expect=videomanager_id)
+        return self._grant(response, (refresh_token,), sent, expect=videomanager_id)
 
     async def _post(
         self, kind: str, url: str, body: dict[str, str], *, secrets: tuple[str, ...]
@@ -228,44 +258,75 @@ class VideoManagerApi:
             ) from None
 
     def _grant(
-        self, response: httpx.Response, secrets: tuple[str, ...], expect: str | None = None
+        self, response: httpx.Response, secrets: tuple[str, ...], sent: float,
+        expect: str | None = None,
     ) -> Grant:
-        received_at = trio.current_time()
         if response.status_code != 200:
             raise TransientError(
                 _describe(response, secrets),
                 retry_after=parse_retry_after(response.headers.get("retry-after"), time.time()),
             )
         try:
-            data = response.json()
-            access = data["accessToken"]
-            refresh = data["refreshToken"]
-            if not (isinstance(access, str) and access and isinstance(refresh, str) and refresh):
+            data = loads(response.content)
+            if not isinstance(data, dict):
                 raise TypeError
-            vms = tuple(
-                VideoManagerRef(id=str(item["id"]), name=str(item["name"]))
-                for item in data.get("videoManagerList") or ()
-            )
-            valid_for = data.get("validForVideoManager", expect)
-            if valid_for is None:
+            access = _token(data.get("accessToken"))
+            if access is None:
                 raise TypeError
-        except (ValueError, TypeError, KeyError, AttributeError):
+            # The vendor's own client reads only accessToken from a refresh: without a new
+            # refresh token, the one we have stays (the keeper keeps it).
+            refresh = _token(data.get("refreshToken"))
+            listed = data.get("videoManagerList")
+            if listed is None and expect is None:
+                raise TypeError  # a login must say which VideoManagers there are
+            vms = tuple(_videomanager(item) for item in listed or ())
+            valid_for = _id(data.get("validForVideoManager", expect))
+        except (ValueError, TypeError, KeyError):
             raise TransientError(
                 f"the API answered HTTP {response.status_code} with a body that is not the "
                 f"expected JSON ({_content_type(response)})"
             ) from None
+        if listed is not None and not vms:
+            raise TransientError("the API listed no VideoManagers for this user")
         wall_now = time.time()
         lifetime = token_lifetime(access, self.default_token_lifetime, wall_now)
-        assert lifetime is not None
         return Grant(
             access_token=access,
             refresh_token=refresh,
             videomanagers=vms,
-            valid_for=str(valid_for),
-            lifetime=lifetime,
-            refresh_lifetime=token_lifetime(refresh, None, wall_now),
-            received_at=received_at,
+            valid_for=valid_for,
+            lifetime=lifetime if lifetime is not None else self.default_token_lifetime,
+            refresh_lifetime=token_lifetime(refresh, None, wall_now) if refresh else None,
+            requested_at=sent,
         )
+
+
+def _token(value: Any) -> str | None:
+    """A token as the API sends it: non-empty printable ASCII of sane length; else None."""
+    if (isinstance(value, str) and 0 < len(value) <= MAX_TOKEN and value.isascii()
+            and value.isprintable()):
+        return value
+    return None
+
+
+def _id(value: Any) -> str:
+    """A VideoManager id (the API sends numbers; strings are taken too); TypeError if not."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise TypeError
+    text = str(value).strip()
+    if not text or len(text) > MAX_ID or not text.isprintable():
+        raise TypeError
+    return text
+
+
+def _videomanager(item: Any) -> VideoManagerRef:
+    if not isinstance(item, dict):
+        raise TypeError
+    name = item.get("name")
+    name = name.strip() if isinstance(name, str) else ""
+    name = "".join(ch if ch.isprintable() else " " for ch in name[:MAX_NAME])
+    vm_id = _id(item.get("id"))
+    return VideoManagerRef(id=vm_id, name=name or vm_id)
 
 
 def _content_type(response: httpx.Response) -> str:
@@ -280,14 +341,20 @@ def _scrub(text: str, secrets: tuple[str, ...]) -> str:
     return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 1] + "…"
 
 
+def _api_message(response: httpx.Response) -> str | None:
+    """The `message` of the API's JSON error body; None if the body is something else."""
+    try:
+        data = loads(response.content)
+    except ValueError:
+        return None
+    message = data.get("message") if isinstance(data, dict) else None
+    return message if isinstance(message, str) and message.strip() else None
+
+
 def _describe(response: httpx.Response, secrets: tuple[str, ...]) -> str:
     """`HTTP 503: <the API's message>`, or a note that the body was not the API's JSON."""
     status = f"HTTP {response.status_code}"
-    try:
-        data = response.json()
-        message = data.get("message") if isinstance(data, dict) else None
-    except ValueError:
-        message = None
-    if isinstance(message, str) and message.strip():
+    message = _api_message(response)
+    if message is not None:
         return f"{status}: {_scrub(message, secrets)}"
     return f"{status} ({_content_type(response)} body)"
