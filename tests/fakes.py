@@ -43,6 +43,11 @@ class FakeBackend:
     forbidden: set[str] = field(default_factory=set)
     # Called before answering; may raise an UpstreamError to inject a failure.
     fault: Callable[[str], None] | None = None
+    # The same, told which VideoManager a refresh is for (None for a login).
+    fault_for: Callable[[str, str | None], None] | None = None
+    login_vm: str = "1"  # what a login's token is valid for
+    videomanagers: tuple[VideoManagerRef, ...] = VMS
+    send_refresh_token: bool = True  # False: refresh answers carry none (login's do)
     calls: Counter[str] = field(default_factory=Counter)
     log: list[Call] = field(default_factory=list)
     issued: list[str] = field(default_factory=list)
@@ -68,15 +73,15 @@ class FakeBackend:
         self.issued.append(token)
         return token
 
-    def _grant(self, vm: str, refresh_token: str) -> Grant:
+    def _grant(self, vm: str, refresh_token: str | None, call: Call) -> Grant:
         return Grant(
             access_token=self._new("access"),
             refresh_token=refresh_token,
-            videomanagers=VMS,
+            videomanagers=self.videomanagers,
             valid_for=vm,
             lifetime=self.lifetime,
             refresh_lifetime=self.refresh_lifetime,
-            received_at=trio.current_time(),
+            requested_at=call.at,
         )
 
     async def _enter(self, kind: str, vm: str | None) -> Call:
@@ -90,20 +95,22 @@ class FakeBackend:
                 await trio.sleep(self.delay)
             if self.fault is not None:
                 self.fault(kind)
+            if self.fault_for is not None:
+                self.fault_for(kind, vm)
         finally:
             self.in_flight -= 1
             call.ended = trio.current_time()
         return call
 
     async def login(self, username: str, password: str) -> Grant:
-        await self._enter("login", None)
+        call = await self._enter("login", None)
         if password != self.password:
             raise upstream.CredentialsRejected("the API rejected the credentials: HTTP 401")
         self._refresh_token = self._new("refresh")
-        return self._grant("1", self._refresh_token)
+        return self._grant(self.login_vm, self._refresh_token, call)
 
     async def refresh(self, refresh_token: str, videomanager_id: str) -> Grant:
-        await self._enter("refresh", videomanager_id)
+        call = await self._enter("refresh", videomanager_id)
         if refresh_token in self._used:
             self.reused_refresh_tokens += 1
         if refresh_token != self._refresh_token:
@@ -113,7 +120,8 @@ class FakeBackend:
         if self.rotate:
             self._used.add(refresh_token)
             self._refresh_token = self._new("refresh")
-        return self._grant(videomanager_id, self._refresh_token)
+        return self._grant(videomanager_id,
+                           self._refresh_token if self.send_refresh_token else None, call)
 
 
 class PinnedRandom(random.Random):

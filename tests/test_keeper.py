@@ -309,18 +309,44 @@ async def test_invalidate_current_token_refreshes_once(autojump_clock):
         assert backend.calls["refresh"] == 1
 
 
-async def test_repeatedly_rejected_fresh_tokens_back_off(autojump_clock):
+async def test_repeatedly_rejected_fresh_tokens_back_off_and_clients_wait(autojump_clock):
     backend = FakeBackend()
     async with running_keeper(backend, pick=1.0) as keeper:
         for _ in range(2):
             keeper.invalidate((await keeper.get()).token)
-        # The second fresh token reported at once: the next fetch waits.
-        with pytest.raises(UpstreamUnavailable, match="rejected 2 fresh tokens"):
-            await keeper.get()
-        assert backend.calls["refresh"] == 1
-        await trio.sleep(1)
-        await keeper.get()
+        # The second fresh token in a row reported at once: the next fetch waits 1 s (the
+        # jitter's maximum), and a client asking meanwhile waits for it instead of failing.
+        reported_at = trio.current_time()
+        third = await keeper.get()
+        assert trio.current_time() - reported_at == pytest.approx(1)
         assert backend.calls["refresh"] == 2
+        assert third.token == backend.access_tokens()[-1]
+        # Third and fourth in a row: 2 s (still waited for), then 4 s: longer than a client
+        # waits, so it hears why, with "next attempt in" said once.
+        keeper.invalidate(third.token)
+        await keeper.get()
+        keeper.invalidate((await keeper.get()).token)
+        with pytest.raises(UpstreamUnavailable) as info:
+            await keeper.get()
+        assert "rejected 4 fresh tokens in a row" in info.value.message
+        assert info.value.message.count("next attempt in") == 1
+        assert info.value.message.endswith("next attempt in 4 s")
+
+
+async def test_quick_invalidations_count_only_consecutive_tokens(autojump_clock):
+    # 9-second tokens are refreshed every 6 s: every token is "fresh" (< 10 s old) when a
+    # revocation reports it. Revocations a minute apart are unrelated: none may back off.
+    backend = FakeBackend(lifetime=9)
+    async with running_keeper(backend, pick=0.5) as keeper:
+        for _ in range(5):
+            token = await keeper.get()
+            assert keeper.invalidate(token.token)
+            asked_at = trio.current_time()
+            replacement = await keeper.get()
+            assert trio.current_time() == asked_at  # no backoff: fetched at once
+            assert replacement.token != token.token
+            await trio.sleep(60)
+        assert all(vm["last_error"] is None for vm in keeper.list())
 
 
 async def test_forbidden_videomanager_not_asked_again_for_a_minute(autojump_clock):
@@ -376,3 +402,137 @@ async def test_reconfiguring_moves_the_default_and_the_warm_set(autojump_clock):
         assert backend.times("refresh", "4")[-1] >= 1800  # the new default stays warm
         keeper.configure(default_videomanager=None, videomanagers=[], idle_timeout=500)
         assert (await keeper.get()).videomanager.name == "Marketing"  # the login's again
+
+
+async def test_retry_after_on_one_videomanager_pauses_the_whole_session(autojump_clock):
+    backend = FakeBackend(lifetime=300)
+    async with running_keeper(backend, pick=0.5, videomanagers=["2"]) as keeper:
+        sales = await keeper.get("Sales")  # fetched at t=0: due again at 200
+        await trio.sleep(10)
+        keeper.invalidate((await keeper.get()).token)
+        marketing = await keeper.get()  # fetched at t=10: due again at 210
+        assert backend.times("refresh") == [0, 10]
+
+        def busy(kind: str, vm: str | None) -> None:
+            if kind == "refresh" and vm == "2":
+                raise upstream.TransientError("HTTP 429: Too Many Requests", retry_after=120)
+        backend.fault_for = busy
+        # Sales' refresh at 200 is answered 429 with Retry-After 120: Marketing, due at
+        # 210, waits with it until 320 instead of asking.
+        await trio.sleep(290 - trio.current_time())
+        assert backend.times("refresh") == [0, 10, 200]
+        assert (await keeper.get()).token == marketing.token  # still valid: served
+        assert (await keeper.get("Sales")).token == sales.token
+        errors = {vm["name"]: vm["last_error"] for vm in keeper.list()}
+        assert errors["Marketing"] == errors["Sales"] == "HTTP 429: Too Many Requests"
+        backend.fault_for = None
+        await trio.sleep(330 - trio.current_time())
+        assert backend.times("refresh")[3:] == [320, 320]
+
+
+async def test_failed_relogin_pauses_every_videomanager(autojump_clock):
+    backend = FakeBackend(lifetime=300)
+    async with running_keeper(backend, pick=1.0, videomanagers=["2", "3"]) as keeper:
+        await keeper.get()
+        await trio.sleep(1)
+        backend.expire_refresh_token()
+
+        def login_outage(kind: str) -> None:
+            if kind == "login":
+                raise upstream.TransientError("HTTP 502: Bad Gateway")
+        backend.fault = login_outage
+        for name in ("Marketing", "Sales", "Support"):
+            keeper.invalidate((await keeper.get(name)).token)
+        await trio.sleep(60)
+        logins = backend.times("login")[1:]
+        # One chain of logins for the session, backing off 1, 2, 4, 8, 16 s (pick=1.0),
+        # not one per VideoManager.
+        gaps = [b - a for a, b in zip(logins, logins[1:], strict=False)]
+        assert gaps[:4] == pytest.approx([1, 2, 4, 8])
+        assert len(logins) <= 6
+        backend.fault = None
+        await trio.sleep(60)
+        for name in ("Marketing", "Sales", "Support"):
+            assert (await keeper.get(name)).token in backend.access_tokens()
+
+
+async def test_refresh_answer_without_a_refresh_token_keeps_ours(autojump_clock):
+    backend = FakeBackend(lifetime=300, rotate=False, send_refresh_token=False)
+    async with running_keeper(backend, pick=0.5) as keeper:
+        await keeper.get()
+        await trio.sleep(1001)
+        assert backend.times("refresh") == pytest.approx([200, 400, 600, 800, 1000])
+        assert backend.calls["login"] == 1
+        assert (await keeper.get()).token == backend.access_tokens()[-1]
+
+
+async def test_lifetime_counts_from_when_the_request_was_sent(autojump_clock):
+    backend = FakeBackend(lifetime=300, delay=10)
+    async with running_keeper(backend, pick=0.5) as keeper:
+        token = await keeper.get()  # asked at 0, answered at 10
+        assert trio.current_time() == 10
+        assert token.expires_at - time.time() == pytest.approx(290, abs=1)
+        await trio.sleep(200)
+        assert backend.times("refresh") == [200]  # 2/3 of 300 after 0, not after 10
+
+
+async def test_tokens_claiming_tiny_lifetimes_are_not_fetched_in_a_loop(autojump_clock):
+    backend = FakeBackend(lifetime=0.01)
+    async with running_keeper(backend, pick=0.5) as keeper:
+        await keeper.get()
+        await trio.sleep(10.5)
+        assert len(backend.times("refresh")) == 10  # one a second
+
+
+async def test_default_not_in_the_list_falls_back_to_the_first_listed(autojump_clock):
+    backend = FakeBackend(login_vm="99")
+    async with running_keeper(backend) as keeper:
+        token = await keeper.get()
+        assert token.videomanager.name == "Marketing"
+        state = keeper.state()
+        assert state["state"] == "logged_in"
+        assert any("'99'" in notice and "first listed" in notice
+                   for notice in state["notices"])
+        assert [vm["default"] for vm in keeper.list()] == [True, False, False, False]
+
+
+async def test_unexpected_backend_exceptions_are_transient(autojump_clock, caplog):
+    backend = FakeBackend(lifetime=300)
+    async with running_keeper(backend, pick=1.0) as keeper:
+        first = await keeper.get()
+
+        def broken(kind: str) -> None:
+            raise KeyError("secret-looking-detail")
+        backend.fault = broken
+        await trio.sleep(220)  # the refresh was due at 215 (pick=1.0: +5 % jitter)
+        assert (await keeper.get()).token == first.token  # still served
+        errors = [vm["last_error"] for vm in keeper.list() if vm["last_error"]]
+        assert errors == ["unexpected failure talking to the API (KeyError)"]
+        backend.fault = None
+        await trio.sleep(60)
+        assert (await keeper.get()).token == backend.access_tokens()[-1]
+    assert "secret-looking-detail" not in caplog.text
+
+
+async def test_unexpected_exception_at_first_login_is_retried(autojump_clock):
+    backend = FakeBackend()
+
+    def broken(kind: str) -> None:
+        raise RecursionError("deep")
+    backend.fault = broken
+    async with running_keeper(backend, pick=1.0) as keeper:
+        with pytest.raises(UpstreamUnavailable, match="RecursionError"):
+            await keeper.get()
+        backend.fault = None
+        await trio.sleep(2)
+        assert (await keeper.get()).videomanager.name == "Marketing"
+
+
+async def test_unknown_videomanager_message_is_bounded(autojump_clock):
+    backend = FakeBackend()
+    async with running_keeper(backend) as keeper:
+        await keeper.get()
+        with pytest.raises(UnknownVideoManager) as info:
+            await keeper.get("\x01" * 16384)
+        assert len(info.value.message) < 600
+        assert "'\\x01\\x01" in info.value.message and "…" in info.value.message

@@ -92,6 +92,7 @@ class App:
                     default_videomanager=settings.default_videomanager,
                     videomanagers=settings.videomanagers,
                     idle_timeout=settings.idle_timeout,
+                    max_backoff=settings.max_backoff,
                 )
                 dispatcher = Dispatcher(
                     keeper, version=__version__, login=self._login, describe=self._describe,
@@ -221,6 +222,7 @@ class App:
             default_videomanager=new.default_videomanager,
             videomanagers=new.videomanagers,
             idle_timeout=new.idle_timeout,
+            max_backoff=new.max_backoff,
         )
         credentials = new.credentials()
         from_config = credentials is not None

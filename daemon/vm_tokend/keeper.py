@@ -3,11 +3,16 @@
 Time rules (all on trio's clock, so tests run them on a MockClock):
 
 * A token's lifetime is what its JWT says (see upstream.token_lifetime), counted from when
-  the response arrived. It is refreshed in the background once two thirds of that lifetime
-  have passed, ± 5 % of the lifetime at random so several daemons do not march in step.
+  the request for it was sent. It is refreshed in the background once two thirds of that
+  lifetime have passed, ± 5 % of the lifetime at random so several daemons do not march in
+  step — but never sooner than MIN_REFRESH_INTERVAL after the last time.
 * Transient failures back off exponentially with full jitter — a random delay between 0 and
-  1 s, 2 s, 4 s, … capped at 60 s — or longer when the API sent Retry-After. Requests never
-  shorten a backoff; a token that is still valid is served meanwhile.
+  1 s, 2 s, 4 s, … capped at `max_backoff` (60 s) — or longer when the API sent
+  Retry-After. Requests never shorten a backoff; a token that is still valid is served
+  meanwhile. A Retry-After, and a failed re-login, pause every upstream call of the login
+  session, not only the token that met them.
+* Anything else that goes wrong talking to the API counts as a transient failure: no answer
+  of the API can end the daemon.
 * Rejected credentials are never retried on a timer: only new credentials (`login`) or a
   reload (SIGHUP) start a new session.
 
@@ -33,7 +38,7 @@ import math
 import random
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -52,6 +57,7 @@ from vm_token.errors import DaemonError as Refused
 
 from . import upstream
 from .settings import Credentials, PasswordUnavailable
+from .text import quote
 from .upstream import AuthBackend, Grant, VideoManagerRef
 
 __all__ = [
@@ -79,8 +85,16 @@ REFRESH_TOKEN_MARGIN: Final = 30.0
 # change rarely, and a script in a loop must not turn into a request storm. A guess.
 FORBIDDEN_RECHECK: Final = 60.0
 # A token reported as rejected this soon after we got it suggests the API rejects what we
-# fetch; from the second such report in a row, replacements back off like failures.
+# fetch; from the second such token in a row, replacements back off like failures.
 QUICK_INVALIDATION: Final = 10.0
+# A client asking for a token we do not have waits for an attempt due this soon rather
+# than hearing "next attempt in 1 s"; below every client's default timeout (5 s). A guess.
+RETRY_WAIT: Final = 3.0
+# However short-lived the API says its tokens are, we do not ask for a new one more often
+# than this: a broken or hostile answer cannot turn us into a request storm.
+MIN_REFRESH_INTERVAL: Final = 1.0
+# How many VideoManagers an "unknown VideoManager" message names.
+NAMES_SHOWN: Final = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,10 +148,14 @@ class Entry:
         return self._info
 
     def take(self, grant: Grant, refresh_at: float) -> None:
+        if self.token is not None:
+            # The token it replaces was not reported as rejected: the run of quickly
+            # rejected tokens, if any, is broken.
+            self.quick_invalidations = 0
         self.token = grant.access_token
         self.lifetime = grant.lifetime
-        self.obtained_at = grant.received_at
-        self.expires_at = grant.received_at + grant.lifetime
+        self.obtained_at = grant.requested_at
+        self.expires_at = grant.requested_at + grant.lifetime
         self.expires_at_wall = time.time() + (self.expires_at - trio.current_time())
         self._info = TokenInfo(grant.access_token, self.vm, self.expires_at_wall)
         self.refresh_at = refresh_at
@@ -161,6 +179,12 @@ class Session:
         self._by_key: dict[str, VideoManagerRef] = {}
         self.login_videomanager: str | None = None  # whose token a login brings
         self.default_id: str | None = None
+        self.notices: list[str] = []  # how the configuration did not fit the user's list
+        # Every upstream call of the session waits until then (a Retry-After, a failed
+        # re-login); `pause_reason` says why.
+        self.paused_until = -math.inf
+        self.pause_reason: str | None = None
+        self.login_failures = 0
         self.pinned: set[str] = set()
         self.entries: dict[str, Entry] = {}
         self.blocked: Refused | None = None  # credentials rejected / password unreadable
@@ -183,24 +207,44 @@ class Session:
         # Ids first: an id wins over a VideoManager whose name looks like an id.
         self._by_key = {vm.name.casefold(): vm for vm in reversed(videomanagers)}
         self._by_key.update((vm.id, vm) for vm in videomanagers)
+        self._by_id = {vm.id: vm for vm in videomanagers}
 
     def find(self, ref: str) -> VideoManagerRef | None:
         """A VideoManager by id, or by name case-insensitively."""
         return self._by_key.get(ref) or self._by_key.get(ref.casefold())
 
+    def by_id(self, vm_id: str | None) -> VideoManagerRef | None:
+        return self._by_id.get(vm_id) if vm_id is not None else None
+
     def resolve(self, ref: str | None) -> VideoManagerRef:
-        assert self.videomanagers is not None
+        videomanagers = self.videomanagers or ()
         if ref is None:
             ref = self.default_id
             if ref is None:
                 raise UnknownVideoManager("no default VideoManager: name one")
         vm = self.find(ref)
         if vm is None:
-            names = ", ".join(f"{v.name} ({v.id})" for v in self.videomanagers) or "none"
+            names = ", ".join(f"{v.name} ({v.id})" for v in videomanagers[:NAMES_SHOWN])
+            if len(videomanagers) > NAMES_SHOWN:
+                names += f" and {len(videomanagers) - NAMES_SHOWN} more (`vm-token list`)"
             raise UnknownVideoManager(
-                f"no VideoManager {ref!r} for this user; known: {names}"
+                f"no VideoManager {quote(ref)} for this user; known: {names or 'none'}"
             )
         return vm
+
+    def pause(self, until: float, reason: str) -> None:
+        if until > self.paused_until:
+            self.paused_until = until
+            self.pause_reason = reason
+
+
+class _Paused(Exception):
+    """The session waits (a Retry-After, a failed re-login): no upstream call until then."""
+
+    def __init__(self, until: float, reason: str) -> None:
+        super().__init__(reason)
+        self.until = until
+        self.reason = reason
 
 
 class Keeper:
@@ -213,12 +257,14 @@ class Keeper:
         default_videomanager: str | None = None,
         videomanagers: Sequence[str] = (),
         idle_timeout: float = 3600.0,
+        max_backoff: float = BACKOFF_CAP,
         rng: random.Random | None = None,
     ) -> None:
         self.backend = backend
         self.default_videomanager = default_videomanager
         self.videomanagers = tuple(videomanagers)
         self.idle_timeout = idle_timeout
+        self.max_backoff = max_backoff
         self._rng = rng if rng is not None else random.Random()  # noqa: S311 - jitter, not crypto
         self._session: Session | None = None
         self._nursery: trio.Nursery | None = None
@@ -261,14 +307,16 @@ class Keeper:
         default_videomanager: str | None,
         videomanagers: Sequence[str],
         idle_timeout: float,
+        max_backoff: float = BACKOFF_CAP,
     ) -> None:
         """Apply reloaded settings that do not need a new session."""
         self.default_videomanager = default_videomanager
         self.videomanagers = tuple(videomanagers)
         self.idle_timeout = idle_timeout
+        self.max_backoff = max_backoff
         session = self._session
         if session is not None and session.videomanagers is not None:
-            self._pin(session, fallback=session.login_videomanager)
+            self._pin(session)
             for entry in session.entries.values():
                 entry.wake.set()  # recompute idle deadlines
 
@@ -327,7 +375,9 @@ class Keeper:
                     f"min_ttl {min_ttl:g} s is not less than the lifetime the API gives "
                     f"tokens for {vm.name} ({entry.lifetime:.0f} s)"
                 )
-            if entry.retry_at is not None and entry.retry_at > now:
+            if entry.retry_at is not None and entry.retry_at > now and (
+                    waited_on is entry or entry.retry_at - now > RETRY_WAIT):
+                # Backing off, and not about to try again (or we saw the try fail).
                 raise UpstreamUnavailable(self._unavailable(entry, now, min_ttl))
             if waited_on is entry and entry.token is not None:
                 # The attempt we waited for succeeded, yet the token is not enough.
@@ -363,10 +413,9 @@ class Keeper:
                 entry.last_used = now
                 if entry.quick_invalidations >= 2:
                     delay = self._backoff(entry.quick_invalidations - 2, None)
-                    entry.retry_at = now + delay
+                    entry.retry_at = max(entry.retry_at or -math.inf, now + delay)
                     entry.last_error = (
-                        f"the API rejected {entry.quick_invalidations} fresh tokens in a row; "
-                        f"next attempt in {_in(delay)}"
+                        f"the API rejected {entry.quick_invalidations} fresh tokens in a row"
                     )
                 entry.wake.set()
                 return True
@@ -398,7 +447,7 @@ class Keeper:
         session = self._session
         if session is None:
             return {"state": "logged_out", "username": None, "logged_in_at": None,
-                    "last_error": None}
+                    "last_error": None, "notices": []}
         if session.blocked is not None:
             state = "credentials_rejected" if isinstance(
                 session.blocked, CredentialsRejected) else "not_logged_in"
@@ -411,6 +460,7 @@ class Keeper:
             "username": session.credentials.username,
             "logged_in_at": session.logged_in_at_wall,
             "last_error": session.blocked.message if session.blocked else session.last_error,
+            "notices": list(session.notices),
         }
 
     # -- internals ------------------------------------------------------------------------
@@ -439,7 +489,7 @@ class Keeper:
         )
 
     def _backoff(self, failures: int, retry_after: float | None) -> float:
-        ceiling = min(BACKOFF_CAP, BACKOFF_INITIAL * 2.0 ** min(failures, 32))
+        ceiling = min(self.max_backoff, BACKOFF_INITIAL * 2.0 ** min(failures, 32))
         delay = self._rng.uniform(0.0, ceiling)  # full jitter
         if retry_after is not None:
             delay = max(delay, retry_after)
@@ -447,26 +497,49 @@ class Keeper:
 
     def _refresh_at(self, grant: Grant) -> float:
         jitter = self._rng.uniform(-REFRESH_JITTER, REFRESH_JITTER)
-        return grant.received_at + grant.lifetime * (REFRESH_AT + jitter)
+        return grant.requested_at + max(MIN_REFRESH_INTERVAL,
+                                        grant.lifetime * (REFRESH_AT + jitter))
 
-    def _pin(self, session: Session, fallback: str | None) -> None:
-        """Resolve the configured default and kept-warm VideoManagers for this session."""
-        default = session.find(self.default_videomanager) if self.default_videomanager else None
-        if self.default_videomanager and default is None:
-            log.warning("default_videomanager %r is not one of this user's VideoManagers",
-                        self.default_videomanager)
-        session.default_id = default.id if default else fallback
-        session.pinned = {session.default_id} if session.default_id else set()
+    def _pin(self, session: Session) -> None:
+        """Resolve the default and kept-warm VideoManagers for this session.
+
+        The default is the configured one, else the one the login's token is for, else the
+        first listed (the API's answer need not be consistent); `notices` say what did not
+        fit, for `status`.
+        """
+        notices = []
+        listed = session.videomanagers or ()
+        default = None
+        if self.default_videomanager:
+            default = session.find(self.default_videomanager)
+            if default is None:
+                notices.append(f"default_videomanager {quote(self.default_videomanager)} is "
+                               "not one of this user's VideoManagers")
+        if default is None:
+            default = session.by_id(session.login_videomanager)
+        if default is None and listed:
+            default = listed[0]
+            if not self.default_videomanager:
+                notices.append(
+                    f"the API's login answer named VideoManager "
+                    f"{quote(session.login_videomanager or '')}, which is not in the user's "
+                    f"list; the default is the first listed, {default.name} ({default.id})")
+        session.default_id = default.id if default else None
+        session.pinned = {default.id} if default else set()
         for ref in self.videomanagers:
             vm = session.find(ref)
             if vm is None:
-                log.warning("videomanagers: %r is not one of this user's VideoManagers", ref)
+                notices.append(f"videomanagers: {quote(ref)} is not one of this user's "
+                               "VideoManagers")
             else:
                 session.pinned.add(vm.id)
+        for notice in notices:
+            if notice not in session.notices:
+                log.warning("%s", notice)
+        session.notices = notices
         for vm_id in session.pinned:
-            if vm_id not in session.entries:
-                found = session.find(vm_id)
-                assert found is not None
+            found = session.by_id(vm_id)
+            if vm_id not in session.entries and found is not None:
                 self._add_entry(session, found)
 
     def _add_entry(self, session: Session, vm: VideoManagerRef,
@@ -495,22 +568,26 @@ class Keeper:
             try:
                 async with session.lock:
                     grant = await self._login(session)
-            except upstream.TransientError as exc:
-                delay = self._backoff(failures, exc.retry_after)
-                failures += 1
-                session.last_error = str(exc)
-                session.login_retry_at = trio.current_time() + delay
-                log.warning("login failed: %s; next attempt in %s", exc, _in(delay))
-                session.notify()
-                await trio.sleep_until(session.login_retry_at)
-                continue
             except Refused:
                 session.notify()  # _login recorded why; wait for new credentials
                 return
+            except Exception as exc:  # TransientError, or a bug of ours met by odd input
+                retry_after = exc.retry_after if isinstance(exc, upstream.TransientError) \
+                    else None
+                message = str(exc) if isinstance(exc, upstream.TransientError) \
+                    else f"internal error ({type(exc).__name__})"
+                delay = self._backoff(failures, retry_after)
+                failures += 1
+                session.last_error = message
+                session.login_retry_at = trio.current_time() + delay
+                log.warning("login failed: %s; next attempt in %s", message, _in(delay))
+                session.notify()
+                await trio.sleep_until(session.login_retry_at)
+                continue
             break
         session.login_retry_at = None
         session.last_error = None
-        self._pin(session, fallback=grant.valid_for)
+        self._pin(session)
         self._hand_over(session, grant)  # its VideoManager, if pinned, needs no refresh
         session.notify()
 
@@ -520,12 +597,12 @@ class Keeper:
         try:
             password = await creds.read_password()
         except PasswordUnavailable as exc:
-            session.blocked = NotLoggedIn(f"cannot log in as {creds.username!r}: {exc}")
+            session.blocked = NotLoggedIn(f"cannot log in as {quote(creds.username)}: {exc}")
             log.error("%s", session.blocked.message)
             raise session.blocked from None
         session.password_digest = self._digest(password)
         try:
-            grant = await self.backend.login(creds.username, password)
+            grant = await _contained(self.backend.login(creds.username, password))
         except upstream.CredentialsRejected as exc:
             session.blocked = CredentialsRejected(
                 f"{exc}; give new credentials with `vm-token login` or reload the daemon"
@@ -535,6 +612,8 @@ class Keeper:
             raise session.blocked from None
         finally:
             del password
+        if not grant.videomanagers:
+            raise upstream.TransientError("the API listed no VideoManagers for this user")
         self._keep_refresh_token(session, grant)
         session.login_videomanager = grant.valid_for
         first = session.videomanagers is None
@@ -548,37 +627,64 @@ class Keeper:
         return grant
 
     def _keep_refresh_token(self, session: Session, grant: Grant) -> None:
-        if grant.refresh_token == session.refresh_token:
-            return  # not rotated: it still expires when it did
+        if grant.refresh_token is None or grant.refresh_token == session.refresh_token:
+            return  # none sent, or not rotated: ours still expires when it did
         session.refresh_token = grant.refresh_token
         session.refresh_expires_at = (
-            grant.received_at + grant.refresh_lifetime
+            grant.requested_at + grant.refresh_lifetime
             if grant.refresh_lifetime is not None else math.inf
         )
 
     async def _obtain(self, session: Session, vm_id: str) -> Grant:
-        """A new access token for `vm_id`, logging in again when the refresh token is gone."""
+        """A new access token for `vm_id`, logging in again when the refresh token is gone.
+
+        _Paused while the session waits; a Retry-After pauses the whole session.
+        """
         async with session.lock:
             if session.blocked is not None:
                 raise session.blocked
-            if self._login_due(session, vm_id):
-                grant = await self._login_for(session, vm_id)
-                if grant is not None:
-                    return grant
+            now = trio.current_time()
+            if session.paused_until > now:
+                raise _Paused(session.paused_until, session.pause_reason or "")
             try:
-                return await self._refresh(session, vm_id)
-            except upstream.RefreshRejected as exc:
-                log.info("%s; logging in again", exc)
-                session.refresh_token = None
-            grant = await self._login_for(session, vm_id)
+                return await self._obtain_now(session, vm_id)
+            except upstream.TransientError as exc:
+                if exc.retry_after is not None:
+                    session.pause(trio.current_time() + exc.retry_after, str(exc))
+                raise
+
+    async def _obtain_now(self, session: Session, vm_id: str) -> Grant:
+        if self._login_due(session, vm_id):
+            grant = await self._login_again(session, vm_id)
             if grant is not None:
                 return grant
-            try:
-                return await self._refresh(session, vm_id)
-            except upstream.RefreshRejected as again:
-                session.refresh_token = None
-                raise upstream.TransientError(
-                    f"a fresh refresh token was rejected too: {again}") from None
+        try:
+            return await self._refresh(session, vm_id)
+        except upstream.RefreshRejected as exc:
+            log.info("%s; logging in again", exc)
+            session.refresh_token = None
+        grant = await self._login_again(session, vm_id)
+        if grant is not None:
+            return grant
+        try:
+            return await self._refresh(session, vm_id)
+        except upstream.RefreshRejected as again:
+            session.refresh_token = None
+            raise upstream.TransientError(
+                f"a fresh refresh token was rejected too: {again}") from None
+
+    async def _login_again(self, session: Session, vm_id: str) -> Grant | None:
+        """_login_for, with the session's backoff: a failed login pauses every
+        VideoManager's attempts, so the next login waits instead of each trying its own."""
+        try:
+            grant = await self._login_for(session, vm_id)
+        except upstream.TransientError as exc:
+            delay = self._backoff(session.login_failures, exc.retry_after)
+            session.login_failures += 1
+            session.pause(trio.current_time() + delay, f"cannot log in again: {exc}")
+            raise
+        session.login_failures = 0
+        return grant
 
     def _login_due(self, session: Session, vm_id: str) -> bool:
         """Whether to log in rather than refresh now.
@@ -621,8 +727,9 @@ class Keeper:
             entry.notify()
 
     async def _refresh(self, session: Session, vm_id: str) -> Grant:
-        assert session.refresh_token is not None
-        grant = await self.backend.refresh(session.refresh_token, vm_id)
+        if session.refresh_token is None:
+            raise upstream.RefreshRejected("no refresh token")
+        grant = await _contained(self.backend.refresh(session.refresh_token, vm_id))
         self._keep_refresh_token(session, grant)  # always the newest: it may rotate
         return grant
 
@@ -666,6 +773,10 @@ class Keeper:
         entry.retry_at = None
         try:
             grant = await self._obtain(session, entry.vm.id)
+        except _Paused as paused:
+            # Not a failure of this token's: it waits with the session, adding no backoff.
+            entry.retry_at = paused.until
+            entry.last_error = paused.reason
         except upstream.TransientError as exc:
             delay = self._backoff(entry.failures, exc.retry_after)
             entry.failures += 1
@@ -681,8 +792,27 @@ class Keeper:
             log.warning("%s", exc)
         except Refused as exc:
             entry.last_error = exc.message  # the session is blocked; clients hear why
+        except Exception as exc:  # a bug of ours met by odd input: never the end of the daemon
+            delay = self._backoff(entry.failures, None)
+            entry.failures += 1
+            entry.retry_at = trio.current_time() + delay
+            entry.last_error = f"internal error ({type(exc).__name__})"
+            log.error("internal error (%s) refreshing the token for %s; next attempt in %s",
+                      type(exc).__name__, entry.vm.name, _in(delay))
         else:
             entry.take(grant, self._refresh_at(grant))
             log.debug("new token for %s, valid %.0f s", entry.vm.name, grant.lifetime)
         finally:
             entry.notify()
+
+
+async def _contained(call: Awaitable[Grant]) -> Grant:
+    """Await a backend call; whatever it raises that is not an UpstreamError becomes a
+    TransientError that names only the exception's type (its text might hold a secret)."""
+    try:
+        return await call
+    except upstream.UpstreamError:
+        raise
+    except Exception as exc:
+        raise upstream.TransientError(
+            f"unexpected failure talking to the API ({type(exc).__name__})") from None

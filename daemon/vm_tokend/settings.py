@@ -126,6 +126,7 @@ class Settings(BaseSettings):
     credential_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     idle_timeout: float = Field(default=3600.0, gt=0)
     default_token_lifetime: float = Field(default=300.0, gt=0)
+    max_backoff: float = Field(default=60.0, gt=0)
     ca_bundle: Path | None = None
     log_level: LogLevel = "info"
 
@@ -194,7 +195,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"{value} is not a readable file")
         return value
 
-    @field_validator("idle_timeout", "default_token_lifetime")
+    @field_validator("idle_timeout", "default_token_lifetime", "max_backoff")
     @classmethod
     def _finite(cls, value: float) -> float:
         if not math.isfinite(value):
