@@ -15,15 +15,17 @@ from tests.fakes import VMS, FakeBackend, running_keeper
 from vm_token import protocol
 from vm_tokend import server as server_module
 from vm_tokend.server import Dispatcher, Server, bind_unix_socket
+from vm_tokend.upstream import VideoManagerRef
 
 
 @asynccontextmanager
-async def serving(private_dir, **options):
+async def serving(private_dir, backend=None, **options):
     """A keeper on the fake backend and a server on a private socket, stopped at the end."""
     async def login(username: str, password: str) -> None:
-        raise AssertionError("not used")
+        pass  # the keeper's session is not replaced: the dispatcher then waits on it
 
-    async with running_keeper(FakeBackend()) as keeper, trio.open_nursery() as nursery:
+    async with running_keeper(backend or FakeBackend()) as keeper, \
+            trio.open_nursery() as nursery:
         bound = bind_unix_socket(private_dir / "vm-token" / "socket")
         dispatcher = Dispatcher(keeper, version="test", login=login, describe=dict)
         server = Server(bound, dispatcher, **options)
@@ -187,3 +189,97 @@ async def test_a_burst_beyond_the_limit_waits_and_is_served(private_dir, connect
                 for _ in range(20):
                     clients.start_soon(client)
             assert len(replies) == 20 and all(r["ok"] for r in replies)
+
+
+def fits(reply: dict) -> bool:
+    return len(protocol.packb(reply)) <= protocol.MAX_FRAME
+
+
+@pytest.mark.parametrize("request_", [
+    {"v": 1, "op": "get", "vm": "\x01" * 16384},
+    {"v": 1, "op": "get", "vm": "\U0001f600" * 4096},
+    {"v": 1, "op": "invalidate", "token": "t", "vm": "\x01" * 16384},
+    {"v": 1, "op": "invalidate", "token": "t" * 16384, "vm": "\x01" * 16000},
+    {"v": 1, "op": "get", "host": "\x01" * 16384},
+    {"v": 1, "op": "get", "host": "127.0.0.1", "protocol": "\x01" * 16384},
+    {"v": 1, "op": "login", "username": "\x01" * 16384, "password": "p"},
+    {"v": 1, "op": "\x01" * 16384},
+], ids=["get", "get-emoji", "invalidate", "invalidate-long-token", "host", "scheme",
+        "login", "op"])
+async def test_replies_repeat_little_of_what_the_client_sent(private_dir, connect, request_):
+    with trio.fail_after(5):
+        async with serving(private_dir) as (server, path, keeper):
+            stream = await connect(path)
+            reply = await ask(stream, request_)
+            assert reply["ok"] is False
+            assert reply["error"]["code"] in ("bad_request", "unknown_videomanager",
+                                              "unknown_host")
+            assert len(reply["error"]["message"]) < 600
+            assert (await ask(stream, {"v": 1, "op": "get"}))["ok"]  # same connection
+
+
+async def test_unencodable_replies_become_internal_and_the_connection_survives(
+        private_dir, connect, caplog):
+    async def handle(request):
+        if request["op"] == "huge":
+            return {"ok": True, "blob": "x" * (protocol.MAX_FRAME + 1)}
+        if request["op"] == "odd":
+            return {"ok": True, "value": object()}
+        return {"ok": True}
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            server = Server(bind_unix_socket(private_dir / "vm-token" / "socket"), handle)
+            await nursery.start(server.serve)
+            stream = await connect(private_dir / "vm-token" / "socket")
+            for op in ("huge", "odd"):
+                reply = await ask(stream, {"v": 1, "op": op})
+                assert reply["error"]["code"] == "internal"
+                assert (await ask(stream, {"v": 1, "op": "fine"})) == {"ok": True}
+            server.stop()
+    lines = [r for r in caplog.records if "internal error" in r.getMessage()]
+    assert len(lines) == 2 and all(r.exc_info is None for r in lines)
+    assert "xxxxxxxx" not in caplog.text
+
+
+async def test_list_and_status_page_any_number_of_videomanagers(private_dir, connect):
+    many = tuple(VideoManagerRef(str(1000 + i), f"VideoManager number {i} " + "é" * 150)
+                 for i in range(2000))
+    with trio.fail_after(10):
+        async with serving(private_dir, FakeBackend(videomanagers=many)) as (_, path, keeper):
+            stream = await connect(path)
+            seen: list[str] = []
+            offset = None
+            pages = 0
+            while True:
+                request = {"v": 1, "op": "list"}
+                if offset is not None:
+                    request["offset"] = offset
+                reply = await ask(stream, request)
+                assert fits(reply) and reply["total"] == 2000
+                seen += [vm["id"] for vm in reply["videomanagers"]]
+                pages += 1
+                offset = reply.get("next")
+                if offset is None:
+                    break
+            assert seen == [vm.id for vm in many] and pages > 1
+            status = await ask(stream, {"v": 1, "op": "status"})
+            assert fits(status) and status["videomanagers_total"] == 2000
+            assert 0 < len(status["videomanagers"]) < 2000
+            bad = await ask(stream, {"v": 1, "op": "list", "offset": -1})
+            assert bad["error"]["code"] == "bad_request"
+            past = await ask(stream, {"v": 1, "op": "list", "offset": 5000})
+            assert past["videomanagers"] == [] and "next" not in past
+
+
+async def test_invalidate_with_a_token_that_is_not_ascii_is_a_bad_request(private_dir, connect):
+    with trio.fail_after(5):
+        async with serving(private_dir) as (server, path, keeper):
+            stream = await connect(path)
+            await ask(stream, {"v": 1, "op": "get"})
+            reply = await ask(stream, {"v": 1, "op": "invalidate", "token": "tökén"})
+            assert reply["error"]["code"] == "bad_request"
+            odd: list[object] = [1.5, [], {}, True, b"1"]
+            for vm in odd:
+                reply = await ask(stream, {"v": 1, "op": "invalidate", "token": "t", "vm": vm})
+                assert reply["error"]["code"] == "bad_request"

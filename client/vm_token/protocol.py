@@ -4,14 +4,13 @@ A frame is a 4-byte big-endian length followed by that many bytes of one msgpack
 docs/PROTOCOL.md describes it for people writing clients in other languages; keep the two
 in step.
 
-This module is on the hot path of the `vm-token` shim, so it imports only `struct` and
-`os`; msgpack is imported when the C codec is first used.
+This module is on the hot path of the `vm-token` shim, so it imports only `os`; msgpack
+is imported when the C codec is first used.
 """
 
 from __future__ import annotations
 
 import os
-import struct
 
 # typing costs milliseconds to import, and msgpack more: the shim pays for neither (it
 # packs with _minipack); the daemon and Client use msgpack's C extension.
@@ -21,7 +20,7 @@ if TYPE_CHECKING:
     from typing import Any, Final
 
     Packer = Callable[[Any], bytes]
-    Unpacker = Callable[[bytes], Any]
+    Unpacker = Callable[[Any], Any]  # bytes, or a memoryview of them
 
 __all__ = [
     "ERROR_CODES",
@@ -34,6 +33,7 @@ __all__ = [
     "decode_body",
     "default_socket_path",
     "encode_frame",
+    "fallback_directory",
     "frame_length",
 ]
 
@@ -44,8 +44,6 @@ HEADER_SIZE: Final = 4
 # and any reply (a `status` with a few hundred VideoManagers), and small enough that a
 # hostile client cannot make the daemon buffer much.
 MAX_FRAME: Final = 64 * 1024
-
-_HEADER: Final = struct.Struct(">I")
 
 # Operations.
 HELLO: Final = "hello"
@@ -90,14 +88,14 @@ class FrameTooLarge(ValueError):
     """A frame header announcing more than MAX_FRAME bytes."""
 
 
-def _packb(message: Any) -> bytes:
+def packb(message: Any) -> bytes:
     import msgpack
 
     packed: bytes = msgpack.packb(message, use_bin_type=True)
     return packed
 
 
-def _unpackb(body: bytes) -> Any:
+def _unpackb(body: bytes | memoryview) -> Any:
     import msgpack
 
     # unpackb bounds every string, array and map by the input's length, and the input is
@@ -105,23 +103,25 @@ def _unpackb(body: bytes) -> Any:
     return msgpack.unpackb(body, raw=False, strict_map_key=True)
 
 
-def encode_frame(message: dict[str, Any], packb: Packer = _packb) -> bytes:
+def encode_frame(message: dict[str, Any], pack: Packer = packb) -> bytes:
     """Serialize one message as a complete frame (header + body)."""
-    body = packb(message)
+    body = pack(message)
     if len(body) > MAX_FRAME:
         raise FrameTooLarge(f"message of {len(body)} bytes exceeds the {MAX_FRAME}-byte limit")
-    return _HEADER.pack(len(body)) + body
+    return len(body).to_bytes(HEADER_SIZE, "big") + body
 
 
-def frame_length(header: bytes) -> int:
+def frame_length(header: bytes | bytearray | memoryview) -> int:
     """The body length announced by a 4-byte header; FrameTooLarge past the limit."""
-    (length,) = _HEADER.unpack(header)
+    if len(header) != HEADER_SIZE:
+        raise ValueError(f"a frame header is {HEADER_SIZE} bytes, not {len(header)}")
+    length = int.from_bytes(header, "big")
     if length > MAX_FRAME:
         raise FrameTooLarge(f"frame of {length} bytes exceeds the {MAX_FRAME}-byte limit")
-    return int(length)
+    return length
 
 
-def decode_body(body: bytes, unpackb: Unpacker = _unpackb) -> dict[str, Any]:
+def decode_body(body: bytes | memoryview, unpackb: Unpacker = _unpackb) -> dict[str, Any]:
     """Parse one frame body; MalformedFrame unless it is exactly one msgpack map with str keys."""
     try:
         message = unpackb(body)
@@ -149,4 +149,10 @@ def default_socket_path(environ: Mapping[str, str] | None = None) -> str:
     runtime = environ.get("XDG_RUNTIME_DIR")
     if runtime:
         return os.path.join(runtime, "vm-token", "socket")
-    return f"/tmp/vm-token-{os.getuid()}/socket"  # noqa: S108 - checked for ownership and mode
+    return f"{fallback_directory()}/socket"
+
+
+def fallback_directory() -> str:
+    """`/tmp/vm-token-<uid>`, the socket's directory without `$XDG_RUNTIME_DIR`. Anyone can
+    create it first: the daemon and the clients use it only if it is ours and private."""
+    return f"/tmp/vm-token-{os.getuid()}"  # noqa: S108 - checked for ownership and mode

@@ -17,6 +17,7 @@ import os
 import socket as stdlib_socket
 import stat
 import struct
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from vm_token.errors import UnknownHost
 
 from .keeper import BadRequest, Keeper, Refused
 from .settings import host_is_loopback, normalize_host
+from .text import quote
 
 __all__ = [
     "Dispatcher",
@@ -56,6 +58,11 @@ RECEIVE_SIZE: Final = 64 * 1024
 # The largest min_ttl we accept: a day is far beyond any token's lifetime.
 MAX_MIN_TTL: Final = 86400.0
 MAX_FIELD: Final = 16 * 1024
+# E-mail addresses, the API's user names, are at most 254 characters.
+MAX_USERNAME: Final = 320
+# What a reply's VideoManager list may take of a frame: the rest is for the other fields.
+# `list` pages past it; `status` shows the first page.
+LIST_ROOM: Final = protocol.MAX_FRAME - 8 * 1024
 
 _PEERCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -167,6 +174,30 @@ def _error(code: str, message: str) -> dict[str, Any]:
     return {"ok": False, "error": {"code": code, "message": message}}
 
 
+def _where(exc: BaseException) -> str:
+    """file:line where `exc` was raised: enough to find a bug, nothing of the data."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
+
+
+_INTERNAL_FRAME: Final = protocol.encode_frame(
+    _error(protocol.INTERNAL, "internal error in vm-tokend; see its log"))
+
+
+def _page(items: list[dict[str, Any]], offset: int, room: int) -> tuple[list[Any], int | None]:
+    """The items from `offset` on that fit in `room` bytes of msgpack (at least one), and
+    the offset of the next page (None after the last)."""
+    page: list[Any] = []
+    used = 0
+    for index in range(offset, len(items)):
+        size = len(protocol.packb(items[index]))
+        if page and used + size > room:
+            return page, index
+        page.append(items[index])
+        used += size
+    return page, None
+
+
 def _opt_ref(request: dict[str, Any], name: str) -> str | None:
     value = request.get(name)
     if value is None:
@@ -178,10 +209,21 @@ def _opt_ref(request: dict[str, Any], name: str) -> str | None:
     raise BadRequest(f"'{name}' must be a VideoManager id or name")
 
 
-def _required_str(request: dict[str, Any], name: str) -> str:
+def _required_str(request: dict[str, Any], name: str, limit: int = MAX_FIELD) -> str:
     value = request.get(name)
-    if not isinstance(value, str) or not value or len(value) > MAX_FIELD:
+    if not isinstance(value, str) or not value:
         raise BadRequest(f"'{name}' must be a non-empty string")
+    if len(value) > limit:
+        raise BadRequest(f"'{name}' is longer than {limit} characters")
+    return value
+
+
+def _offset(request: dict[str, Any]) -> int:
+    value = request.get("offset", 0)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BadRequest("'offset' must be a whole number from 0")
     return value
 
 
@@ -234,7 +276,7 @@ class Dispatcher:
                 raise BadRequest("'v' (the protocol version) must be an integer")
             handler = self._ops.get(op)
             if handler is None:
-                raise BadRequest(f"unknown op {op[:40]!r}")
+                raise BadRequest(f"unknown op {quote(op, 40)}")
             if version != protocol.PROTOCOL_VERSION and op != protocol.HELLO:
                 return _error(
                     protocol.UNSUPPORTED_VERSION,
@@ -258,11 +300,11 @@ class Dispatcher:
         allowed = self._git_hosts()
         if name not in allowed:
             raise UnknownHost(
-                f"{name[:100]!r} is not the API's host; vm-tokend gives tokens only for "
+                f"{quote(name)} is not the API's host; vm-tokend gives tokens only for "
                 + ", ".join(sorted(allowed))
             )
         if scheme != "https" and not (scheme == "http" and host_is_loopback(name)):
-            raise UnknownHost(f"vm-tokend gives tokens for {name} only over https")
+            raise UnknownHost(f"vm-tokend gives tokens for {quote(name)} only over https")
 
     async def _hello(self, request: dict[str, Any]) -> dict[str, Any]:
         return {"ok": True, "protocol": protocol.PROTOCOL_VERSION,
@@ -283,25 +325,34 @@ class Dispatcher:
         }
 
     async def _list(self, request: dict[str, Any]) -> dict[str, Any]:
-        return {"ok": True, "videomanagers": self.keeper.list()}
+        items = self.keeper.list()
+        page, following = _page(items, _offset(request), LIST_ROOM)
+        reply: dict[str, Any] = {"ok": True, "videomanagers": page, "total": len(items)}
+        if following is not None:
+            reply["next"] = following
+        return reply
 
     async def _status(self, request: dict[str, Any]) -> dict[str, Any]:
+        items = self.keeper.list()
         return {
             "ok": True,
             **self._describe(),
             **self.keeper.state(),
             "requests": self.requests,
             "upstream_calls": dict(self.keeper.backend.calls),
-            "videomanagers": self.keeper.list(),
+            "videomanagers": _page(items, 0, LIST_ROOM)[0],
+            "videomanagers_total": len(items),
         }
 
     async def _invalidate(self, request: dict[str, Any]) -> dict[str, Any]:
         self._check_host(request)
         token = _required_str(request, "token")
+        if not token.isascii():
+            raise BadRequest("'token' must be ASCII, as every access token is")
         return {"ok": True, "invalidated": self.keeper.invalidate(token, _opt_ref(request, "vm"))}
 
     async def _login_op(self, request: dict[str, Any]) -> dict[str, Any]:
-        username = _required_str(request, "username")
+        username = _required_str(request, "username", MAX_USERNAME)
         password = _required_str(request, "password")
         await self._login(username, password)
         await self.keeper.wait_logged_in()
@@ -467,25 +518,30 @@ class Server:
                 log.debug("dropped a client that announced an oversize frame")
                 return
             connection.phase = BUSY  # no timeout: the keeper bounds its own waits
+            frame = await self._reply(body)
+            connection.enter(SENDING)
             try:
-                reply = await self._reply(body)
-                connection.enter(SENDING)
-                await stream.send_all(protocol.encode_frame(reply))
+                await stream.send_all(frame)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
             connection.enter(IDLE)
 
-    async def _reply(self, body: bytes) -> dict[str, Any]:
+    async def _reply(self, body: bytes) -> bytes:
+        """The reply frame for one request frame. Whatever goes wrong, the client gets an
+        answer that fits and the connection stays usable."""
         try:
             request = protocol.decode_body(body)
         except protocol.MalformedFrame as exc:
-            return _error(protocol.BAD_REQUEST, str(exc))
+            return protocol.encode_frame(_error(protocol.BAD_REQUEST, str(exc)))
+        op = request.get("op")
         try:
-            return await self._handle(request)
-        except Exception:
-            # Logged without the request: it may hold a password.
-            log.exception("internal error handling an %r request", str(request.get("op"))[:40])
-            return _error(protocol.INTERNAL, "internal error in vm-tokend; see its log")
+            return protocol.encode_frame(await self._handle(request))
+        except Exception as exc:
+            # One line, without the request (it may hold a password) and without the
+            # exception's text (it may repeat part of it): the op and the kind of failure.
+            log.error("internal error (%s at %s) answering a %s request", type(exc).__name__,
+                      _where(exc), quote(op, 40) if isinstance(op, str) else "malformed")
+            return _INTERNAL_FRAME
 
     @staticmethod
     def _take_frame(buffer: bytearray) -> bytes | None:
