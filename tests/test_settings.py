@@ -162,3 +162,14 @@ def test_daemon_usage_errors_are_one_line():
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith("vm-tokend: argument --idle-timeout")
     assert len(result.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize(("value", "ok"), [("2", True), ("0.5", True), ("0", False),
+                                           ("-1", False), ("inf", False), ("soon", False)])
+def test_max_backoff(monkeypatch, value, ok):
+    monkeypatch.setenv("VM_TOKEN_MAX_BACKOFF", value)
+    if ok:
+        assert load_settings().max_backoff == float(value)
+    else:
+        with pytest.raises(ConfigError, match="max_backoff .from the environment variable"):
+            load_settings()

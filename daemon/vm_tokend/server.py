@@ -368,6 +368,10 @@ class Dispatcher:
 # -- connections ------------------------------------------------------------------------------
 
 
+# After an accept() that failed for want of resources, wait this long before the next.
+ACCEPT_PAUSE: Final = 0.1
+
+
 # A connection is in one phase at a time; the timeouts of each are enforced by a sweeper
 # (see Server._sweep) rather than by a cancel scope per phase: moving a deadline costs
 # trio more than everything else the daemon does for a request.
@@ -451,12 +455,14 @@ class Server:
             try:
                 sock, _ = await self._listener.accept()
             except OSError as exc:
+                # Out of descriptors or memory, a connection aborted before we took it:
+                # none of them is a reason to stop serving everybody else.
                 self._slots.release()
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.warning("cannot accept a connection: %s; pausing", exc.strerror)
-                    await trio.sleep(0.1)
-                    continue
-                raise
+                if exc.errno not in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
+                    log.warning("cannot accept a connection: %s; pausing",
+                                exc.strerror or type(exc).__name__)
+                    await trio.sleep(ACCEPT_PAUSE)
+                continue
             except BaseException:
                 self._slots.release()
                 raise
