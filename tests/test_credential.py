@@ -94,9 +94,21 @@ def test_answers_never_carry_a_newline():
 @given(st.binary(max_size=2048))
 def test_parser_never_fails_otherwise(data):
     try:
-        parse(data)
+        credential = parse(data)
     except CredentialInputError:
-        pass
+        return
+    # Whatever it accepts can be sent on: text that encodes as UTF-8 (no surrogates).
+    for text in [*credential.values.items(), *credential.lists.items()]:
+        for item in (text[0], *([text[1]] if isinstance(text[1], str) else text[1])):
+            item.encode("utf-8")
+
+
+def test_input_that_is_not_utf8_is_refused_without_echoing_it():
+    for data in (b"host=\xff\n", b"username=\xc3\x28\n", b"password=hunter2\x80\n",
+                 b"protocol=https\nwwwauth[]=Basic \xe9\n"):
+        with pytest.raises(CredentialInputError, match="line [12] is not valid UTF-8") as info:
+            parse(data)
+        assert "hunter2" not in str(info.value)
 
 
 keys = st.text(st.characters(blacklist_characters="=\n\r\0[]", codec="utf-8"),

@@ -5,6 +5,8 @@ The rules, from git-credential(1) "INPUT/OUTPUT FORMAT":
 * one `key=value` attribute per line, up to a blank line or the end of input;
 * a key holds any bytes but `=`, newline and NUL; a value any bytes but newline and NUL;
   nothing is quoted; a line, its newline included, is at most 65535 bytes;
+* we accept only UTF-8: everything we use goes on to the daemon as msgpack text, and git's
+  hosts, user names and paths are UTF-8 (or percent-encoded) anyway;
 * keys ending in `[]` are lists: each line appends, an empty value clears the list;
   other keys keep their last value;
 * `url=` stands for its parts (protocol, username, host, path);
@@ -67,10 +69,14 @@ def parse(data: bytes) -> Credential:
     credential = Credential()
     if b"\0" in data:
         raise CredentialInputError("input contains a NUL byte")
-    for raw in data.split(b"\n"):
+    for number, raw in enumerate(data.split(b"\n"), 1):
         if len(raw) + 1 > MAX_LINE:
             raise CredentialInputError(f"a line is longer than {MAX_LINE} bytes")
-        line = raw.decode("utf-8", "surrogateescape")
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            # Say where, never what: the line may hold a password.
+            raise CredentialInputError(f"line {number} is not valid UTF-8") from None
         if line.endswith("\r"):  # git reads lines with strbuf_getline: CRLF counts as LF
             line = line[:-1]
         if not line:
