@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
+
+import pytest
 
 import vm_token
 from vm_token import errors
@@ -17,6 +20,29 @@ def test_token_repr_and_str_hide_the_token():
     assert token.expires_at == datetime.fromtimestamp(1_900_000_000, UTC)
     assert token.expires_at.tzinfo is UTC
     assert token.authorization == "Bearer secret-access-token"
+
+
+def test_token_is_read_only_and_compares_by_value():
+    import pickle
+
+    reply = {"token": "t-1", "videomanager_id": "1001", "videomanager_name": "Marketing",
+             "expires_at": 1_900_000_000.25}
+    token = vm_token.Token.from_reply(reply)
+    for name in ("access_token", "videomanager_id", "videomanager_name", "expires_at"):
+        with pytest.raises(AttributeError):
+            setattr(token, name, "x")
+    with pytest.raises(AttributeError):
+        token.extra = 1  # type: ignore[attr-defined]
+    assert token == vm_token.Token.from_reply(dict(reply))
+    assert token != vm_token.Token.from_reply({**reply, "token": "t-2"})
+    assert len({token, vm_token.Token.from_reply(dict(reply))}) == 1
+    made = vm_token.Token("t-1", "1001", "Marketing", token.expires_at)
+    assert made == token and made.expires_at == token.expires_at
+    assert made.expires_at.timestamp() == 1_900_000_000.25
+    assert pickle.loads(pickle.dumps(token)) == token  # noqa: S301 - our own bytes
+    assert 1_900_000_000 - time.time() - 1 < token.expires_in < 1_900_000_000 - time.time() + 1
+    with pytest.raises(TypeError):
+        vm_token.Token.from_reply({**reply, "expires_at": "soon"})
 
 
 def test_every_error_code_has_its_exception():
