@@ -30,6 +30,7 @@ if TYPE_CHECKING:
         UnknownHost,
         UnknownVideoManager,
         UnsupportedVersion,
+        UntrustedDaemon,
         UpstreamUnavailable,
     )
     from .token import Token
@@ -51,6 +52,7 @@ __all__ = [
     "UnknownHost",
     "UnknownVideoManager",
     "UnsupportedVersion",
+    "UntrustedDaemon",
     "UpstreamUnavailable",
     "VideoManager",
     "VideoManagerAuth",

@@ -9,7 +9,8 @@ tests hold the two to that.
 
 from __future__ import annotations
 
-from struct import pack, unpack_from
+# _struct, not struct: the C module itself, one import less for the shim.
+from _struct import pack, unpack_from
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -114,8 +115,9 @@ class _Reader:
 _MAX_DEPTH = 32
 
 
-def unpackb(data: bytes) -> Any:
+def unpackb(data: bytes | memoryview) -> Any:
     """One msgpack object; ValueError for anything malformed, extra, or outside the subset."""
+    data = bytes(data)  # (a memoryview's slices are not bytes)
     reader = _Reader(data)
     obj = _unpack(reader, 0)
     if reader.pos != len(data):

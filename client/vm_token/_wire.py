@@ -3,15 +3,22 @@
 Built on the C module `_socket` rather than `socket` (which pulls in enum, selectors and
 more): `vm-token token` runs this on every call and must start almost as fast as the
 interpreter itself.
+
+Before anything is sent, a connection proves it leads to our own daemon: the socket's peer
+(SO_PEERCRED) must run as our uid or as root, and the fallback directory
+`/tmp/vm-token-<uid>/` must be ours and private. Otherwise another local user who got there
+first would receive our password and requests, and hand us tokens of their account.
 """
 
 from __future__ import annotations
 
 import _socket
+import os
+import sys
 from time import monotonic, sleep
 
 from . import _minipack, protocol
-from .errors import DaemonNotRunning, Error, ProtocolError, error_for_code
+from .errors import DaemonNotRunning, Error, ProtocolError, UntrustedDaemon, error_for_code
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -27,6 +34,16 @@ DISCONNECTED = (Closed, ConnectionResetError, BrokenPipeError)
 # Everything `exchange` raises; `translate` turns each into a vm_token error.
 FAILURES = (Closed, OSError, protocol.MalformedFrame, protocol.FrameTooLarge)
 
+# Linux's struct ucred is three native ints: pid, uid, gid.
+_UCRED_SIZE = 12
+_INT = 4
+# Linux's struct timeval (for SO_RCVTIMEO/SO_SNDTIMEO) is two C longs: seconds, microseconds.
+_LONG = 8 if sys.maxsize > 2**32 else 4
+_HEADER_SIZE = protocol.HEADER_SIZE
+# The largest frame fits the receive buffer, so a reply that has arrived takes one call.
+_RECEIVE_SIZE = protocol.HEADER_SIZE + protocol.MAX_FRAME
+_S_IFMT, _S_IFDIR = 0o170000, 0o040000
+
 
 def _remaining(deadline: float) -> float:
     left = deadline - monotonic()
@@ -35,8 +52,50 @@ def _remaining(deadline: float) -> float:
     return left
 
 
+def check_directory(path: str) -> None:
+    """Refuse a socket in the fallback directory `/tmp/vm-token-<uid>/` unless that directory
+    is ours and closed to others. (`$XDG_RUNTIME_DIR` is private by definition; a path the
+    user names is theirs to vouch for.)"""
+    directory = protocol.fallback_directory()
+    if path.rpartition("/")[0] != directory:
+        return
+    try:
+        info = os.lstat(directory)
+    except FileNotFoundError:
+        raise DaemonNotRunning(path) from None
+    except OSError as exc:
+        raise Error(f"cannot check {directory}: {exc.strerror or exc}") from exc
+    if info.st_mode & _S_IFMT != _S_IFDIR:
+        raise UntrustedDaemon(f"{directory} is not a directory: refusing to use a socket there")
+    if info.st_uid != os.getuid():
+        raise UntrustedDaemon(
+            f"{directory} is owned by uid {info.st_uid}, not you: refusing to use the "
+            "vm-tokend socket in it (another user may have created it; remove it, or set "
+            "XDG_RUNTIME_DIR or VM_TOKEN_SOCKET)")
+    if info.st_mode & 0o077:
+        raise UntrustedDaemon(
+            f"{directory} is accessible to other users (mode {info.st_mode & 0o7777:04o}): "
+            f"refusing to use the vm-tokend socket in it; `chmod 700 {directory}` if it is "
+            "yours")
+
+
+def check_peer(sock: Any, path: str) -> None:
+    """Refuse a daemon that runs as another user (root is trusted: it could read our memory
+    anyway). `sock` is anything with `getsockopt`: a `_socket`, trio's or asyncio's socket."""
+    try:
+        raw = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, _UCRED_SIZE)
+    except OSError as exc:
+        raise Error(f"cannot check who runs vm-tokend at {path}: {exc.strerror or exc}") from exc
+    uid = int.from_bytes(raw[_INT:2 * _INT], sys.byteorder)
+    if uid != 0 and uid != os.getuid():
+        raise UntrustedDaemon(
+            f"vm-tokend at {path} is owned by uid {uid}, not you: refusing to use it")
+
+
 def connect(path: str, deadline: float) -> _socket.socket:
-    """A connection to the daemon; DaemonNotRunning when nothing answers."""
+    """A connection to our own daemon; DaemonNotRunning when nothing answers, UntrustedDaemon
+    when another user's process does."""
+    check_directory(path)
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         pause = 0.001
@@ -50,6 +109,10 @@ def connect(path: str, deadline: float) -> _socket.socket:
                 # EAGAIN rather than queue us. Try again until the deadline.
                 sleep(min(pause, _remaining(deadline)))
                 pause = min(pause * 2, 0.05)
+        check_peer(sock, path)
+        # From here on the socket blocks, bounded by the kernel's SO_RCVTIMEO/SO_SNDTIMEO
+        # (see Connection): Python's own timeouts poll before every call.
+        sock.settimeout(None)
     except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as exc:
         sock.close()
         raise DaemonNotRunning(path) from exc
@@ -68,29 +131,77 @@ def connect(path: str, deadline: float) -> _socket.socket:
     return sock
 
 
-def _receive_exactly(sock: _socket.socket, size: int, deadline: float) -> bytes:
-    chunks = bytearray()
-    while len(chunks) < size:
-        sock.settimeout(_remaining(deadline))
-        chunk = sock.recv(size - len(chunks))
-        if not chunk:
-            raise Closed
-        chunks += chunk
-    return bytes(chunks)
+class Connection:
+    """One checked connection to the daemon, for one request at a time.
 
+    The socket blocks, and the kernel bounds each send and receive (SO_SNDTIMEO,
+    SO_RCVTIMEO) by what is left of the request's deadline, in whole milliseconds, set
+    again only when that changes — about once per connection. Python's socket timeouts
+    would poll() before every call instead: that cost a quarter of a round trip. The reply
+    is received into one buffer, in one call unless it has not all arrived yet.
+    """
 
-def exchange(
-    sock: _socket.socket, frame: bytes, deadline: float, unpackb: protocol.Unpacker | None = None
-) -> dict[str, Any]:
-    """Send one frame, return the reply map. Raises FAILURES (TimeoutError is an OSError);
-    `translate` turns them into vm_token errors."""
-    sock.settimeout(_remaining(deadline))
-    sock.sendall(frame)
-    header = _receive_exactly(sock, protocol.HEADER_SIZE, deadline)
-    body = _receive_exactly(sock, protocol.frame_length(header), deadline)
-    if unpackb is None:
-        return protocol.decode_body(body)
-    return protocol.decode_body(body, unpackb)
+    __slots__ = ("_limit_ms", "_unpackb", "_view", "path", "sock")
+
+    def __init__(self, path: str, deadline: float, unpackb: protocol.Unpacker) -> None:
+        self.path = path
+        self.sock = connect(path, deadline)
+        self._limit_ms = 0
+        self._unpackb = unpackb
+        self._view = memoryview(bytearray(_RECEIVE_SIZE))
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _limit(self, deadline: float) -> None:
+        limit_ms = int((deadline - monotonic()) * 1000)
+        if limit_ms <= 0:
+            raise TimeoutError  # (and 0 would mean "no limit" to the kernel)
+        if limit_ms != self._limit_ms:
+            value = ((limit_ms // 1000).to_bytes(_LONG, sys.byteorder)
+                     + (limit_ms % 1000 * 1000).to_bytes(_LONG, sys.byteorder))
+            self.sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDTIMEO, value)
+            self.sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVTIMEO, value)
+            self._limit_ms = limit_ms
+
+    def exchange(self, frame: bytes, deadline: float) -> dict[str, Any]:
+        """Send one frame, return the reply map. Raises FAILURES (TimeoutError is an
+        OSError); `translate` turns them into vm_token errors."""
+        view = self._view
+        try:
+            self._limit(deadline)
+            self.sock.sendall(frame)
+            self._limit(deadline)
+            size = self.sock.recv_into(view)
+            if size < _HEADER_SIZE:
+                size = self._receive(_HEADER_SIZE, size, deadline)
+            end = _HEADER_SIZE + protocol.frame_length(view[:_HEADER_SIZE])
+            if size < end:
+                size = self._receive(end, size, deadline)
+        except BlockingIOError:  # EAGAIN: the kernel's time limit ran out
+            raise TimeoutError from None
+        if size > end:
+            # One question at a time, so one answer: more is not our daemon speaking.
+            raise protocol.MalformedFrame("more data than one reply")
+        # The client reads only the fields it knows, so unlike the daemon it needs no check
+        # that every key is a string.
+        try:
+            reply = self._unpackb(view[_HEADER_SIZE:end])
+        except Exception as exc:  # each msgpack implementation has its own zoo of errors
+            raise protocol.MalformedFrame("not a valid msgpack message") from exc
+        if type(reply) is not dict:
+            raise protocol.MalformedFrame("the reply is not a msgpack map")
+        return reply
+
+    def _receive(self, wanted: int, size: int, deadline: float) -> int:
+        """Receive until `wanted` bytes are in the buffer; the number there."""
+        while size < wanted:
+            self._limit(deadline)
+            more = self.sock.recv_into(self._view[size:])
+            if not more:
+                raise Closed
+            size += more
+        return size
 
 
 def translate(exc: BaseException, timeout: float) -> Error:
@@ -123,12 +234,12 @@ def request_once(path: str, message: dict[str, Any], timeout: float) -> dict[str
     """Connect, ask, close: what a short-lived process like the shim needs (pure-Python
     msgpack: for one message, importing the C extension costs more than it saves)."""
     deadline = monotonic() + timeout
-    sock = connect(path, deadline)
+    frame = protocol.encode_frame(message, _minipack.packb)
+    connection = Connection(path, deadline, _minipack.unpackb)
     try:
-        frame = protocol.encode_frame(message, _minipack.packb)
-        reply = exchange(sock, frame, deadline, _minipack.unpackb)
+        reply = connection.exchange(frame, deadline)
     except FAILURES as exc:
         raise translate(exc, timeout) from exc
     finally:
-        sock.close()
+        connection.close()
     return check(reply)

@@ -36,6 +36,7 @@ class _Stream(Protocol):
     async def send_all(self, data: bytes) -> None: ...
     async def receive_exactly(self, size: int) -> bytes: ...
     def close(self) -> None: ...
+    def socket(self) -> Any: ...  # what _wire.check_peer asks: anything with getsockopt
 
 
 class _Semaphore(Protocol):
@@ -73,6 +74,9 @@ class _AsyncioStream:
 
     def close(self) -> None:
         self._writer.close()  # the transport closes at once; nothing left to wait for
+
+    def socket(self) -> Any:
+        return self._writer.get_extra_info("socket")
 
 
 class _Asyncio:
@@ -126,6 +130,9 @@ class _TrioStream:
 
     def close(self) -> None:
         self._stream.socket.close()
+
+    def socket(self) -> Any:
+        return self._stream.socket
 
 
 class _Trio:
@@ -313,10 +320,19 @@ class AsyncClient:
             self._slots.release()
 
     async def _connect(self, library: _Library) -> _Stream:
+        """A new connection, checked before anything is sent (see _wire): the daemon runs
+        as us or as root, and the /tmp fallback directory is ours and private."""
+        _wire.check_directory(self.socket_path)
         try:
-            return await library.connect(self.socket_path)
+            stream = await library.connect(self.socket_path)
         except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as exc:
             raise DaemonNotRunning(self.socket_path) from exc
+        try:
+            _wire.check_peer(stream.socket(), self.socket_path)
+        except BaseException:
+            stream.close()
+            raise
+        return stream
 
     @staticmethod
     async def _exchange(stream: _Stream, frame: bytes) -> dict[str, Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import _socket
 import threading
 import time
 from dataclasses import dataclass
@@ -11,12 +10,16 @@ from os import PathLike
 from types import TracebackType
 from typing import Any
 
+import msgpack
+
 from . import _wire, protocol
 from .token import Token
 
 __all__ = ["Client", "VideoManager", "get_token"]
 
 DEFAULT_TIMEOUT = 5.0
+# The most common request of all, `get` for the default VideoManager, encoded once.
+_GET_DEFAULT_FRAME = protocol.encode_frame({"v": protocol.PROTOCOL_VERSION, "op": protocol.GET})
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +86,7 @@ class Client:
     ) -> None:
         self.socket_path = str(socket) if socket is not None else protocol.default_socket_path()
         self.timeout = timeout
-        self._sock: _socket.socket | None = None
+        self._connection: _wire.Connection | None = None
         self._lock = threading.Lock()
 
     # -- public API ---------------------------------------------------------------------
@@ -94,6 +97,8 @@ class Client:
 
     def get_token(self, videomanager: str | int | None = None, *, min_ttl: float = 0) -> Token:
         """A token for `videomanager` (id or name; None for the default) valid ≥ min_ttl s."""
+        if videomanager is None and not min_ttl:
+            return Token.from_reply(self._send(_GET_DEFAULT_FRAME))
         return Token.from_reply(self.request(protocol.GET, **get_fields(videomanager, min_ttl)))
 
     def list_videomanagers(self) -> list[VideoManager]:
@@ -123,9 +128,9 @@ class Client:
     def __del__(self) -> None:
         # A Client that was never closed (`vm_token.Client().get_token()`) closes its
         # socket when collected instead of leaving it to a ResourceWarning.
-        sock = getattr(self, "_sock", None)
-        if sock is not None:
-            sock.close()
+        connection = getattr(self, "_connection", None)
+        if connection is not None:
+            connection.close()
 
     def __enter__(self) -> Client:
         return self
@@ -142,16 +147,19 @@ class Client:
 
     def request(self, op: str, **fields: Any) -> dict[str, Any]:
         """Send one request and return the reply's fields; raises DaemonError subclasses."""
-        frame = protocol.encode_frame({"v": protocol.PROTOCOL_VERSION, "op": op, **fields})
+        return self._send(protocol.encode_frame({"v": protocol.PROTOCOL_VERSION, "op": op,
+                                                 **fields}))
+
+    def _send(self, frame: bytes) -> dict[str, Any]:
         deadline = time.monotonic() + self.timeout
         with self._lock:
             reply = self._exchange(frame, deadline)
         return _wire.check(reply)
 
     def _exchange(self, frame: bytes, deadline: float) -> dict[str, Any]:
-        if self._sock is not None:
+        if self._connection is not None:
             try:
-                return _wire.exchange(self._sock, frame, deadline)
+                return self._connection.exchange(frame, deadline)
             except _wire.DISCONNECTED:
                 # The daemon closes connections that sat idle for long, and a restarted
                 # daemon has none of the old ones: reconnect once. Every request is safe to
@@ -160,17 +168,19 @@ class Client:
             except _wire.FAILURES as exc:
                 self._drop()
                 raise _wire.translate(exc, self.timeout) from exc
-        self._sock = _wire.connect(self.socket_path, deadline)
+        # Checks the daemon's uid (and /tmp directory) before anything is sent.
+        # msgpack's defaults are the protocol's (str keys and values, no bin as str).
+        self._connection = _wire.Connection(self.socket_path, deadline, msgpack.unpackb)
         try:
-            return _wire.exchange(self._sock, frame, deadline)
+            return self._connection.exchange(frame, deadline)
         except _wire.FAILURES as exc:
             self._drop()
             raise _wire.translate(exc, self.timeout) from exc
 
     def _drop(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
 
 
 def get_token(

@@ -2,6 +2,7 @@
 
     Error
     ├── DaemonNotRunning          nothing answers on the socket
+    ├── UntrustedDaemon           the socket (or its /tmp directory) is another user's
     ├── ProtocolError             the daemon's answer made no sense, or the connection broke
     └── DaemonError               the daemon answered with an error; `.code` is the wire code
         ├── BadRequest            bad_request
@@ -35,6 +36,7 @@ __all__ = [
     "UnknownHost",
     "UnknownVideoManager",
     "UnsupportedVersion",
+    "UntrustedDaemon",
     "UpstreamUnavailable",
     "error_for_code",
 ]
@@ -54,6 +56,13 @@ class DaemonNotRunning(Error):
             "`vm-tokend`, or `systemctl --user start vm-tokend.socket` if it is installed "
             "as a service"
         )
+
+
+class UntrustedDaemon(Error):
+    """The socket, or the /tmp directory it is in, belongs to another user; nothing was sent.
+
+    A daemon of another uid (root excepted) could be anyone's: it would receive the
+    password and requests, and answer with tokens of its own account."""
 
 
 class ProtocolError(Error):

@@ -140,6 +140,33 @@ def test_git_protocol_edge_cases(standin, start_daemon, private_dir):
     assert standin.token_valid(attributes(result.stdout)["password"])
 
 
+def test_input_that_is_not_utf8_is_a_usage_error(standin, start_daemon):
+    """Bytes git may pass on from a URL or a config are not text the daemon can be sent:
+    one line, exit 2, no traceback, for every operation that reads git's input."""
+    daemon = start_daemon(standin)
+    url = urlsplit(standin.url)
+    head = f"protocol={url.scheme}\nhost={url.netloc}\n".encode()
+    cases = [
+        b"protocol=https\nhost=\xff\xfeapi.example\n\n",
+        head + b"username=\xc3\x28\n\n",                 # a truncated UTF-8 sequence
+        head + b"path=v1/vms/\xed\xa0\x80/videos\n\n",  # a lone surrogate, encoded
+        head + b"password=\x80secret\n\n",
+    ]
+    for operation in ("get", "erase", "store"):
+        for data in cases:
+            result = subprocess.run([HELPER, operation], input=data, capture_output=True,
+                                    env=daemon.env, timeout=15, check=False)
+            stderr = result.stderr.decode()
+            assert result.returncode == 2, (operation, data, stderr)
+            assert result.stdout == b""
+            assert stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
+            assert stderr.startswith("vm-token: cannot read the credential description")
+            assert "not valid UTF-8" in stderr and "secret" not in stderr
+    # The daemon never saw any of it, and serves the next request as before.
+    assert standin.token_valid(attributes(git_credential(
+        daemon, "fill", describe(standin)).stdout)["password"])
+
+
 def test_not_logged_in_falls_through(standin, start_daemon):
     daemon = start_daemon(standin, password="")
     result = daemon.cli("get", input=describe(standin))
@@ -212,8 +239,8 @@ def test_the_fast_path_imports_almost_nothing(standin, start_daemon):
         "import sys\n"
         "from vm_token.cli import main\n"
         "assert main(['token']) == 0\n"
-        "heavy = {'argparse', 'socket', 'msgpack', 're', 'typing', 'json', 'datetime',\n"
-        "         'threading', 'trio', 'httpx', 'pydantic', 'dataclasses'}\n"
+        "heavy = {'argparse', 'socket', 'struct', 'msgpack', 're', 'typing', 'json',\n"
+        "         'datetime', 'threading', 'trio', 'httpx', 'pydantic', 'dataclasses'}\n"
         "print(sorted(heavy & set(sys.modules)), file=sys.stderr)\n"
     )
     result = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True,
