@@ -48,6 +48,13 @@ def main() -> int:
                 f"{single:,.0f}/s", f"bare trio + msgpack server {floor:,.0f}/s",
                 f"{single / floor:.2f} (≥ 0.8)", single / floor >= 0.8,
             ))
+            print("2b/7 library against a raw client ...", file=sys.stderr)
+            ours, raw, ratio = roundtrip.against_raw_client(running.socket)
+            rows.append((
+                "2b. `Client.get_token()` vs raw socket+msgpack client, same daemon",
+                f"{ours:,.0f}/s", f"blocking `socket` + C msgpack {raw:,.0f}/s",
+                f"{ratio:.2f} (≥ {roundtrip.RAW_FLOOR})", ratio >= roundtrip.RAW_FLOOR,
+            ))
             print("3/7 four client processes ...", file=sys.stderr)
             multi = roundtrip.multi_process(running.socket, bare)
             ratio = multi["ours"] / multi["floor"]
