@@ -33,7 +33,7 @@ PASSWORD = "impostor-must-not-see-this"  # noqa: S105 - a test value
 
 # Runs as root until it has imported what it needs (the interpreter lives under /root),
 # then becomes OTHER_UID and only then binds and listens. It counts every byte any client
-# sends it and prints the total when its stdin closes.
+# sends it and prints the total when its stdin closes (all of it: queued connections too).
 LISTENER = r"""
 import os, select, socket, sys
 path, uid = sys.argv[1], int(sys.argv[2])
@@ -50,6 +50,18 @@ while True:
     for r in readable:
         if r is sys.stdin:
             if not sys.stdin.readline():
+                # Done: accept what is still queued, read every connection to its end.
+                server.setblocking(False)
+                while True:
+                    try:
+                        open_.append(server.accept()[0])
+                        connections += 1
+                    except BlockingIOError:
+                        break
+                for conn in open_:
+                    conn.settimeout(5)
+                    while data := conn.recv(65536):
+                        total += len(data)
                 print(connections, total, flush=True)
                 sys.exit(0)
         elif r is server:
