@@ -534,5 +534,5 @@ async def test_unknown_videomanager_message_is_bounded(autojump_clock):
         await keeper.get()
         with pytest.raises(UnknownVideoManager) as info:
             await keeper.get("\x01" * 16384)
-        assert len(info.value.message) < 600
+        assert len(info.value.message) < 250
         assert "'\\x01\\x01" in info.value.message and "…" in info.value.message

@@ -173,6 +173,8 @@ async def test_refresh_answer_without_refresh_token_is_accepted(api, standin):
     (lambda a: {**a, "accessToken": 42}, "not the expected JSON"),
     (lambda a: {**a, "accessToken": "x" * (upstream.MAX_TOKEN + 1)}, "not the expected JSON"),
     (lambda a: {**a, "accessToken": "tök.en"}, "not the expected JSON"),
+    (lambda a: {**a, "accessToken": "a.b\r\nX-Injected: 1"}, "not the expected JSON"),
+    (lambda a: {**a, "accessToken": "a b"}, "not the expected JSON"),
     (lambda a: {k: v for k, v in a.items() if k != "videoManagerList"},
      "not the expected JSON"),
     (lambda a: {**a, "videoManagerList": []}, "listed no VideoManagers"),
@@ -182,8 +184,8 @@ async def test_refresh_answer_without_refresh_token_is_accepted(api, standin):
      "not the expected JSON"),
     (lambda a: {**a, "validForVideoManager": [1]}, "not the expected JSON"),
     (lambda a: [a], "not the expected JSON"),
-], ids=["token-type", "token-size", "token-ascii", "no-list", "empty-list", "id-type",
-        "id-size", "valid-for-type", "not-a-map"])
+], ids=["token-type", "token-size", "token-ascii", "token-crlf", "token-space", "no-list",
+        "empty-list", "id-type", "id-size", "valid-for-type", "not-a-map"])
 async def test_malformed_login_answers_are_transient(api, standin, change, expect):
     standin.rewrite = lambda endpoint, answer: change(answer)
     with pytest.raises(upstream.TransientError, match=expect):

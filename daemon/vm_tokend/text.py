@@ -16,5 +16,6 @@ def shorten(text: str, limit: int = MAX_ECHO) -> str:
 
 
 def quote(text: str, limit: int = MAX_ECHO) -> str:
-    """`text` shortened and quoted as Python would, control characters escaped."""
-    return repr(shorten(text, limit))
+    """`text` quoted as Python would, control characters escaped, at most `limit`
+    characters in all (escapes count: one character may take ten)."""
+    return shorten(repr(text[: limit + 1]), limit)

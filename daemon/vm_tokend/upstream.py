@@ -302,9 +302,10 @@ class VideoManagerApi:
 
 
 def _token(value: Any) -> str | None:
-    """A token as the API sends it: non-empty printable ASCII of sane length; else None."""
+    """A token as the API sends it: non-empty visible ASCII of sane length; else None.
+    (It goes into headers and git's line format: no spaces, no line breaks.)"""
     if (isinstance(value, str) and 0 < len(value) <= MAX_TOKEN and value.isascii()
-            and value.isprintable()):
+            and value.isprintable() and " " not in value):
         return value
     return None
 
