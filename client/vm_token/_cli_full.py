@@ -159,11 +159,17 @@ def _cmd_status(client: Client, args: argparse.Namespace) -> int:
     print(f"state:    {status.get('state')}" + (f" as {user}" if user else ""))
     if status.get("last_error"):
         print(f"error:    {status['last_error']}")
+    for notice in status.get("notices") or []:
+        print(f"note:     {notice}")
     calls = status.get("upstream_calls") or {}
     print(f"requests: {status.get('requests')} served; upstream calls: "
           f"{calls.get('login', 0)} logins, {calls.get('refresh', 0)} refreshes")
-    for line in _vm_lines(videomanagers_from_reply(status), refreshed=True):
+    shown = videomanagers_from_reply(status)
+    for line in _vm_lines(shown, refreshed=True):
         print(f"  {line}")
+    total = status.get("videomanagers_total")
+    if isinstance(total, int) and total > len(shown):
+        print(f"  … and {total - len(shown)} more: `vm-token list`")
     return EXIT_OK
 
 

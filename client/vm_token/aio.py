@@ -22,6 +22,7 @@ from .client import (
     VideoManager,
     get_fields,
     invalidate_fields,
+    next_page,
     videomanagers_from_reply,
 )
 from .errors import DaemonNotRunning, Error, ProtocolError
@@ -228,7 +229,13 @@ class AsyncClient:
         return Token.from_reply(await self.request(protocol.GET, **fields))
 
     async def list_videomanagers(self) -> list[VideoManager]:
-        return videomanagers_from_reply(await self.request(protocol.LIST))
+        result: list[VideoManager] = []
+        offset: int | None = 0
+        while offset is not None:
+            reply = await self.request(protocol.LIST, **({"offset": offset} if offset else {}))
+            result += videomanagers_from_reply(reply)
+            offset = next_page(reply, offset)
+        return result
 
     async def status(self) -> dict[str, Any]:
         return await self.request(protocol.STATUS)

@@ -71,6 +71,13 @@ def videomanagers_from_reply(reply: dict[str, Any]) -> list[VideoManager]:
     ]
 
 
+def next_page(reply: dict[str, Any], offset: int) -> int | None:
+    """The offset of the `list` page after the one `reply` is, None after the last."""
+    following = reply.get("next")
+    # A daemon that does not page, or names no later page, has said everything.
+    return following if isinstance(following, int) and following > offset else None
+
+
 class Client:
     """A connection to vm-tokend.
 
@@ -102,7 +109,14 @@ class Client:
         return Token.from_reply(self.request(protocol.GET, **get_fields(videomanager, min_ttl)))
 
     def list_videomanagers(self) -> list[VideoManager]:
-        return videomanagers_from_reply(self.request(protocol.LIST))
+        """Every VideoManager of the user (the daemon sends them a page at a time)."""
+        result: list[VideoManager] = []
+        offset: int | None = 0
+        while offset is not None:
+            reply = self.request(protocol.LIST, **({"offset": offset} if offset else {}))
+            result += videomanagers_from_reply(reply)
+            offset = next_page(reply, offset)
+        return result
 
     def status(self) -> dict[str, Any]:
         """The daemon's state: user, VideoManagers, counters. Never contains a secret."""

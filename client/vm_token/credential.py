@@ -83,7 +83,7 @@ def parse(data: bytes) -> Credential:
             break
         key, sep, value = line.partition("=")
         if not sep or not key:
-            raise CredentialInputError(f"not a key=value line: {key[:40]!r}")
+            raise CredentialInputError(f"line {number} is not key=value")  # never its text
         if key.endswith("[]"):
             if value:
                 credential.lists.setdefault(key, []).append(value)

@@ -108,12 +108,21 @@ async def test_list_and_status_fit_with_a_thousand_videomanagers(make_standin, s
         for op in ("list", "status"):
             reply = await in_thread(rawwire.ask, daemon.socket, {"v": 1, "op": op})
             assert reply["ok"] is True, reply
+        # The library pages through them all, in the API's order.
         listing = await in_thread(client.list_videomanagers)
-        assert listing and {vm.id for vm in listing} <= ids
+        assert [vm.id for vm in listing] == [i for i, _ in videomanagers]
+        async with vm_token.AsyncClient(daemon.socket) as aclient:
+            assert len(await aclient.list_videomanagers()) == 1000
         status = await in_thread(client.status)
-        assert status["state"] == "logged_in"
+        assert status["state"] == "logged_in" and status["videomanagers_total"] == 1000
+        assert 0 < len(status["videomanagers"]) < 1000
+        assert {vm["id"] for vm in status["videomanagers"]} <= ids
         result = await in_thread(daemon.cli, "list")
         assert result.returncode == 0, result.stderr
+        assert len(result.stdout.splitlines()) == 1000
+        result = await in_thread(daemon.cli, "status")
+        shown = len(status["videomanagers"])
+        assert f"… and {1000 - shown} more: `vm-token list`" in result.stdout
         # and the last of them can still be named
         token = await in_thread(client.get_token, videomanagers[-1][1])
         assert standin.token_valid(token.access_token, videomanagers[-1][0])
