@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import stat
 import struct
@@ -28,8 +29,9 @@ async def serving(private_dir, backend=None, **options):
             trio.open_nursery() as nursery:
         bound = bind_unix_socket(private_dir / "vm-token" / "socket")
         dispatcher = Dispatcher(keeper, version="test", login=login, describe=dict)
-        server = Server(bound, dispatcher, **options)
+        server = Server(bound, dispatcher, fast=dispatcher.fast_reply, **options)
         await nursery.start(server.serve)
+        server.dispatcher = dispatcher
         yield server, bound.path, keeper
         server.stop()
 
@@ -283,3 +285,36 @@ async def test_invalidate_with_a_token_that_is_not_ascii_is_a_bad_request(privat
             for vm in odd:
                 reply = await ask(stream, {"v": 1, "op": "invalidate", "token": "t", "vm": vm})
                 assert reply["error"]["code"] == "bad_request"
+
+
+async def test_the_fast_path_answers_exactly_what_the_full_one_would(private_dir, connect):
+    backend = FakeBackend(lifetime=3)  # refreshed at 2 s: the test is done by then
+    with trio.fail_after(5):
+        async with serving(private_dir, backend) as (server, path, keeper):
+            stream = await connect(path)
+            plain = {"v": 1, "op": "get"}
+            first = await ask(stream, plain)
+            again = [await ask(stream, plain) for _ in range(5)]
+            assert all(reply == first for reply in again)
+            assert (await ask(stream, {"v": 1, "op": "status"}))["requests"] == 7
+            # A reported token is never served again from the cache.
+            await ask(stream, {"v": 1, "op": "invalidate", "token": first["token"]})
+            fresh = await ask(stream, plain)
+            assert fresh["ok"] and fresh["token"] != first["token"]
+            assert fresh["token"] == backend.access_tokens()[-1]
+            # min_ttl beyond what the held token has left: fetched, not served from cache.
+            held = await ask(stream, {"v": 1, "op": "get", "vm": "2"})
+            wanting = {"v": 1, "op": "get", "vm": "2", "min_ttl": 2.5}
+            assert (await ask(stream, wanting))["token"] == held["token"]  # 3 s left
+            await trio.sleep(0.6)
+            newer = await ask(stream, wanting)  # < 2.5 s left: a new one
+            assert newer["token"] != held["token"]
+            # Fields the fast path does not know (a git host) take the full path's checks.
+            other = await ask(stream, {"v": 1, "op": "get", "host": "elsewhere.example"})
+            assert other["error"]["code"] == "unknown_host"
+            # After logout nothing is served, and no copy of a token is kept.
+            await keeper.start_session(None)
+            gone = await ask(stream, plain)
+            assert gone["error"]["code"] == "not_logged_in"
+            gc.collect()
+            assert len(server.dispatcher._frames) == 0

@@ -98,7 +98,7 @@ class App:
                     keeper, version=__version__, login=self._login, describe=self._describe,
                     git_hosts=lambda: self.settings.git_hosts(),
                 )
-                self.server = Server(self.bound, dispatcher)
+                self.server = Server(self.bound, dispatcher, fast=dispatcher.fast_reply)
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     await nursery.start(keeper.run)

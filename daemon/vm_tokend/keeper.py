@@ -97,7 +97,7 @@ MIN_REFRESH_INTERVAL: Final = 1.0
 NAMES_SHOWN: Final = 10
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)  # the server caches replies by it
 class TokenInfo:
     token: str
     videomanager: VideoManagerRef
@@ -390,6 +390,22 @@ class Keeper:
             entry.wake.set()
             await changed.wait()
             waited_on = entry
+
+    def held(self, ref: str | None, min_ttl: float) -> TokenInfo | None:
+        """What get(ref, min_ttl) would answer at once without waiting, or None if it would
+        do more than hand out a token it holds (fetch, wait, refuse)."""
+        session = self._session
+        if session is None or session.blocked is not None or session.videomanagers is None:
+            return None
+        vm = session.find(ref) if ref is not None else session.by_id(session.default_id)
+        entry = session.entries.get(vm.id) if vm is not None else None
+        if entry is None:
+            return None
+        now = trio.current_time()
+        if entry.valid_for(now) <= min_ttl:
+            return None
+        entry.last_used = now
+        return entry.info()
 
     def invalidate(self, token: str, ref: str | None = None) -> bool:
         """Drop `token` if it is the current one (of `ref`, or of any VideoManager)."""
