@@ -1,24 +1,59 @@
 """A stand-in VideoManager Pro API: a real HTTP server on loopback, for demos and tests.
 
-It implements what vm-tokend uses and what a client checks a token against:
+It speaks both ways of logging in at once, as the real service does. The legacy API
+({base} is {origin}/v1/vms, `url`; its tokens are HS256 JWTs, each for one VideoManager):
 
-    POST {base}/auth/login                 {"username","password"}
-    POST {base}/auth/refresh/{id}          {"refreshToken"}
-    GET  {base}                            the VideoManager list   (Bearer token)
+    POST {base}/auth/login                 {"username","password"}               "login"
+    POST {base}/auth/refresh/{id}          {"refreshToken"}                      "refresh"
+
+OpenID Connect as the vendor's Keycloak ({issuer} is {origin}/auth/realms/platform; access
+and ID tokens are RS256 JWTs, valid for every VideoManager of the user; refresh tokens are
+HS256 JWTs, opaque to clients; standin_oidc.py and standin_login.py hold the details):
+
+    GET  /.well-known/webfinger?resource={origin}/v1/  JRD, issuer link            "webfinger"
+    GET  {issuer}/.well-known/openid-configuration     discovery document          "discovery"
+    GET  {issuer}/protocol/openid-connect/certs         JWK Set                     "jwks"
+    POST {issuer}/protocol/openid-connect/token         every grant                 "token"
+         grant_type=password                                                   "oidc_login"
+         grant_type=refresh_token                                              "oidc_refresh"
+         grant_type=authorization_code (+ PKCE)                                "oidc_code"
+         grant_type=urn:ietf:params:oauth:grant-type:device_code               "oidc_device"
+    GET  {issuer}/protocol/openid-connect/userinfo      (Bearer token)              "userinfo"
+    GET  {issuer}/protocol/openid-connect/auth          login form; POST: its answer "authorize"
+    POST {issuer}/protocol/openid-connect/auth/device   RFC 8628              "device_authorization"
+    GET  {issuer}/device                                user-code page; POST: answer "verification"
+
+And the API, which accepts a legacy token for its own VideoManager and an OIDC access token
+for every VideoManager of the user:
+
+    GET  {base}                            the VideoManager list   (Bearer token)     "api"
     GET  {base}/{id}/videos                a few fake videos       (Bearer token for {id})
     POST {base}/{id}/videos                "creates" one: 201      (Bearer token for {id})
 
-and issues HS256-signed JWTs with `iat` and `exp`. Controls for tests — lifetimes, refresh
-token rotation, delay, injected failures (status, HTML or garbage bodies, Retry-After, or
-one picked per request by `faults`),
-expiring every refresh token, revoking every access token — are plain attributes and
-methods, and every request is counted.
+Counters (`counts`): every request under the name at its right (a token request under
+"token" and its grant's name); answers that succeeded under the name plus "_ok" ("login_ok",
+"refresh_ok", "oidc_login_ok", "oidc_refresh_ok", "oidc_code_ok", "oidc_device_ok",
+"device_authorization_ok", "authorize_ok"); and "api_rejected", "refresh_reused" (both ways),
+"sessions", "sessions_ended", "token_gone" (the old path after move_token_endpoint()),
+"code_replayed", "authorize_denied", "authorize_failed", "device_approved", "device_denied",
+"device_slow_down", "verification_failed", "client_secret_basic", "client_secret_post".
+`requests` records (time.monotonic(), name) per auth request, a grant's name for a token
+request.
+
+Controls for tests — lifetimes, refresh token rotation (with Keycloak's reuse detection on
+the OIDC side: reusing a refresh token ends its session), delay, injected failures (status,
+HTML or garbage bodies, Retry-After, or one picked per request by `faults`), rewriting
+answers, expiring every refresh token, revoking every access token, ending sessions, a
+discovery document that claims another issuer, a token endpoint that moves — are plain
+attributes and methods, and every request is counted. Fault and rewrite names are those
+above: `fail(endpoints=("token",))` hits every grant, `("oidc_refresh",)` only refreshes;
+`faults` and `rewrite` are called with a grant's name for token requests.
 
     with StandIn(access_lifetime=6) as api:
         ...  # point vm-tokend at api.url, log in as api.username / api.password
         assert api.counts["refresh"] == 1
 
-Run it alone with `python -m vm_tokend.standin` (it prints its URL).
+Run it alone with `python -m vm_tokend.standin [--legacy-only]` (it prints its URL).
 """
 
 from __future__ import annotations
@@ -39,13 +74,21 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, Literal
+from urllib.parse import quote
 
-__all__ = ["Fault", "StandIn"]
+from vm_tokend.standin_oidc import DISCOVERY_PATH, WEBFINGER_PATH, OidcClient, OidcProvider
+
+__all__ = ["Fault", "OidcClient", "StandIn"]
 
 DEFAULT_VIDEOMANAGERS = (("1001", "Marketing"), ("1002", "Sales"), ("1003", "Support"))
 BASE_PATH = "/v1/vms"
 
 BodyKind = Literal["json", "html", "garbage", "empty"]
+# What the OIDC token answers say of the refresh token's lifetime: "lifetime" (Keycloak's
+# default, refresh_expires_in = refresh_lifetime), "zero" (offline tokens: 0 and a refresh
+# token that does not expire), "absent" (no refresh_expires_in at all; the token expires).
+RefreshExpiresMode = Literal["lifetime", "zero", "absent"]
+Response = tuple[int, dict[str, str], bytes]
 # Rewrites a successful auth answer before it is sent: (endpoint, answer) -> a new answer
 # (any JSON value), or bytes to send as they are. For hostile-upstream tests.
 Rewrite = Callable[[str, dict[str, Any]], Any]
@@ -87,6 +130,9 @@ class StandIn:
         access_lifetime: int = 300,
         refresh_lifetime: int = 3600,
         rotate_refresh_tokens: bool = False,
+        legacy_only: bool = False,
+        clients: Iterable[OidcClient] = (OidcClient(),),
+        webfinger_href: Literal["document", "issuer"] = "document",
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
@@ -98,6 +144,18 @@ class StandIn:
         self.access_lifetime = access_lifetime
         self.refresh_lifetime = refresh_lifetime
         self.rotate_refresh_tokens = rotate_refresh_tokens
+        # No WebFinger, no OIDC: every endpoint of it answers 404, as a server without it.
+        self.legacy_only = legacy_only
+        # WebFinger's issuer link: the discovery document itself, as the vendor's, or the
+        # issuer, as OpenID Connect Discovery 1.0 has it.
+        self.webfinger_href = webfinger_href
+        # The issuer the discovery document claims, when not its own (clients must refuse).
+        self.issuer_override: str | None = None
+        self.refresh_expires_mode: RefreshExpiresMode = "lifetime"
+        self.code_lifetime = 60  # s, an authorization code (Keycloak's default)
+        self.device_code_lifetime = 600  # s, RFC 8628 expires_in
+        self.device_interval = 5  # s, RFC 8628 interval
+        self.slow_down_increment = 5  # s added to the interval on slow_down (RFC 8628 3.5)
         self.delay = 0.0
         self.counts: Counter[str] = Counter()
         self.issued: list[str] = []  # every token handed out, for leak checks
@@ -114,13 +172,40 @@ class StandIn:
         self._server = _Server((host, port), _Handler)
         self._server.standin = self
         self._thread: threading.Thread | None = None
+        self.oidc = OidcProvider(self, tuple(clients))
 
     # -- lifecycle ------------------------------------------------------------------------
 
     @property
     def url(self) -> str:
+        return f"{self.origin}{BASE_PATH}"
+
+    @property
+    def origin(self) -> str:
         host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}{BASE_PATH}"
+        return f"http://{host!s}:{port}"
+
+    @property
+    def api_root(self) -> str:
+        """The WebFinger resource: the API root, `url` without `vms`, with a trailing slash."""
+        return f"{self.origin}{BASE_PATH.rsplit('/', 1)[0]}/"
+
+    @property
+    def webfinger_url(self) -> str:
+        return f"{self.origin}{WEBFINGER_PATH}?resource={quote(self.api_root, safe='')}"
+
+    @property
+    def issuer(self) -> str:
+        """The realm's real issuer (whatever `issuer_override` makes the document claim)."""
+        return self.oidc.issuer
+
+    @property
+    def discovery_url(self) -> str:
+        return self.origin + DISCOVERY_PATH
+
+    @property
+    def token_endpoint(self) -> str:
+        return self.origin + self.oidc.token_path
 
     def start(self) -> StandIn:
         self._thread = threading.Thread(
@@ -177,12 +262,38 @@ class StandIn:
         with self._lock:
             self._revoked |= self._access_jtis
 
+    def end_sessions(self) -> int:
+        """End every OIDC session, as Keycloak's "sign out all sessions": every access and
+        refresh token of them stops working. Returns how many were active."""
+        return self.oidc.end_sessions()
+
+    def end_session(self, session_state: str) -> bool:
+        """End one OIDC session (a token answer's `session_state`)."""
+        return self.oidc.end_sessions(session_state) == 1
+
+    def move_token_endpoint(self) -> str:
+        """Move the OIDC token endpoint: the old path answers 404 from now on and the
+        discovery document advertises the new one, which is returned."""
+        return self.oidc.move_token_endpoint()
+
+    def approve_device(self, user_code: str, *, approve: bool = True) -> bool:
+        """Play the user on the device page: approve (or deny) a pending device login."""
+        return self.oidc.logins.decide_device(user_code, approve=approve)
+
     def token_valid(self, token: str, videomanager_id: str | None = None) -> bool:
         """Whether the API would accept `token` (for `videomanager_id`, if given) now."""
         claims = self._verify(token, "access")
-        return claims is not None and (
-            videomanager_id is None or claims.get("vm") == str(videomanager_id)
-        )
+        if claims is None:
+            return self._oidc_allows(token, videomanager_id)
+        return videomanager_id is None or claims.get("vm") == str(videomanager_id)
+
+    def _oidc_allows(self, token: str, videomanager_id: str | None) -> bool:
+        # The API checks the user's rights for an OIDC token: any VideoManager of theirs.
+        if self.legacy_only or self.oidc.access_claims(token) is None:
+            return False
+        return videomanager_id is None or (
+            str(videomanager_id) in {i for i, _ in self.videomanagers}
+            and str(videomanager_id) not in self.forbidden)
 
     # -- tokens ---------------------------------------------------------------------------
 
@@ -238,12 +349,43 @@ class StandIn:
 
     # -- request handling (called from the server's threads) -------------------------------
 
-    def _take_fault(self, endpoint: str) -> Fault | None:
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self.counts[name] += 1
+
+    def _begin(self, endpoint: str, kind: str | None = None) -> Response | None:
+        """Count an auth request, wait `delay`, and return the injected fault's answer if any.
+
+        `kind` (a token request's grant) is counted too and is the name a fault picker
+        and `requests` see; fail(endpoints=...) matches either name."""
+        with self._lock:
+            self.counts[endpoint] += 1
+            if kind is not None:
+                self.counts[kind] += 1
+            self.requests.append((time.monotonic(), kind or endpoint))
+        if self.delay:
+            time.sleep(self.delay)
+        fault = self._take_fault(kind or endpoint, endpoint)
+        return None if fault is None else _fault_response(fault)
+
+    def _answer(self, endpoint: str, answer: dict[str, Any], content_type: str,
+                headers: dict[str, str]) -> Response:
+        """A successful answer, through `rewrite` if set."""
+        with self._lock:
+            rewrite = self.rewrite
+        if rewrite is not None:
+            changed = rewrite(endpoint, answer)
+            if isinstance(changed, bytes):
+                return 200, {"Content-Type": content_type, **headers}, changed
+            answer = changed
+        return 200, {"Content-Type": content_type, **headers}, json.dumps(answer).encode()
+
+    def _take_fault(self, endpoint: str, also: str | None = None) -> Fault | None:
         with self._lock:
             fault = self._fault
             picker = self.faults
             if fault is not None:
-                if endpoint not in fault.endpoints:
+                if endpoint not in fault.endpoints and also not in fault.endpoints:
                     return None
                 if fault.remaining is not None:
                     fault.remaining -= 1
@@ -254,9 +396,12 @@ class StandIn:
 
     def handle(self, method: str, path: str, headers: dict[str, str],
                body: bytes) -> tuple[int, dict[str, str], bytes]:
-        path = path.split("?")[0].rstrip("/")
+        path, _, query = path.partition("?")
+        path = path.rstrip("/")
         if not path.startswith(BASE_PATH):
-            return _json(404, {"message": "Not found"})
+            answer = (None if self.legacy_only
+                      else self.oidc.handle(method, path, query, headers, body))
+            return answer if answer is not None else _json(404, {"message": "Not found"})
         rest = path[len(BASE_PATH):].strip("/").split("/") if path != BASE_PATH else []
         if method == "POST" and rest[:2] == ["auth", "login"] and len(rest) == 2:
             return self._auth("login", body, None)
@@ -270,14 +415,9 @@ class StandIn:
 
     def _auth(self, endpoint: str, body: bytes,
               videomanager_id: str | None) -> tuple[int, dict[str, str], bytes]:
-        with self._lock:
-            self.counts[endpoint] += 1
-            self.requests.append((time.monotonic(), endpoint))
-        if self.delay:
-            time.sleep(self.delay)
-        fault = self._take_fault(endpoint)
+        fault = self._begin(endpoint)
         if fault is not None:
-            return _fault_response(fault)
+            return fault
         try:
             data = json.loads(body)
             if not isinstance(data, dict):
@@ -307,15 +447,8 @@ class StandIn:
                 return _json(403, {"message": "Access denied"})
             grant = self._grant(videomanager_id,
                                 None if self.rotate_refresh_tokens else token)
-        with self._lock:
-            self.counts[f"{endpoint}_ok"] += 1
-            rewrite = self.rewrite
-        if rewrite is not None:
-            answer = rewrite(endpoint, grant)
-            if isinstance(answer, bytes):
-                return 200, {"Content-Type": "application/json"}, answer
-            return _json(200, answer)
-        return _json(200, grant)
+        self._count(f"{endpoint}_ok")
+        return self._answer(endpoint, grant, "application/json", {})
 
     def _api(self, headers: dict[str, str], videomanager_id: str | None,
              create: bool = False) -> tuple[int, dict[str, str], bytes]:
@@ -324,13 +457,18 @@ class StandIn:
         auth = headers.get("authorization", "")
         token = auth[7:] if auth[:7].lower() == "bearer " else ""
         claims = self._verify(token, "access") if token else None
-        if claims is None:
+        oidc = claims is None and bool(token) and self._oidc_allows(token, None)
+        if claims is None and not oidc:
             with self._lock:
                 self.counts["api_rejected"] += 1
             return _json(401, {"message": "Invalid or expired access token"})
         if videomanager_id is None:
             return _json(200, [{"id": i, "name": n} for i, n in self.videomanagers])
-        if claims.get("vm") != videomanager_id:
+        if oidc and not self._oidc_allows(token, videomanager_id):
+            with self._lock:
+                self.counts["api_rejected"] += 1
+            return _json(403, {"message": "Access denied"})
+        if not oidc and claims is not None and claims.get("vm") != videomanager_id:
             with self._lock:
                 self.counts["api_rejected"] += 1
             return _json(403, {"message": "Token not valid for this VideoManager"})
@@ -375,6 +513,9 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as the real API
+    # Headers and body leave in two writes; with Nagle's algorithm the body waits for the
+    # client's delayed ACK, 40 ms on every request on Linux loopback.
+    disable_nagle_algorithm = True
     server: _Server
 
     def _serve(self) -> None:
@@ -412,6 +553,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--access-lifetime", type=int, default=300, metavar="S")
     parser.add_argument("--refresh-lifetime", type=int, default=3600, metavar="S")
     parser.add_argument("--rotate-refresh-tokens", action="store_true")
+    parser.add_argument("--legacy-only", action="store_true",
+                        help="serve the legacy login only: no WebFinger, no OpenID Connect")
+    parser.add_argument("--device-interval", type=int, default=5, metavar="S",
+                        help="the polling interval the device login asks for")
     args = parser.parse_args(argv)
     standin = StandIn(
         username=args.username,
@@ -419,8 +564,10 @@ def main(argv: list[str] | None = None) -> int:
         access_lifetime=args.access_lifetime,
         refresh_lifetime=args.refresh_lifetime,
         rotate_refresh_tokens=args.rotate_refresh_tokens,
+        legacy_only=args.legacy_only,
         port=args.port,
     )
+    standin.device_interval = args.device_interval
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
