@@ -99,7 +99,7 @@ FaultPicker = Callable[[str], "Fault | None"]
 
 @dataclass
 class Fault:
-    """An injected failure for the auth endpoints."""
+    """An injected failure for the auth endpoints (names as in the module docstring)."""
 
     status: int = 503
     body: BodyKind | bytes = "json"  # bytes: sent as they are
@@ -253,12 +253,13 @@ class StandIn:
             self._fault = None
 
     def expire_refresh_tokens(self) -> None:
-        """Make every refresh token issued so far invalid (as if an hour had passed)."""
+        """Make every refresh token issued so far invalid (as if an hour had passed), legacy
+        and OIDC ("Token is not active"); OIDC sessions stay, so a new login works."""
         with self._lock:
             self._revoked |= self._refresh_jtis
 
     def revoke_access_tokens(self) -> None:
-        """Make every access token issued so far invalid."""
+        """Make every access token issued so far invalid, legacy and OIDC."""
         with self._lock:
             self._revoked |= self._access_jtis
 
@@ -288,12 +289,15 @@ class StandIn:
         return videomanager_id is None or claims.get("vm") == str(videomanager_id)
 
     def _oidc_allows(self, token: str, videomanager_id: str | None) -> bool:
-        # The API checks the user's rights for an OIDC token: any VideoManager of theirs.
         if self.legacy_only or self.oidc.access_claims(token) is None:
             return False
-        return videomanager_id is None or (
-            str(videomanager_id) in {i for i, _ in self.videomanagers}
-            and str(videomanager_id) not in self.forbidden)
+        return videomanager_id is None or self._user_may_use(str(videomanager_id))
+
+    def _user_may_use(self, videomanager_id: str) -> bool:
+        # What the API checks for an OIDC token, which is not tied to a VideoManager: the
+        # user's rights there (any VideoManager of the list, but not a `forbidden` one).
+        return (videomanager_id in {i for i, _ in self.videomanagers}
+                and videomanager_id not in self.forbidden)
 
     # -- tokens ---------------------------------------------------------------------------
 
@@ -464,7 +468,7 @@ class StandIn:
             return _json(401, {"message": "Invalid or expired access token"})
         if videomanager_id is None:
             return _json(200, [{"id": i, "name": n} for i, n in self.videomanagers])
-        if oidc and not self._oidc_allows(token, videomanager_id):
+        if oidc and not self._user_may_use(videomanager_id):
             with self._lock:
                 self.counts["api_rejected"] += 1
             return _json(403, {"message": "Access denied"})
