@@ -817,3 +817,13 @@ def test_python_m_standin_prints_its_url(legacy_only):
         assert proc.wait(timeout=10) == 0
         assert proc.stdout is not None
         proc.stdout.close()
+
+
+def test_interactive_pages_take_faults_and_count(make_standin, http):
+    api = make_standin()
+    api.fail(503, count=2, endpoints=("authorize", "verification"))
+    assert authorize(http, api).status_code == 503
+    assert http.get(f"{api.issuer}/device").status_code == 503
+    assert authorize(http, api).status_code == 200
+    assert http.get(f"{api.issuer}/device").status_code == 200
+    assert api.counts["authorize"] == api.counts["verification"] == 2
