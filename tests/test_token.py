@@ -69,3 +69,11 @@ def test_importing_the_client_pulls_in_no_heavy_library():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("expires_at", [float("nan"), float("inf"), -1.0, 1e20])
+def test_an_expiry_no_datetime_can_hold_is_refused_at_once(expires_at):
+    reply = {"token": "t", "videomanager_id": "1", "videomanager_name": "M",
+             "expires_at": expires_at}
+    with pytest.raises(ValueError, match="out of range"):
+        vm_token.Token.from_reply(reply)

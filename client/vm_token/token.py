@@ -9,13 +9,14 @@ from typing import Any
 __all__ = ["Token"]
 
 _new = object.__new__
+_YEAR_10000 = 253402300800.0  # datetime's limit, as a Unix time
 
 
 class Token:
     """An access token for one VideoManager.
 
     `repr()` and `str()` never show `access_token`, so a Token can be logged or printed in a
-    traceback without leaking it. A Token is read-only and compares and hashes by value.
+    traceback without leaking it. Its attributes are read-only; it compares and hashes by value.
 
     A class with slots and read-only properties rather than a frozen dataclass:
     `Client.get_token()` makes one per call, and the dataclass's `__init__` (every field
@@ -39,6 +40,8 @@ class Token:
         expires = reply["expires_at"]
         if not isinstance(expires, int | float) or isinstance(expires, bool):
             raise TypeError("expires_at must be a number")
+        if not 0 <= expires < _YEAR_10000:  # also NaN: what a datetime can say
+            raise ValueError("expires_at is out of range")
         token = _new(cls)
         token._token = str(reply["token"])
         token._id = str(reply["videomanager_id"])
