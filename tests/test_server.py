@@ -31,7 +31,6 @@ async def serving(private_dir, backend=None, **options):
         dispatcher = Dispatcher(keeper, version="test", login=login, describe=dict)
         server = Server(bound, dispatcher, fast=dispatcher.fast_reply, **options)
         await nursery.start(server.serve)
-        server.dispatcher = dispatcher
         yield server, bound.path, keeper
         server.stop()
 
@@ -309,6 +308,10 @@ async def test_the_fast_path_answers_exactly_what_the_full_one_would(private_dir
             await trio.sleep(0.6)
             newer = await ask(stream, wanting)  # < 2.5 s left: a new one
             assert newer["token"] != held["token"]
+            # What the full path refuses, the fast one does too: v must be an int.
+            for v in (1.0, True):
+                odd = await ask(stream, {"v": v, "op": "get"})
+                assert odd["error"]["code"] == "bad_request"
             # Fields the fast path does not know (a git host) take the full path's checks.
             other = await ask(stream, {"v": 1, "op": "get", "host": "elsewhere.example"})
             assert other["error"]["code"] == "unknown_host"
@@ -317,4 +320,4 @@ async def test_the_fast_path_answers_exactly_what_the_full_one_would(private_dir
             gone = await ask(stream, plain)
             assert gone["error"]["code"] == "not_logged_in"
             gc.collect()
-            assert len(server.dispatcher._frames) == 0
+            assert len(server._handle._frames) == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -35,7 +36,7 @@ async def test_login_and_refresh(api, standin):
     assert "accessToken" not in repr(grant) and grant.access_token not in repr(grant)
     sales = await api.refresh(grant.refresh_token, "1002")
     assert sales.valid_for == "1002" and standin.token_valid(sales.access_token, "1002")
-    assert api.calls == {"login": 1, "refresh": 1}
+    assert standin.counts["login"] == 1 and standin.counts["refresh"] == 1
 
 
 async def test_rejections(api, standin):
@@ -195,7 +196,7 @@ async def test_malformed_login_answers_are_transient(api, standin, change, expec
 async def test_login_answer_is_taken_as_it_comes_within_bounds(api, standin):
     standin.rewrite = lambda endpoint, answer: {
         **answer, "validForVideoManager": "42",
-        "videoManagerList": [{"id": 7, "name": "x\x00" * 1_000_000}, {"id": "8"}]}
+        "videoManagerList": [{"id": 7, "name": "x\x00" * 300_000}, {"id": "8"}]}
     grant = await api.login(standin.username, standin.password)
     assert grant.valid_for == "42"  # not listed: the keeper picks another default
     assert [vm.id for vm in grant.videomanagers] == ["7", "8"]
@@ -224,3 +225,56 @@ async def test_lifetime_counts_from_when_the_request_was_sent(api, standin):
     answered = trio.current_time()
     assert answered - sent >= 0.3
     assert sent <= grant.requested_at < sent + 0.1  # when we asked, not when it answered
+
+
+@pytest.mark.parametrize("endpoint", ["login", "refresh"])
+async def test_a_content_type_echoing_what_we_sent_is_not_repeated(api, standin, endpoint):
+    grant = await api.login(standin.username, standin.password)
+    secret = standin.password if endpoint == "login" else grant.refresh_token
+    for value in (f"text/{secret}", f"text/{secret.upper()}", "text/" + "x" * 90_000):
+        standin.fail(503, body=b"<html>", headers=[("Content-Type", value)])
+        with pytest.raises(upstream.TransientError) as info:
+            if endpoint == "login":
+                await api.login(standin.username, standin.password)
+            else:
+                await api.refresh(grant.refresh_token, "1002")
+        message = str(info.value)
+        assert secret.lower() not in message.lower() and len(message) < 300
+        assert "an unexpected content type" in message
+
+
+async def test_an_answer_larger_than_the_limit_is_not_kept(monkeypatch):
+    monkeypatch.setattr(upstream, "MAX_RESPONSE", 64 * 1024)
+    big = b"[" + b"1," * 100_000 + b"1]"
+
+    async def chunked() -> AsyncIterator[bytes]:
+        for start in range(0, len(big), 4096):
+            yield big[start:start + 4096]
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        # With a length the body is not read; without one (chunked) it is not kept.
+        if request.url.path.endswith("login"):
+            return httpx.Response(200, content=big)
+        return httpx.Response(200, content=chunked())
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as http:
+        api = VideoManagerApi(http, "http://127.0.0.1/v1/vms")
+        with pytest.raises(upstream.TransientError, match="more than 65536 bytes"):
+            await api.login("user", "pw")
+        with pytest.raises(upstream.TransientError, match="more than 65536 bytes"):
+            await api.refresh("rt", "1")
+
+
+async def test_a_login_answer_without_a_refresh_token_is_not_the_expected_json(api, standin):
+    standin.rewrite = lambda endpoint, answer: {k: v for k, v in answer.items()
+                                                if k != "refreshToken"}
+    with pytest.raises(upstream.TransientError, match="not the expected JSON"):
+        await api.login(standin.username, standin.password)
+
+
+@pytest.mark.parametrize("listed", [[], [{"id": {"x": 1}}], "garbage"])
+async def test_a_refresh_answers_list_is_not_read(api, standin, listed):
+    grant = await api.login(standin.username, standin.password)
+    standin.rewrite = lambda endpoint, answer: {**answer, "videoManagerList": listed}
+    sales = await api.refresh(grant.refresh_token, "1002")
+    assert standin.token_valid(sales.access_token, "1002")

@@ -230,8 +230,10 @@ def _plain_get(body: bytes) -> tuple[str | None, float] | None:
         return None
     try:
         request = protocol.decode_body(body)
-        if (request.get("op") != protocol.GET or request.get("v") != protocol.PROTOCOL_VERSION
-                or isinstance(request.get("v"), bool) or request.keys() - _PLAIN_GET_FIELDS):
+        # Exactly what the full path takes: `v` an int (not 1.0, not True), op "get".
+        if (request.get("op") != protocol.GET or type(request.get("v")) is not int
+                or request["v"] != protocol.PROTOCOL_VERSION
+                or request.keys() - _PLAIN_GET_FIELDS):
             return None
         return _opt_ref(request, "vm"), _min_ttl(request)
     except (protocol.MalformedFrame, BadRequest):
@@ -392,7 +394,7 @@ class Dispatcher:
             **self._describe(),
             **self.keeper.state(),
             "requests": self.requests,
-            "upstream_calls": dict(self.keeper.backend.calls),
+            "upstream_calls": dict(self.keeper.calls),
             "videomanagers": _page(items, 0, LIST_ROOM)[0],
             "videomanagers_total": len(items),
         }

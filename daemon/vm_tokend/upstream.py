@@ -1,13 +1,19 @@
-"""Talking to the VideoManager Pro API: log in, refresh. The only module that does HTTP.
+"""Talking to the VideoManager Pro API's own login endpoints, and what every way of
+logging in shares: the errors, `Grant`, and reading answers defensively. With `oidc`, the
+only modules that do HTTP.
 
-`AuthBackend` is the seam for a second way to log in (the vendor's SDK also knows an
-OpenID Connect password grant against Keycloak): the keeper needs nothing but `login` and
-`refresh` returning a `Grant`, and the exceptions below.
+Two backends log in: `VideoManagerApi` here (the original `/auth/login` and
+`/auth/refresh/{id}`: a token per VideoManager) and `oidc.OidcApi` (the vendor's
+OpenID Connect: one token for every VideoManager). Their errors:
 
     UpstreamError
-    ├── CredentialsRejected   login answered 401, or 403 with the API's JSON: never retry
-                              on a timer
-    ├── RefreshRejected       refresh answered 401: the refresh token is gone, log in again
+    ├── CredentialsRejected   the password was refused (legacy: 401, or 403 with the API's
+    │                         JSON; OIDC: invalid_grant): never retry on a timer
+    ├── ClientRejected        the identity provider refused our client (id, secret, scope,
+    │                         grant type) or its discovery is inconsistent: a configuration
+    │                         error, never retried on a timer
+    ├── RefreshRejected       the refresh token is gone (legacy 401, OIDC invalid_grant):
+    │                         log in again
     ├── Forbidden             refresh answered 403: no rights for that VideoManager
     └── TransientError        network trouble, timeouts, 5xx, 429, a proxy's 403 page,
                               garbage, an empty VideoManager list: back off, retry
@@ -23,8 +29,8 @@ import binascii
 import email.utils
 import json
 import math
+import re
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -34,10 +40,11 @@ import trio
 from .text import quote
 
 __all__ = [
-    "AuthBackend",
+    "ClientRejected",
     "CredentialsRejected",
     "Forbidden",
     "Grant",
+    "LegacyBackend",
     "RefreshRejected",
     "TransientError",
     "UpstreamError",
@@ -65,6 +72,9 @@ MAX_RETRY_AFTER: Final = 600.0
 MAX_TOKEN: Final = 16 * 1024
 MAX_ID: Final = 64
 MAX_NAME: Final = 200
+# The largest answer we read: a VideoManager list of a few thousand is well under it, and
+# a proxy streaming a gigabyte must not fill our memory.
+MAX_RESPONSE: Final = 4 * 1024 * 1024
 # A lifetime beyond this is treated as this (a token claiming to live for years would
 # never be refreshed); a day is far beyond the API's five minutes. A guess.
 MAX_LIFETIME: Final = 86400.0
@@ -75,6 +85,10 @@ class UpstreamError(Exception):
 
 
 class CredentialsRejected(UpstreamError):
+    pass
+
+
+class ClientRejected(UpstreamError):
     pass
 
 
@@ -104,8 +118,8 @@ class Grant:
 
     access_token: str = field(repr=False)
     refresh_token: str | None = field(repr=False)  # None: keep the one we have
-    videomanagers: tuple[VideoManagerRef, ...]
-    valid_for: str  # the VideoManager id the access token is valid for
+    videomanagers: tuple[VideoManagerRef, ...]  # as a legacy login lists them; OIDC: ()
+    valid_for: str | None  # the VideoManager id the token is for; None: every one (OIDC)
     lifetime: float  # seconds the access token lives, counted from `requested_at`
     refresh_lifetime: float | None  # the same for the refresh token, when it says
     # trio.current_time() when the request was sent: the token was issued after it, so
@@ -113,10 +127,8 @@ class Grant:
     requested_at: float
 
 
-class AuthBackend(Protocol):
-    """What the keeper needs from a way of logging in."""
-
-    calls: Counter[str]
+class LegacyBackend(Protocol):
+    """What the keeper needs from the API's original login."""
 
     async def login(self, username: str, password: str) -> Grant: ...
 
@@ -145,7 +157,7 @@ def jwt_claims(token: str) -> dict[str, Any] | None:
     return claims if isinstance(claims, dict) else None
 
 
-def _number(value: Any) -> float | None:
+def number(value: Any) -> float | None:
     if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
     return None
@@ -158,10 +170,10 @@ def token_lifetime(token: str, default: float | None, wall_now: float) -> float 
     fall back to `exp - now`. Not a JWT, or no `exp`: `default`.
     """
     claims = jwt_claims(token)
-    exp = _number(claims.get("exp")) if claims else None
+    exp = number(claims.get("exp")) if claims else None
     if exp is None:
         return default
-    iat = _number(claims.get("iat")) if claims else None
+    iat = number(claims.get("iat")) if claims else None
     lifetime = (exp - iat) if iat is not None else (exp - wall_now)
     lifetime -= CLOCK_SLACK
     if lifetime <= 0:
@@ -192,6 +204,8 @@ def parse_retry_after(value: str | None, wall_now: float) -> float | None:
 class VideoManagerApi:
     """The VideoManager Pro API's own login and refresh endpoints."""
 
+    kind = "legacy"
+
     def __init__(
         self,
         http: httpx.AsyncClient,
@@ -202,12 +216,10 @@ class VideoManagerApi:
         self._http = http
         self.api_url = api_url.rstrip("/")
         self.default_token_lifetime = default_token_lifetime
-        self.calls: Counter[str] = Counter()
 
     async def login(self, username: str, password: str) -> Grant:
         sent = trio.current_time()
         response = await self._post(
-            "login",
             f"{self.api_url}/auth/login",
             {"username": username, "password": password},
             secrets=(password,),
@@ -215,47 +227,34 @@ class VideoManagerApi:
         # A 403 is the API's refusal only when it comes with the API's JSON: a proxy or a
         # firewall in between answers with a page of its own, and that passes.
         if response.status_code == 401 or (
-                response.status_code == 403 and _api_message(response) is not None):
+                response.status_code == 403 and api_message(response) is not None):
             raise CredentialsRejected(
                 f"the API rejected the credentials for {quote(username)}: "
-                + _describe(response, (password,))
+                + describe(response, (password,))
             )
         return self._grant(response, (password,), sent)
 
     async def refresh(self, refresh_token: str, videomanager_id: str) -> Grant:
         sent = trio.current_time()
         response = await self._post(
-            "refresh",
             f"{self.api_url}/auth/refresh/{videomanager_id}",
             {"refreshToken": refresh_token},
             secrets=(refresh_token,),
         )
         if response.status_code == 401:
             raise RefreshRejected("the API rejected the refresh token: "
-                                  + _describe(response, (refresh_token,)))
+                                  + describe(response, (refresh_token,)))
         if response.status_code == 403:
             raise Forbidden(
                 f"no rights for VideoManager {videomanager_id}: "
-                + _describe(response, (refresh_token,))
+                + describe(response, (refresh_token,))
             )
         return self._grant(response, (refresh_token,), sent, expect=videomanager_id)
 
     async def _post(
-        self, kind: str, url: str, body: dict[str, str], *, secrets: tuple[str, ...]
+        self, url: str, body: dict[str, str], *, secrets: tuple[str, ...]
     ) -> httpx.Response:
-        self.calls[kind] += 1
-        try:
-            with trio.fail_after(TOTAL_TIMEOUT):
-                return await self._http.post(url, json=body)
-        except trio.TooSlowError:
-            raise TransientError(f"no answer from the API within {TOTAL_TIMEOUT:g} s") from None
-        except httpx.TimeoutException:
-            raise TransientError("the API timed out") from None
-        except httpx.HTTPError as exc:
-            # httpx messages name the URL and the OS error, never the body we sent.
-            raise TransientError(
-                f"cannot reach the API: {_scrub(str(exc) or type(exc).__name__, secrets)}"
-            ) from None
+        return await send(self._http, "POST", url, secrets=secrets, json=body)
 
     def _grant(
         self, response: httpx.Response, secrets: tuple[str, ...], sent: float,
@@ -263,28 +262,30 @@ class VideoManagerApi:
     ) -> Grant:
         if response.status_code != 200:
             raise TransientError(
-                _describe(response, secrets),
+                describe(response, secrets),
                 retry_after=parse_retry_after(response.headers.get("retry-after"), time.time()),
             )
         try:
             data = loads(response.content)
             if not isinstance(data, dict):
                 raise TypeError
-            access = _token(data.get("accessToken"))
+            access = valid_token(data.get("accessToken"))
             if access is None:
                 raise TypeError
             # The vendor's own client reads only accessToken from a refresh: without a new
             # refresh token, the one we have stays (the keeper keeps it).
-            refresh = _token(data.get("refreshToken"))
-            listed = data.get("videoManagerList")
-            if listed is None and expect is None:
-                raise TypeError  # a login must say which VideoManagers there are
-            vms = tuple(_videomanager(item) for item in listed or ())
-            valid_for = _id(data.get("validForVideoManager", expect))
+            refresh = valid_token(data.get("refreshToken"))
+            # A login must say which VideoManagers there are and bring a refresh token for
+            # the others; a refresh's list, if any, is not used (so not read).
+            listed = data.get("videoManagerList") if expect is None else None
+            if expect is None and (listed is None or refresh is None):
+                raise TypeError
+            vms = tuple(parse_videomanager(item) for item in listed or ())
+            valid_for = parse_id(data.get("validForVideoManager", expect))
         except (ValueError, TypeError, KeyError):
             raise TransientError(
                 f"the API answered HTTP {response.status_code} with a body that is not the "
-                f"expected JSON ({_content_type(response)})"
+                f"expected JSON ({content_type(response, secrets)})"
             ) from None
         if listed is not None and not vms:
             raise TransientError("the API listed no VideoManagers for this user")
@@ -301,7 +302,7 @@ class VideoManagerApi:
         )
 
 
-def _token(value: Any) -> str | None:
+def valid_token(value: Any) -> str | None:
     """A token as the API sends it: non-empty visible ASCII of sane length; else None.
     (It goes into headers and git's line format: no spaces, no line breaks.)"""
     if (isinstance(value, str) and 0 < len(value) <= MAX_TOKEN and value.isascii()
@@ -310,7 +311,7 @@ def _token(value: Any) -> str | None:
     return None
 
 
-def _id(value: Any) -> str:
+def parse_id(value: Any) -> str:
     """A VideoManager id (the API sends numbers; strings are taken too); TypeError if not."""
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise TypeError
@@ -320,21 +321,67 @@ def _id(value: Any) -> str:
     return text
 
 
-def _videomanager(item: Any) -> VideoManagerRef:
+def parse_videomanager(item: Any) -> VideoManagerRef:
     if not isinstance(item, dict):
         raise TypeError
     name = item.get("name")
     name = name.strip() if isinstance(name, str) else ""
     name = "".join(ch if ch.isprintable() else " " for ch in name[:MAX_NAME])
-    vm_id = _id(item.get("id"))
+    vm_id = parse_id(item.get("id"))
     return VideoManagerRef(id=vm_id, name=name or vm_id)
 
 
-def _content_type(response: httpx.Response) -> str:
-    return str(response.headers.get("content-type", "no content type")).split(";")[0].strip()
+async def send(http: httpx.AsyncClient, method: str, url: str, *, peer: str = "the API",
+               secrets: tuple[str, ...] = (), **options: Any) -> httpx.Response:
+    """One HTTP request, its failures translated into TransientError (scrubbed of what we
+    sent); the response whatever its status, its body read (at most MAX_RESPONSE)."""
+    try:
+        with trio.fail_after(TOTAL_TIMEOUT):
+            async with http.stream(method, url, **options) as response:
+                too_large = TransientError(f"{peer} answered HTTP {response.status_code} "
+                                           f"with more than {MAX_RESPONSE} bytes")
+                length = response.headers.get("content-length", "")
+                if length.isascii() and length.isdigit() and int(length) > MAX_RESPONSE:
+                    raise too_large  # not read at all
+                body = bytearray()
+                # Decoded bytes are counted: a small gzip bomb is as large as it unpacks to.
+                # Past the limit the rest is read and dropped (within the time limit):
+                # leaving httpx's stream half-read leaks its inner generators.
+                async for chunk in response.aiter_bytes():
+                    if len(body) <= MAX_RESPONSE:
+                        body += chunk
+                if len(body) > MAX_RESPONSE:
+                    raise too_large
+            return httpx.Response(response.status_code, headers=response.headers,
+                                  content=bytes(body), request=response.request)
+    except trio.TooSlowError:
+        raise TransientError(f"no answer from {peer} within {TOTAL_TIMEOUT:g} s") from None
+    except httpx.TimeoutException:
+        raise TransientError(f"{peer} timed out") from None
+    except httpx.HTTPError as exc:
+        # httpx messages name the URL and the OS error, never the body we sent.
+        raise TransientError(
+            f"cannot reach {peer}: {scrub(str(exc) or type(exc).__name__, secrets)}"
+        ) from None
 
 
-def _scrub(text: str, secrets: tuple[str, ...]) -> str:
+def content_type(response: httpx.Response, secrets: tuple[str, ...] = ()) -> str:
+    """The media type of a response, for messages: only if it looks like one (the header
+    is the sender's to fill, with anything, even what we sent it)."""
+    value = response.headers.get("content-type")
+    if value is None:
+        return "no content type"
+    media = str(value).split(";")[0].strip().lower()
+    if (len(media) <= 50 and _MEDIA_TYPE.fullmatch(media)
+            and not any(s and s.lower() in media for s in secrets)):
+        return media
+    return "an unexpected content type"
+
+
+_MEDIA_TYPE: Final = re.compile(r"[a-z0-9][a-z0-9.+-]*/[a-z0-9][a-z0-9.+-]*")
+
+
+def scrub(text: str, secrets: tuple[str, ...]) -> str:
     for secret in secrets:
         if secret:
             text = text.replace(secret, "[redacted]")
@@ -342,7 +389,7 @@ def _scrub(text: str, secrets: tuple[str, ...]) -> str:
     return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 1] + "…"
 
 
-def _api_message(response: httpx.Response) -> str | None:
+def api_message(response: httpx.Response) -> str | None:
     """The `message` of the API's JSON error body; None if the body is something else."""
     try:
         data = loads(response.content)
@@ -352,10 +399,10 @@ def _api_message(response: httpx.Response) -> str | None:
     return message if isinstance(message, str) and message.strip() else None
 
 
-def _describe(response: httpx.Response, secrets: tuple[str, ...]) -> str:
+def describe(response: httpx.Response, secrets: tuple[str, ...]) -> str:
     """`HTTP 503: <the API's message>`, or a note that the body was not the API's JSON."""
     status = f"HTTP {response.status_code}"
-    message = _api_message(response)
+    message = api_message(response)
     if message is not None:
-        return f"{status}: {_scrub(message, secrets)}"
-    return f"{status} ({_content_type(response)} body)"
+        return f"{status}: {scrub(message, secrets)}"
+    return f"{status} ({content_type(response, secrets)} body)"

@@ -1,0 +1,239 @@
+"""An account: one set of settings, its credentials, and the session they make.
+
+Starting a session first finds out how the API wants to be logged in to (WebFinger, when
+`auth = "auto"`): `connect` answers a backend, legacy or OpenID Connect, and the matching
+session follows. Trouble finding out backs off and asks again; it never guesses.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeAlias
+
+import trio
+
+from vm_token.errors import DaemonError as Refused
+from vm_token.errors import NotLoggedIn, UpstreamUnavailable
+
+from .. import upstream
+from ..settings import Credentials
+from .credentials import PasswordSource
+from .legacy import LegacySession
+from .oidc import OidcBackend, OidcSession
+from .session import AccountConfig, Session, SessionEnded
+from .slot import TokenInfo
+from .timing import BACKOFF_CAP, Timing, seconds
+
+__all__ = ["Account", "Backend", "Connect"]
+
+log = logging.getLogger("vm_tokend.keeper")
+
+Backend: TypeAlias = upstream.LegacyBackend | OidcBackend
+# Finds out how to log in: a backend whose `kind` is "legacy" or "oidc".
+Connect: TypeAlias = Callable[[], Awaitable[Backend]]
+
+
+class _Connecting:
+    """A session not made yet: finding out how to log in."""
+
+    def __init__(self, source: PasswordSource) -> None:
+        self.source = source
+        self.last_error: str | None = None
+        self.retry_at: float | None = None
+        self.blocked: Refused | None = None
+        self.changed = trio.Event()
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+class Account:
+    """Holds one session at a time and answers for it."""
+
+    def __init__(
+        self,
+        connect: Connect | Backend,
+        *,
+        default_videomanager: str | None = None,
+        videomanagers: Sequence[str] = (),
+        idle_timeout: float = 3600.0,
+        max_backoff: float = BACKOFF_CAP,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not callable(connect):
+            backend = connect
+
+            async def fixed() -> Backend:
+                return backend
+            connect = fixed
+        self._connect: Connect = connect
+        self.config = AccountConfig(default_videomanager, tuple(videomanagers), idle_timeout)
+        self.timing = Timing(rng, max_backoff)
+        self.session: Session | None = None
+        self._connecting: _Connecting | None = None
+        self._scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
+
+    @property
+    def calls(self) -> Counter[str]:
+        return self.config.calls
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    async def start(self, credentials: Credentials | None) -> None:
+        """Forget everything and, given credentials, log in with them in the background."""
+        self.end()
+        if credentials is None:
+            return
+        assert self._nursery is not None, "Account.run() is not running"
+        connecting = self._connecting = _Connecting(PasswordSource(credentials))
+        self._scope = trio.CancelScope()
+        await self._nursery.start(self._connect_and_run, connecting, self._scope)
+
+    def end(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
+            self._scope = None
+        if self._connecting is not None:
+            self._connecting.notify()
+            self._connecting = None
+        if self.session is not None:
+            self.session.end()
+            self.session = None
+
+    async def _connect_and_run(self, connecting: _Connecting, scope: trio.CancelScope, *,
+                               task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+                               ) -> None:
+        with scope:
+            task_status.started()
+            backend = await self._find_backend(connecting)
+            if backend is None:
+                return
+            kind = LegacySession if getattr(backend, "kind", "legacy") == "legacy" \
+                else OidcSession
+            session = kind(connecting.source, backend,  # type: ignore[arg-type]
+                           config=self.config, timing=self.timing)
+            self.session, self._connecting = session, None
+            connecting.notify()
+            await session.run()
+
+    async def _find_backend(self, connecting: _Connecting) -> Backend | None:
+        failures = 0
+        while True:
+            try:
+                return await self._connect()
+            except upstream.ClientRejected as exc:
+                connecting.blocked = NotLoggedIn(f"{exc}; fix the configuration and reload")
+                log.error("%s", connecting.blocked.message)
+                connecting.notify()
+                return None
+            except Exception as exc:  # TransientError, or a bug met by odd input
+                message = str(exc) if isinstance(exc, upstream.TransientError) \
+                    else f"internal error ({type(exc).__name__})"
+                retry_after = exc.retry_after if isinstance(exc, upstream.TransientError) \
+                    else None
+                delay = self.timing.backoff(failures, retry_after)
+                failures += 1
+                connecting.last_error = f"cannot find how to log in: {message}"
+                connecting.retry_at = trio.current_time() + delay
+                log.warning("%s; next attempt in %s", connecting.last_error, seconds(delay))
+                connecting.notify()
+                await trio.sleep_until(connecting.retry_at)
+
+    def configure(self, *, default_videomanager: str | None, videomanagers: Sequence[str],
+                  idle_timeout: float, max_backoff: float = BACKOFF_CAP) -> None:
+        """Apply reloaded settings that do not need a new session."""
+        self.config.default_videomanager = default_videomanager
+        self.config.videomanagers = tuple(videomanagers)
+        self.config.idle_timeout = idle_timeout
+        self.timing.max_backoff = max_backoff
+        if self.session is not None:
+            self.session.configure()
+
+    @property
+    def credentials(self) -> Credentials | None:
+        source = self.session.source if self.session else (
+            self._connecting.source if self._connecting else None)
+        return source.credentials if source else None
+
+    @property
+    def rejected(self) -> bool:
+        blocked = self.session.blocked if self.session else (
+            self._connecting.blocked if self._connecting else None)
+        return blocked is not None
+
+    def logged_in_with(self, password: str) -> bool:
+        """Whether the current session last logged in with this password."""
+        return self.session is not None and self.session.source is not None \
+            and self.session.source.last_read(password)
+
+    # -- requests -------------------------------------------------------------------------
+
+    async def _current(self) -> Session:
+        """The session, once there is one; raises why there is none."""
+        while True:
+            if self.session is not None:
+                return self.session
+            connecting = self._connecting
+            if connecting is None:
+                raise NotLoggedIn("vm-tokend has no credentials: run `vm-token login`, or "
+                                  "configure a username and password")
+            if connecting.blocked is not None:
+                raise connecting.blocked
+            now = trio.current_time()
+            if connecting.retry_at is not None and connecting.retry_at > now:
+                raise UpstreamUnavailable(f"{connecting.last_error}; next attempt in "
+                                          f"{seconds(connecting.retry_at - now)}")
+            await connecting.changed.wait()
+
+    async def wait_logged_in(self) -> None:
+        while True:
+            try:
+                await (await self._current()).wait_logged_in()
+                return
+            except SessionEnded:
+                continue
+
+    async def get(self, ref: str | None = None, min_ttl: float = 0.0) -> TokenInfo:
+        while True:
+            try:
+                return await (await self._current()).get(ref, min_ttl)
+            except SessionEnded:
+                continue  # replaced while we waited: ask the new one
+
+    def held(self, ref: str | None, min_ttl: float) -> TokenInfo | None:
+        return self.session.held(ref, min_ttl) if self.session is not None else None
+
+    def invalidate(self, token: str, ref: str | None = None) -> bool:
+        return self.session.invalidate(token, ref) if self.session is not None else False
+
+    def list(self) -> list[dict[str, Any]]:
+        return self.session.list() if self.session is not None else []
+
+    def state(self) -> dict[str, Any]:
+        if self.session is not None:
+            return self.session.state()
+        connecting = self._connecting
+        if connecting is None:
+            return {"state": "logged_out", "username": None, "logged_in_at": None,
+                    "last_error": None, "notices": [], "auth": None}
+        error: str | None
+        if connecting.blocked is not None:
+            state, error = "not_logged_in", connecting.blocked.message
+        else:
+            state = "logging_in" if connecting.retry_at is None else "upstream_unavailable"
+            error = connecting.last_error
+        return {"state": state, "username": connecting.source.username, "logged_in_at": None,
+                "last_error": error, "notices": [], "auth": None}
+
+

@@ -1,0 +1,151 @@
+"""OpenID Connect: one access token for every VideoManager, the list from the API.
+
+The password grant logs in, the refresh grant keeps the token fresh (always with the
+newest refresh token: Keycloak may rotate it and end the session when an old one is
+reused — the session lock sends one at a time), and `invalid_grant` on a refresh leads to
+one new login. The VideoManagers are listed at login and again when a client names one we
+do not know, at most once a minute.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from typing import Any, Final, Protocol
+
+import trio
+
+from vm_token.errors import UnknownVideoManager
+
+from .. import upstream
+from ..oidc import TokenRejected
+from ..upstream import Grant, VideoManagerRef
+from .credentials import PasswordSource
+from .session import AccountConfig, Session, contained
+from .slot import Slot
+from .timing import Timing
+from .videomanagers import VideoManagers
+
+__all__ = ["OidcBackend", "OidcSession"]
+
+log = logging.getLogger("vm_tokend.keeper")
+
+# A client naming a VideoManager we do not know makes us list them again, at most this
+# often: a typo in a loop must not become a request per call.
+RELIST_INTERVAL: Final = 60.0
+
+
+class OidcBackend(Protocol):
+    """What the keeper needs from an OpenID Connect provider (oidc.OidcApi)."""
+
+    issuer: str
+    client_id: str
+
+    async def login(self, username: str, password: str) -> Grant: ...
+
+    async def refresh(self, refresh_token: str) -> Grant: ...
+
+    async def videomanagers(self, access_token: str) -> tuple[VideoManagerRef, ...]: ...
+
+
+class OidcSession(Session):
+    kind = "oidc"
+
+    def __init__(self, source: PasswordSource | None, backend: OidcBackend, *,
+                 config: AccountConfig, timing: Timing) -> None:
+        super().__init__(source, config=config, timing=timing)
+        self.backend = backend
+        self._slot: Slot | None = None
+        self._listed_at = -math.inf
+        self._relisting: trio.Event | None = None
+
+    def describe_auth(self) -> dict[str, Any]:
+        return {"auth": self.kind, "issuer": self.backend.issuer,
+                "client_id": self.backend.client_id}
+
+    # -- one slot for all ------------------------------------------------------------------
+
+    def slot_of(self, vm: VideoManagerRef | None) -> Slot | None:
+        return self._slot
+
+    def slot_for(self, vm: VideoManagerRef | None) -> Slot:
+        if self._slot is None:
+            # Kept while the session lives: it is every VideoManager's token.
+            self._slot = self.new_slot("every VideoManager", lambda slot: math.inf)
+        return self._slot
+
+    def slots(self) -> Iterable[Slot]:
+        return [self._slot] if self._slot is not None else []
+
+    # -- logging in ----------------------------------------------------------------------
+
+    async def _password_grant(self, username: str, password: str) -> Grant:
+        return await self.backend.login(username, password)
+
+    async def _refresh_grant(self, refresh_token: str, *args: str) -> Grant:
+        return await self.backend.refresh(refresh_token)
+
+    async def _establish(self) -> None:
+        slot = self.slot_for(None)
+        if slot.valid_for(trio.current_time()) <= 0:
+            slot.take(await self.login())
+        assert slot.token is not None
+        await self._list(slot, slot.token)
+
+    async def _list(self, slot: Slot, token: str) -> None:
+        self.config.calls["videomanagers"] += 1
+        self._listed_at = trio.current_time()
+        try:
+            listed = await contained(self.backend.videomanagers(token))
+        except TokenRejected:
+            slot.invalidate(token)  # the next attempt gets a new one first
+            raise
+        vms = VideoManagers(listed)
+        if self.vms is not None:
+            vms.notices = self.vms.notices  # logged already
+        vms.pin(self.config.default_videomanager, self.config.videomanagers, fallback=None)
+        self.vms = vms
+
+    def configure(self) -> None:
+        if self.vms is not None:
+            self.vms.pin(self.config.default_videomanager, self.config.videomanagers,
+                         fallback=None)
+
+    async def resolve(self, vms: VideoManagers, ref: str | None) -> VideoManagerRef:
+        try:
+            return vms.resolve(ref)
+        except UnknownVideoManager:
+            if ref is None or trio.current_time() - self._listed_at < RELIST_INTERVAL:
+                raise
+        await self._relist()
+        return (self.vms or vms).resolve(ref)
+
+    async def _relist(self) -> None:
+        """List the VideoManagers again (one request however many clients ask)."""
+        if self._relisting is not None:
+            await self._relisting.wait()
+            return
+        self._relisting = done = trio.Event()
+        try:
+            slot = self._slot
+            if slot is not None and slot.token is not None \
+                    and slot.valid_for(trio.current_time()) > 0:
+                await self._list(slot, slot.token)
+        except upstream.UpstreamError as exc:
+            log.warning("cannot list the VideoManagers again: %s", exc)
+        finally:
+            self._relisting = None
+            done.set()
+
+    # -- fetching --------------------------------------------------------------------------
+
+    async def _fetch(self, slot: Slot) -> Grant:
+        if self.login_due():
+            return await self.login_again()
+        try:
+            return await self.refresh()
+        except upstream.RefreshRejected as exc:
+            log.info("%s; logging in again", exc)
+            self.refresh_token = None
+        return await self.login_again()

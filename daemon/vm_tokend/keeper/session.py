@@ -1,0 +1,396 @@
+"""A login session: one set of credentials, one way of logging in, every token they bring.
+
+Concurrency rules:
+
+* Every upstream call of a session happens under its lock, so a refresh token — which the
+  API may rotate on every use — is never sent twice at once, and a re-login after a
+  rejected refresh token happens once.
+* A Retry-After, and a failed re-login, pause every upstream call of the session until
+  then; tokens that are still valid are served meanwhile.
+* Rejected credentials are never retried on a timer: only new credentials (`login`) or a
+  reload (SIGHUP) start a new session.
+
+What a token covers is the subclass's business: LegacySession holds one per VideoManager,
+OidcSession one for all. Ending a session (login, logout, reload) cancels its tasks and
+forgets its tokens at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Awaitable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import trio
+
+from vm_token.errors import CredentialsRejected, NotLoggedIn, UpstreamUnavailable
+from vm_token.errors import DaemonError as Refused
+
+from .. import upstream
+from ..settings import PasswordUnavailable
+from ..text import quote
+from ..upstream import Grant, VideoManagerRef
+from .credentials import PasswordSource
+from .slot import Paused, Slot, TokenInfo
+from .timing import Timing, seconds
+from .videomanagers import VideoManagers
+
+__all__ = ["AccountConfig", "Session", "SessionEnded"]
+
+log = logging.getLogger("vm_tokend.keeper")
+
+T = TypeVar("T")
+
+# Log in afresh rather than refresh with a refresh token this close to its expiry (when
+# the token says when that is): one request instead of a refused one and a login.
+REFRESH_TOKEN_MARGIN = 30.0
+
+
+class SessionEnded(Exception):
+    """The session was replaced or ended while a client was waiting on it."""
+
+
+@dataclass
+class AccountConfig:
+    """The settings a session reads as it goes (a reload changes them in place)."""
+
+    default_videomanager: str | None = None
+    videomanagers: Sequence[str] = ()
+    idle_timeout: float = 3600.0
+    calls: Counter[str] = field(default_factory=Counter)  # upstream calls, for status
+
+
+async def contained(call: Awaitable[T]) -> T:
+    """Await a backend call; whatever it raises that is not an UpstreamError becomes a
+    TransientError that names only the exception's type (its text might hold a secret)."""
+    try:
+        return await call
+    except upstream.UpstreamError:
+        raise
+    except Exception as exc:
+        raise upstream.TransientError(
+            f"unexpected failure talking to the API ({type(exc).__name__})") from None
+
+
+class Session:
+    """One login and everything obtained with it."""
+
+    kind = ""
+
+    def __init__(self, source: PasswordSource | None, *, config: AccountConfig,
+                 timing: Timing) -> None:
+        self.source = source  # None: no password (the seam for interactive logins)
+        self.config = config
+        self.timing = timing
+        self.lock = trio.Lock()
+        self.refresh_token: str | None = None
+        self.refresh_expires_at = math.inf
+        self.vms: VideoManagers | None = None
+        self.ready = False  # the first login succeeded: clients may be served
+        self.blocked: Refused | None = None  # credentials rejected / password unreadable
+        self.last_error: str | None = None
+        self.login_retry_at: float | None = None
+        self.logged_in_at_wall: float | None = None
+        # Every upstream call of the session waits until then; `pause_reason` says why.
+        self.paused_until = -math.inf
+        self.pause_reason: str | None = None
+        self.login_failures = 0
+        self.ended = False
+        self.changed = trio.Event()
+        self.cancel_scope = trio.CancelScope()
+        self.nursery: trio.Nursery | None = None
+
+    @property
+    def username(self) -> str | None:
+        return self.source.username if self.source else None
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with self.cancel_scope:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                task_status.started()
+                await self._first_login()
+                await trio.sleep_forever()
+
+    def end(self) -> None:
+        self.ended = True
+        self.cancel_scope.cancel()
+        self.refresh_token = None
+        for slot in list(self.slots()):
+            slot.drop()
+        self.notify()
+
+    async def _first_login(self) -> None:
+        failures = 0
+        while True:
+            try:
+                async with self.lock:
+                    await self._establish()
+            except Refused:
+                self.notify()  # login() recorded why; wait for new credentials
+                return
+            except Exception as exc:  # TransientError, or a bug of ours met by odd input
+                transient = isinstance(exc, upstream.TransientError)
+                message = str(exc) if transient else f"internal error ({type(exc).__name__})"
+                delay = self.timing.backoff(
+                    failures, exc.retry_after if isinstance(exc, upstream.TransientError)
+                    else None)
+                failures += 1
+                self.last_error = message
+                self.login_retry_at = trio.current_time() + delay
+                log.warning("login failed: %s; next attempt in %s", message, seconds(delay))
+                self.notify()
+                await trio.sleep_until(self.login_retry_at)
+                continue
+            break
+        self.login_retry_at = None
+        self.last_error = None
+        self.ready = True
+        self.notify()
+
+    def start_slot(self, slot: Slot) -> Slot:
+        """Run `slot`'s task in the session (it ends with the session, or when idle)."""
+        assert self.nursery is not None, "the session is not running"
+        self.nursery.start_soon(self._run_slot, slot)
+        return slot
+
+    async def _run_slot(self, slot: Slot) -> None:
+        await slot.run(lambda: self.blocked is not None)
+        self.forget_slot(slot)
+
+    def new_slot(self, label: str, idle_at: Any) -> Slot:
+        return self.start_slot(Slot(label, fetch=self.obtain, timing=self.timing,
+                                    idle_at=idle_at))
+
+    # -- upstream calls ---------------------------------------------------------------
+
+    async def login(self) -> Grant:
+        """Log in with the password (the caller holds the lock); records a rejection."""
+        if self.source is None:
+            raise self._block(NotLoggedIn("no password to log in with: run `vm-token login`"))
+        try:
+            password = await self.source.read()
+        except PasswordUnavailable as exc:
+            raise self._block(NotLoggedIn(
+                f"cannot log in as {quote(self.source.username)}: {exc}")) from None
+        try:
+            self.config.calls["login"] += 1
+            grant = await contained(self._password_grant(self.source.username, password))
+        except upstream.CredentialsRejected as exc:
+            raise self._block(CredentialsRejected(
+                f"{exc}; give new credentials with `vm-token login` or reload the daemon"
+            )) from None
+        except upstream.ClientRejected as exc:
+            raise self._block(NotLoggedIn(f"{exc}; fix the configuration and reload")) from None
+        finally:
+            del password
+        self.keep_refresh_token(grant)
+        first = self.logged_in_at_wall is None
+        self.logged_in_at_wall = time.time()
+        log.info("logged in %sas %s (%s)", "" if first else "again ",
+                 quote(self.source.username), self.kind)
+        return grant
+
+    def _block(self, refusal: Refused) -> Refused:
+        self.blocked = refusal
+        self.refresh_token = None
+        log.error("%s", refusal.message)
+        return refusal
+
+    async def login_again(self) -> Grant:
+        """login(), with the session's backoff: a failed login pauses every token's
+        attempts, so the next login waits instead of each trying its own."""
+        try:
+            grant = await self.login()
+        except upstream.TransientError as exc:
+            delay = self.timing.backoff(self.login_failures, exc.retry_after)
+            self.login_failures += 1
+            self.pause(trio.current_time() + delay, f"cannot log in again: {exc}")
+            raise
+        self.login_failures = 0
+        return grant
+
+    async def refresh(self, *args: str) -> Grant:
+        """A refresh grant with the current refresh token (rotated ones are kept)."""
+        if self.refresh_token is None:
+            raise upstream.RefreshRejected("no refresh token")
+        self.config.calls["refresh"] += 1
+        grant = await contained(self._refresh_grant(self.refresh_token, *args))
+        self.keep_refresh_token(grant)
+        return grant
+
+    async def obtain(self, slot: Slot) -> Grant:
+        """A new token for `slot`: Paused while the session waits; a Retry-After pauses
+        the whole session."""
+        async with self.lock:
+            if self.blocked is not None:
+                raise self.blocked
+            if self.paused_until > trio.current_time():
+                raise Paused(self.paused_until, self.pause_reason or "")
+            try:
+                return await self._fetch(slot)
+            except upstream.TransientError as exc:
+                if exc.retry_after is not None:
+                    self.pause(trio.current_time() + exc.retry_after, str(exc))
+                raise
+
+    def keep_refresh_token(self, grant: Grant) -> None:
+        if grant.refresh_token is None or grant.refresh_token == self.refresh_token:
+            return  # none sent, or not rotated: ours still expires when it did
+        self.refresh_token = grant.refresh_token
+        self.refresh_expires_at = (grant.requested_at + grant.refresh_lifetime
+                                   if grant.refresh_lifetime is not None else math.inf)
+
+    def refresh_token_left(self) -> float:
+        """Seconds the refresh token has left (-inf without one, inf if unknown)."""
+        if self.refresh_token is None:
+            return -math.inf
+        return self.refresh_expires_at - trio.current_time()
+
+    def login_due(self) -> bool:
+        """No refresh token, or one that expires within REFRESH_TOKEN_MARGIN."""
+        return self.refresh_token_left() < REFRESH_TOKEN_MARGIN
+
+    def pause(self, until: float, reason: str) -> None:
+        if until > self.paused_until:
+            self.paused_until = until
+            self.pause_reason = reason
+
+    # -- requests -------------------------------------------------------------------------
+
+    def require(self) -> None:
+        if self.ended:
+            raise SessionEnded
+        if self.blocked is not None:
+            raise self.blocked
+
+    async def wait_logged_in(self) -> VideoManagers:
+        """The VideoManagers once the first login succeeded; raise if it failed."""
+        while True:
+            self.require()
+            if self.ready and self.vms is not None:
+                return self.vms
+            now = trio.current_time()
+            if self.login_retry_at is not None and self.login_retry_at > now:
+                raise UpstreamUnavailable(f"cannot log in: {self.last_error}; next attempt "
+                                          f"in {seconds(self.login_retry_at - now)}")
+            await self.changed.wait()
+
+    async def get(self, ref: str | None, min_ttl: float) -> TokenInfo:
+        """A token for VideoManager `ref` (id or name; None: default) valid > min_ttl s."""
+        waited_on: Slot | None = None
+        while True:
+            vm = await self.resolve(await self.wait_logged_in(), ref)
+            slot = self.slot_for(vm)
+            if slot.ready(min_ttl, waited=waited_on is slot):
+                return slot.info(vm)
+            await slot.wait_attempt(min_ttl)
+            waited_on = slot
+
+    def held(self, ref: str | None, min_ttl: float) -> TokenInfo | None:
+        """What get() would answer at once, or None if it would do more than hand out a
+        token it holds (log in, fetch, wait, refuse)."""
+        vms = self.vms
+        if self.ended or self.blocked is not None or vms is None or not self.ready:
+            return None
+        vm = vms.find(ref) if ref is not None else vms.default
+        slot = self.slot_of(vm) if vm is not None else None
+        if slot is None or vm is None:
+            return None
+        now = trio.current_time()
+        if slot.valid_for(now) <= min_ttl:
+            return None
+        slot.last_used = now
+        return slot.info(vm)
+
+    def invalidate(self, token: str, ref: str | None) -> bool:
+        """Drop `token` if it is the current one (of `ref`, or of any VideoManager)."""
+        if self.vms is None:
+            return False
+        if ref is not None:
+            slot = self.slot_of(self.vms.resolve(ref))
+            candidates = [slot] if slot is not None else []
+        else:
+            candidates = list(self.slots())
+        return any(slot.invalidate(token) for slot in candidates)
+
+    def list(self) -> list[dict[str, Any]]:
+        """Every VideoManager of the user, with what we hold for it. No tokens."""
+        if self.vms is None:
+            return []
+        now = trio.current_time()
+        default = self.vms.default
+        result = []
+        for vm in self.vms.listed:
+            slot = self.slot_of(vm)
+            item: dict[str, Any] = {"id": vm.id, "name": vm.name, "default": vm == default}
+            item.update(slot.describe(now) if slot is not None
+                        else {"expires_at": None, "refreshed_at": None, "last_error": None})
+            result.append(item)
+        return result
+
+    def state(self) -> dict[str, Any]:
+        """The session's state for `status`. No secrets."""
+        if self.blocked is not None:
+            state = ("credentials_rejected" if isinstance(self.blocked, CredentialsRejected)
+                     else "not_logged_in")
+        elif not self.ready:
+            state = "logging_in" if self.login_retry_at is None else "upstream_unavailable"
+        else:
+            state = "logged_in"
+        return {
+            "state": state,
+            "username": self.username,
+            "logged_in_at": self.logged_in_at_wall,
+            "last_error": self.blocked.message if self.blocked else self.last_error,
+            "notices": list(self.vms.notices) if self.vms else [],
+            **self.describe_auth(),
+        }
+
+    # -- what a way of logging in decides ------------------------------------------------
+
+    def describe_auth(self) -> dict[str, Any]:
+        return {"auth": self.kind}
+
+    async def resolve(self, vms: VideoManagers, ref: str | None) -> VideoManagerRef:
+        return vms.resolve(ref)
+
+    def configure(self) -> None:
+        """Apply reloaded settings (the default and kept-warm VideoManagers)."""
+
+    async def _establish(self) -> None:
+        """Log in for the first time and learn the VideoManagers (under the lock)."""
+        raise NotImplementedError
+
+    async def _password_grant(self, username: str, password: str) -> Grant:
+        raise NotImplementedError
+
+    async def _refresh_grant(self, refresh_token: str, *args: str) -> Grant:
+        raise NotImplementedError
+
+    async def _fetch(self, slot: Slot) -> Grant:
+        """A new token for `slot` (under the lock)."""
+        raise NotImplementedError
+
+    def slot_for(self, vm: VideoManagerRef) -> Slot:
+        """The slot whose token serves `vm`, made if needed."""
+        raise NotImplementedError
+
+    def slot_of(self, vm: VideoManagerRef) -> Slot | None:
+        raise NotImplementedError
+
+    def slots(self) -> Iterable[Slot]:
+        raise NotImplementedError
+
+    def forget_slot(self, slot: Slot) -> None:
+        """`slot` went idle."""
