@@ -23,7 +23,7 @@ from ..settings import Credentials
 from .credentials import PasswordSource
 from .legacy import LegacySession
 from .oidc import OidcBackend, OidcSession
-from .session import AccountConfig, Session, SessionEnded
+from .session import AccountConfig, Session, SessionEnded, failure
 from .slot import TokenInfo
 from .timing import BACKOFF_CAP, Timing, seconds
 
@@ -138,10 +138,7 @@ class Account:
                 connecting.notify()
                 return None
             except Exception as exc:  # TransientError, or a bug met by odd input
-                message = str(exc) if isinstance(exc, upstream.TransientError) \
-                    else f"internal error ({type(exc).__name__})"
-                retry_after = exc.retry_after if isinstance(exc, upstream.TransientError) \
-                    else None
+                message, retry_after = failure(exc)
                 delay = self.timing.backoff(failures, retry_after)
                 failures += 1
                 connecting.last_error = f"cannot find how to log in: {message}"

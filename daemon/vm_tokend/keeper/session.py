@@ -76,6 +76,14 @@ async def contained(call: Awaitable[T]) -> T:
             f"unexpected failure talking to the API ({type(exc).__name__})") from None
 
 
+def failure(exc: Exception) -> tuple[str, float | None]:
+    """What to say of a failed attempt, and the API's Retry-After if it sent one. Only a
+    TransientError's text is ours to repeat; of anything else, only its type."""
+    if isinstance(exc, upstream.TransientError):
+        return str(exc), exc.retry_after
+    return f"internal error ({type(exc).__name__})", None
+
+
 class Session:
     """One login and everything obtained with it."""
 
@@ -140,11 +148,8 @@ class Session:
                 self.notify()  # login() recorded why; wait for new credentials
                 return
             except Exception as exc:  # TransientError, or a bug of ours met by odd input
-                transient = isinstance(exc, upstream.TransientError)
-                message = str(exc) if transient else f"internal error ({type(exc).__name__})"
-                delay = self.timing.backoff(
-                    failures, exc.retry_after if isinstance(exc, upstream.TransientError)
-                    else None)
+                message, retry_after = failure(exc)
+                delay = self.timing.backoff(failures, retry_after)
                 failures += 1
                 self.last_error = message
                 self.login_retry_at = trio.current_time() + delay
