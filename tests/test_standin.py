@@ -39,6 +39,15 @@ def one_key(monkeypatch):
 
 
 @pytest.fixture
+def make_standin(make_standin):
+    """The stand-in as the real service is: both logins (the suite's default is legacy)."""
+    def make(**options):
+        options.setdefault("legacy_only", False)
+        return make_standin(**options)
+    return make
+
+
+@pytest.fixture
 def http() -> Iterator[httpx.Client]:
     with httpx.Client(timeout=10) as client:
         yield client

@@ -12,6 +12,7 @@ import os
 import signal
 import ssl
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,11 +22,12 @@ from pydantic import SecretStr
 
 from vm_token import __version__
 
+from .connect import Connector
 from .keeper import Keeper
 from .server import BoundSocket, Dispatcher, Server
 from .settings import ConfigError, Credentials, PasswordUnavailable, Settings, load_settings
 from .systemd import Notifier
-from .upstream import CONNECT_TIMEOUT, TOTAL_TIMEOUT, VideoManagerApi
+from .upstream import CONNECT_TIMEOUT, TOTAL_TIMEOUT
 
 __all__ = ["App"]
 
@@ -62,7 +64,7 @@ class App:
         self.started_at = time.time()
         self.keeper: Keeper | None = None
         self.server: Server | None = None
-        self._backend: VideoManagerApi | None = None
+        self._connector: Connector | None = None
         self._nursery: trio.Nursery | None = None
         # Whether the session's credentials came from the configuration (a reload may then
         # change them) or from a client's `login` (a reload leaves those alone).
@@ -83,12 +85,11 @@ class App:
                 follow_redirects=False,
                 headers={"User-Agent": f"vm-tokend/{__version__}"},
             ) as http:
-                self._backend = VideoManagerApi(
-                    http, settings.api_url,
-                    default_token_lifetime=settings.default_token_lifetime,
-                )
+                calls: Counter[str] = Counter()
+                self._connector = Connector(http, lambda: self.settings, calls)
                 self.keeper = keeper = Keeper(
-                    self._backend,
+                    self._connector,
+                    calls=calls,
                     default_videomanager=settings.default_videomanager,
                     videomanagers=settings.videomanagers,
                     idle_timeout=settings.idle_timeout,
@@ -194,7 +195,7 @@ class App:
 
     async def reload(self) -> None:
         """Re-read the configuration (SIGHUP)."""
-        assert self.keeper is not None and self._backend is not None
+        assert self.keeper is not None
         log.info("SIGHUP: reloading the configuration")
         self.notifier.reloading()
         try:
@@ -204,7 +205,7 @@ class App:
             self.notifier.status(self.summary())
 
     async def _reload(self) -> None:
-        assert self.keeper is not None and self._backend is not None
+        assert self.keeper is not None and self._connector is not None
         try:
             new = load_settings(self.flags)
         except ConfigError as exc:
@@ -215,9 +216,12 @@ class App:
             if getattr(new, name) != getattr(old, name):
                 log.warning("a change of %s takes effect only after a restart", name)
         logging.getLogger("vm_tokend").setLevel(new.log_level.upper())
-        api_changed = new.api_url != old.api_url
-        self._backend.api_url = new.api_url
-        self._backend.default_token_lifetime = new.default_token_lifetime
+        # A new API, or a new way of logging in (settings, or WebFinger's answer), needs a
+        # new session; so do new or refused credentials.
+        state = self.keeper.state()
+        method_changed = (Connector.key(new) != Connector.key(old)
+                          or await self._connector.changed(new, state.get("auth"),
+                                                           state.get("issuer")))
         self.keeper.configure(
             default_videomanager=new.default_videomanager,
             videomanagers=new.videomanagers,
@@ -228,7 +232,7 @@ class App:
         from_config = credentials is not None
         if credentials is None and not self._configured_session:
             credentials = self.keeper.credentials  # given by `vm-token login`: kept
-        if (api_changed or self.keeper.rejected
+        if (method_changed or self.keeper.rejected
                 or await self._credentials_changed(credentials)):
             log.info("starting a new login session after the reload")
             self._configured_session = from_config

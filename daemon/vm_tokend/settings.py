@@ -53,6 +53,9 @@ ENV_PREFIX = "VM_TOKEN_"
 PASSWORD_COMMAND_TIMEOUT = 60.0
 
 LogLevel = Literal["debug", "info", "warning", "error"]
+AuthMethod = Literal["auto", "oidc", "legacy"]
+# Secrets systemd may pass in $CREDENTIALS_DIRECTORY (LoadCredential=), by file name.
+CREDENTIAL_FILES = ("password", "oidc_client_secret")
 
 # The config file load_settings() was asked to read (the --config flag), for _TomlSource.
 _config_flag: ContextVar[Path | None] = ContextVar("_config_flag", default=None)
@@ -116,6 +119,11 @@ class Settings(BaseSettings):
     )
 
     api_url: str = DEFAULT_API_URL
+    auth: AuthMethod = "auto"
+    oidc_issuer: str | None = None
+    oidc_client_id: str = "anonymous"
+    oidc_client_secret: SecretStr | None = None
+    oidc_scope: str = "openid"
     username: str | None = None
     password: SecretStr | None = None
     password_file: Path | None = None
@@ -146,6 +154,34 @@ class Settings(BaseSettings):
         if parts.query or parts.fragment:
             raise ValueError("must not have a query or fragment")
         return urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
+
+    @field_validator("oidc_issuer")
+    @classmethod
+    def _check_issuer(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise ValueError("must be an absolute https URL, like "
+                             "https://login.movingimage.com/auth/realms/platform")
+        if parts.scheme == "http" and not _is_loopback(parts.hostname):
+            raise ValueError("must use https (plain http is allowed only for loopback hosts)")
+        if parts.query or parts.fragment or parts.username:
+            raise ValueError("must not have credentials, a query or a fragment")
+        return value.strip().rstrip("/")
+
+    @field_validator("oidc_client_id", "oidc_scope")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        value = value.strip()
+        if not value or not value.isprintable():
+            raise ValueError("must be non-empty printable text")
+        return value
+
+    @field_validator("auth", "log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("username", "default_videomanager", "password_command")
     @classmethod
@@ -180,11 +216,6 @@ class Settings(BaseSettings):
         hosts = {normalize_host(parts.netloc, parts.scheme)}
         hosts.update(normalize_host(h, "https") for h in self.credential_hosts)
         return frozenset(hosts)
-
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _lower(cls, value: Any) -> Any:
-        return value.lower() if isinstance(value, str) else value
 
     @field_validator("password_file", "ca_bundle")
     @classmethod
@@ -320,7 +351,8 @@ async def _run_password_command(command: str) -> str:
 
 
 class _CredentialsDirectorySource(PydanticBaseSettingsSource):
-    """`$CREDENTIALS_DIRECTORY/password`, as systemd's LoadCredential= provides it."""
+    """`$CREDENTIALS_DIRECTORY/password` and `…/oidc_client_secret`, as systemd's
+    LoadCredential= provides them."""
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         return None, field_name, False  # unused: __call__ does the work
@@ -329,15 +361,26 @@ class _CredentialsDirectorySource(PydanticBaseSettingsSource):
         directory = os.environ.get("CREDENTIALS_DIRECTORY")
         if not directory:
             return {}
-        path = Path(directory) / "password"
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            return {}  # the user keeps the password elsewhere
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read the systemd credential {path}: {exc}") from None
-        lines = text.splitlines()
-        return {"password": lines[0]} if lines and lines[0] else {}
+        found = {}
+        for name in CREDENTIAL_FILES:
+            value = read_credential(Path(directory) / name)
+            if value is not None:
+                found[name] = value
+        return found
+
+
+def read_credential(path: Path) -> str | None:
+    """The first line of a systemd credential file; None if there is none (the user keeps
+    that secret elsewhere) or it is empty."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the systemd credential {path}: "
+                          f"{getattr(exc, 'strerror', None) or type(exc).__name__}") from None
+    lines = text.splitlines()
+    return lines[0] if lines and lines[0] else None
 
 
 class _TomlSource(PydanticBaseSettingsSource):
@@ -378,8 +421,8 @@ def _origin(field: str, flags: Mapping[str, Any]) -> str:
     env_name = ENV_PREFIX + field.upper()
     if any(name.upper() == env_name for name in os.environ):
         return f"the environment variable {env_name}"
-    if field == "password" and os.environ.get("CREDENTIALS_DIRECTORY"):
-        return "$CREDENTIALS_DIRECTORY/password"
+    if field in CREDENTIAL_FILES and os.environ.get("CREDENTIALS_DIRECTORY"):
+        return f"$CREDENTIALS_DIRECTORY/{field}"
     path, _ = _config_file()
     if path.is_file():
         return f"the config file {path}"

@@ -45,7 +45,8 @@ def test_token_list_status(standin, start_daemon):
     status = daemon.cli("status", "--json")
     data = json.loads(status.stdout)
     assert data["state"] == "logged_in" and data["username"] == standin.username
-    assert data["upstream_calls"] == {"login": 1, "refresh": 1}
+    assert data["upstream_calls"] == {"webfinger": 1, "login": 1, "refresh": 1}
+    assert data["auth"] == "legacy"  # WebFinger names no issuer: the API's own login
     for secret in (*standin.issued, standin.password):
         assert secret not in status.stdout and secret not in listing.stdout
     text = daemon.cli("status").stdout

@@ -63,6 +63,7 @@ class Account:
         idle_timeout: float = 3600.0,
         max_backoff: float = BACKOFF_CAP,
         rng: random.Random | None = None,
+        calls: Counter[str] | None = None,
     ) -> None:
         if not callable(connect):
             backend = connect
@@ -71,7 +72,8 @@ class Account:
                 return backend
             connect = fixed
         self._connect: Connect = connect
-        self.config = AccountConfig(default_videomanager, tuple(videomanagers), idle_timeout)
+        self.config = AccountConfig(default_videomanager, tuple(videomanagers), idle_timeout,
+                                    calls if calls is not None else Counter())
         self.timing = Timing(rng, max_backoff)
         self.session: Session | None = None
         self._connecting: _Connecting | None = None

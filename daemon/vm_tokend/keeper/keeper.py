@@ -33,10 +33,11 @@ class Keeper:
         idle_timeout: float = 3600.0,
         max_backoff: float = BACKOFF_CAP,
         rng: random.Random | None = None,
+        calls: Counter[str] | None = None,
     ) -> None:
         self.account = Account(connect, default_videomanager=default_videomanager,
                                videomanagers=videomanagers, idle_timeout=idle_timeout,
-                               max_backoff=max_backoff, rng=rng)
+                               max_backoff=max_backoff, rng=rng, calls=calls)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the keeper's tasks until cancelled."""

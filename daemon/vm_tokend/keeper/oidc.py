@@ -39,8 +39,11 @@ RELIST_INTERVAL: Final = 60.0
 class OidcBackend(Protocol):
     """What the keeper needs from an OpenID Connect provider (oidc.OidcApi)."""
 
-    issuer: str
-    client_id: str
+    @property
+    def issuer(self) -> str: ...
+
+    @property
+    def client_id(self) -> str: ...
 
     async def login(self, username: str, password: str) -> Grant: ...
 
