@@ -90,9 +90,10 @@ class OidcSession(Session):
         return await self.backend.refresh(refresh_token)
 
     async def _establish(self) -> None:
+        if self._slot is None or self._slot.valid_for(trio.current_time()) <= 0:
+            grant = await self.login()
+            self.slot_for(None).take(grant)  # made now: its task finds a token
         slot = self.slot_for(None)
-        if slot.valid_for(trio.current_time()) <= 0:
-            slot.take(await self.login())
         assert slot.token is not None
         await self._list(slot, slot.token)
 

@@ -35,7 +35,7 @@ from ..settings import PasswordUnavailable
 from ..text import quote
 from ..upstream import Grant, VideoManagerRef
 from .credentials import PasswordSource
-from .slot import Paused, Slot, TokenInfo
+from .slot import Paused, Slot, Superseded, TokenInfo
 from .timing import Timing, seconds
 from .videomanagers import VideoManagers
 
@@ -242,6 +242,8 @@ class Session:
                 raise self.blocked
             if self.paused_until > trio.current_time():
                 raise Paused(self.paused_until, self.pause_reason or "")
+            if not slot.wanted(trio.current_time()):
+                raise Superseded
             try:
                 return await self._fetch(slot)
             except upstream.TransientError as exc:

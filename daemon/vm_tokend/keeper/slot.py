@@ -26,7 +26,7 @@ from .. import upstream
 from ..upstream import Grant, VideoManagerRef
 from .timing import Timing, seconds
 
-__all__ = ["Paused", "Slot", "TokenInfo"]
+__all__ = ["Paused", "Slot", "Superseded", "TokenInfo"]
 
 log = logging.getLogger("vm_tokend.keeper")
 
@@ -58,6 +58,10 @@ class Paused(Exception):
         super().__init__(reason)
         self.until = until
         self.reason = reason
+
+
+class Superseded(Exception):  # noqa: N818 - not an error: a fetch that is not needed now
+    """While the fetch waited for the session, the slot was given a token (a login's)."""
 
 
 class Slot:
@@ -216,6 +220,11 @@ class Slot:
 
     # -- the task -----------------------------------------------------------------------
 
+    def wanted(self, now: float) -> bool:
+        """Whether a fetch is still wanted (the session asks before it calls upstream)."""
+        return (self.token is None or now >= self.refresh_at
+                or (self.want_ttl is not None and self.valid_for(now) <= self.want_ttl))
+
     def _next_due(self, now: float, suspended: bool) -> float:
         if suspended or self.blocked is not None:
             return math.inf  # only new credentials or a client's recheck revive it
@@ -249,6 +258,8 @@ class Slot:
         self.retry_at = None
         try:
             grant = await self._fetch(self)
+        except Superseded:
+            pass  # the token came another way (a login brought it): nothing to do
         except Paused as paused:
             # Not a failure of this token's: it waits with the session, adding no backoff.
             self.retry_at = paused.until
