@@ -7,6 +7,7 @@ of every call, so tests can assert exact schedules.
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from collections.abc import Callable
@@ -124,6 +125,98 @@ class FakeBackend:
                            self._refresh_token if self.send_refresh_token else None, call)
 
 
+@dataclass
+class FakeOidc:
+    """An OpenID Connect provider as Keycloak behaves, on trio's clock: one token for every
+    VideoManager, refresh tokens rotated on every use, and a reused one ends the session
+    (every later refresh is invalid_grant too, until a new login)."""
+
+    kind = "oidc"
+    issuer: str = "https://login.example/auth/realms/platform"
+    client_id: str = "anonymous"
+    lifetime: float = 300.0
+    refresh_lifetime: float | None = 3600.0
+    password: str = "right"
+    rotate: bool = True
+    videomanagers_listed: tuple[VideoManagerRef, ...] = VMS[:3]
+    delay: float = 0.0
+    fault: Callable[[str], None] | None = None
+    calls: Counter[str] = field(default_factory=Counter)
+    log: list[Call] = field(default_factory=list)
+    issued: list[str] = field(default_factory=list)
+    reused_refresh_tokens: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0
+    _valid_refresh: str | None = None
+    _refresh_expires: float = 0.0
+    _used: set[str] = field(default_factory=set)
+    _serial: int = 0
+
+    def times(self, kind: str) -> list[float]:
+        return [c.at for c in self.log if c.kind == kind]
+
+    def access_tokens(self) -> list[str]:
+        return [t for t in self.issued if t.startswith("access-")]
+
+    def end_session(self) -> None:
+        self._valid_refresh = None
+
+    def _new(self, prefix: str) -> str:
+        self._serial += 1
+        token = f"{prefix}-{self._serial}"
+        self.issued.append(token)
+        return token
+
+    async def _enter(self, kind: str) -> Call:
+        self.calls[kind] += 1
+        call = Call(trio.current_time(), kind, None)
+        self.log.append(call)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.delay:
+                await trio.sleep(self.delay)
+            if self.fault is not None:
+                self.fault(kind)
+        finally:
+            self.in_flight -= 1
+            call.ended = trio.current_time()
+        return call
+
+    def _grant(self, call: Call, refresh_token: str | None) -> Grant:
+        return Grant(access_token=self._new("access"), refresh_token=refresh_token,
+                     videomanagers=(), valid_for=None, lifetime=self.lifetime,
+                     refresh_lifetime=self.refresh_lifetime, requested_at=call.at)
+
+    async def login(self, username: str, password: str) -> Grant:
+        call = await self._enter("login")
+        if password != self.password:
+            raise upstream.CredentialsRejected(
+                "the identity provider rejected the credentials: invalid_grant")
+        self._valid_refresh = self._new("refresh")
+        self._refresh_expires = call.at + (self.refresh_lifetime or math.inf)
+        return self._grant(call, self._valid_refresh)
+
+    async def refresh(self, refresh_token: str) -> Grant:
+        call = await self._enter("refresh")
+        if refresh_token in self._used:
+            self.reused_refresh_tokens += 1
+            self._valid_refresh = None  # Keycloak ends the session
+            raise upstream.RefreshRejected(
+                "invalid_grant (Maximum allowed refresh token reuse exceeded)")
+        if refresh_token != self._valid_refresh or call.at >= self._refresh_expires:
+            raise upstream.RefreshRejected("invalid_grant (Session not active)")
+        if not self.rotate:
+            return self._grant(call, refresh_token)
+        self._used.add(refresh_token)
+        self._valid_refresh = self._new("refresh")
+        return self._grant(call, self._valid_refresh)
+
+    async def videomanagers(self, access_token: str) -> tuple[VideoManagerRef, ...]:
+        await self._enter("videomanagers")
+        return self.videomanagers_listed
+
+
 class PinnedRandom(random.Random):
     """uniform(a, b) always answers a + (b - a) * pick: exact, predictable jitter."""
 
@@ -140,7 +233,7 @@ def credentials(password: str = "right") -> Credentials:
 
 
 @asynccontextmanager
-async def running_keeper(backend: FakeBackend, *, password: str | None = "right",
+async def running_keeper(backend: FakeBackend | FakeOidc, *, password: str | None = "right",
                          pick: float | None = 0.5, **options):
     rng = PinnedRandom(pick) if pick is not None else random.Random(1)
     async with trio.open_nursery() as nursery:

@@ -1,0 +1,148 @@
+"""The OpenID Connect session's rules on trio's MockClock: one token for every
+VideoManager, refresh-token rotation never reused, one re-login, the list from the API."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from vm_tokend import upstream
+from vm_tokend.keeper import CredentialsRejected, UnknownVideoManager
+from vm_tokend.oidc import TokenRejected
+from vm_tokend.upstream import VideoManagerRef
+
+from .fakes import VMS, FakeOidc, running_keeper
+
+
+async def settle() -> None:
+    await trio.testing.wait_all_tasks_blocked()
+
+
+async def test_one_token_serves_every_videomanager(autojump_clock):
+    backend = FakeOidc()
+    async with running_keeper(backend) as keeper:
+        tokens = [await keeper.get(ref) for ref in (None, "Sales", "3", "support")]
+        assert {t.token for t in tokens} == {backend.access_tokens()[0]}
+        assert [t.videomanager.id for t in tokens] == ["1", "2", "3", "3"]
+        assert backend.calls == {"login": 1, "videomanagers": 1}
+        state = keeper.state()
+        assert (state["state"], state["auth"], state["issuer"], state["client_id"]) == (
+            "logged_in", "oidc", backend.issuer, "anonymous")
+        listed = keeper.list()
+        assert [vm["default"] for vm in listed] == [True, False, False]
+        assert len({vm["expires_at"] for vm in listed}) == 1  # the same token for all
+
+
+async def test_one_refresh_per_period_however_many_videomanagers(autojump_clock):
+    backend = FakeOidc(lifetime=300)
+    async with running_keeper(backend, pick=0.5) as keeper:
+        for _ in range(100):
+            for ref in ("Marketing", "Sales", "Support"):
+                await keeper.get(ref)
+            await trio.sleep(10)
+        assert backend.times("refresh") == pytest.approx([200, 400, 600, 800])
+        assert backend.calls["login"] == 1
+
+
+async def test_sixty_clients_three_videomanagers_one_refresh_no_reuse(autojump_clock):
+    backend = FakeOidc(lifetime=300, delay=2.0)
+    async with running_keeper(backend, pick=0.5) as keeper:
+        first = await keeper.get()
+        for round_ in range(5):
+            await trio.sleep(15)  # older than a "fresh" token: no backoff for rejections
+            keeper.invalidate((await keeper.get()).token)
+            results: list = []
+
+            async def client(ref: str, results: list = results) -> None:
+                results.append(await keeper.get(ref, min_ttl=10))
+
+            async with trio.open_nursery() as clients:
+                for i in range(60):
+                    clients.start_soon(client, ("Marketing", "Sales", "Support")[i % 3])
+            assert len({r.token for r in results}) == 1
+            assert results[0].token != first.token
+            assert backend.calls["refresh"] == round_ + 1
+        assert backend.max_in_flight == 1
+        assert backend.reused_refresh_tokens == 0
+
+
+async def test_a_refused_refresh_token_leads_to_one_login(autojump_clock):
+    backend = FakeOidc(lifetime=300)
+    async with running_keeper(backend, pick=0.5) as keeper:
+        await keeper.get()
+        backend.end_session()  # the provider ended the session: invalid_grant from now on
+        await trio.sleep(250)  # the refresh at 200 is refused; one login replaces it
+        assert backend.times("refresh") == [200]
+        assert backend.times("login") == [0, 200]
+        token = await keeper.get("Sales")
+        assert token.token == backend.access_tokens()[-1]
+        assert backend.reused_refresh_tokens == 0
+
+
+async def test_wrong_password_is_one_attempt_and_no_timer(autojump_clock):
+    backend = FakeOidc()
+    async with running_keeper(backend, password="wrong") as keeper:
+        with pytest.raises(CredentialsRejected, match="invalid_grant"):
+            await keeper.get()
+        await trio.sleep(3600)
+        assert backend.calls == {"login": 1}
+        assert keeper.state()["state"] == "credentials_rejected"
+
+
+async def test_the_refresh_token_s_end_brings_a_login_not_a_refused_refresh(autojump_clock):
+    backend = FakeOidc(lifetime=300, refresh_lifetime=1000, rotate=False)
+    async with running_keeper(backend, pick=0.5) as keeper:
+        await keeper.get()
+        await trio.sleep(1100)
+        # Refreshes at 200, 400, 600, 800; at 1000 the refresh token (login + 1000, less
+        # a 30 s margin) is too close to its end: a login instead.
+        assert backend.times("refresh") == [200, 400, 600, 800]
+        assert backend.times("login") == [0, 1000]
+
+
+async def test_unknown_names_list_again_at_most_once_a_minute(autojump_clock):
+    backend = FakeOidc()
+    async with running_keeper(backend) as keeper:
+        await keeper.get()
+        backend.videomanagers_listed = (*VMS[:3], VideoManagerRef("9", "New"))
+        for _ in range(10):  # right after login: the list is fresh, no new request
+            with pytest.raises(UnknownVideoManager, match="'New'"):
+                await keeper.get("New")
+        assert backend.calls["videomanagers"] == 1
+        await trio.sleep(60)
+        assert (await keeper.get("New")).videomanager.id == "9"
+        assert backend.calls["videomanagers"] == 2
+        for _ in range(10):
+            with pytest.raises(UnknownVideoManager):
+                await keeper.get("Nope")
+        assert backend.calls["videomanagers"] == 2
+
+
+async def test_a_list_that_refuses_the_token_brings_a_new_one(autojump_clock):
+    backend = FakeOidc()
+    refusals = [1]
+
+    def refuse_once(kind: str) -> None:
+        if kind == "videomanagers" and refusals:
+            refusals.pop()
+            raise TokenRejected("the API rejected the access token when listing: HTTP 401")
+    backend.fault = refuse_once
+    async with running_keeper(backend, pick=0.0) as keeper:
+        token = await keeper.get("Sales")
+        assert token.token == backend.access_tokens()[-1]
+        # The refused token is replaced (once) and the list asked again.
+        assert backend.calls["login"] + backend.calls["refresh"] == 2
+        assert backend.calls["videomanagers"] == 2
+
+
+async def test_one_simulated_hour_at_most_nineteen_token_calls(autojump_clock):
+    # The documented lifetimes: 5-minute access tokens, 1-hour refresh tokens; real jitter.
+    backend = FakeOidc(lifetime=300 - upstream.CLOCK_SLACK, refresh_lifetime=3600, rotate=True)
+    async with running_keeper(backend, pick=None) as keeper:
+        for second in range(3600):
+            await keeper.get(("Marketing", "Sales", "Support")[second % 3])
+            await trio.sleep(1)
+        assert backend.calls["login"] + backend.calls["refresh"] <= 19
+        assert backend.calls["videomanagers"] == 1
+        assert backend.reused_refresh_tokens == 0
