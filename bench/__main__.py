@@ -109,6 +109,16 @@ def main() -> int:
             f"a script logging in per run: {rate * 3600:,} (1 login per run)",
             "≤ 19 per VideoManager", sim["per_videomanager"] <= 19,
         ))
+    for rate in (1, 1000):
+        sim = upstream_load.simulate(rate, oidc=True)
+        rows.append((
+            f"7. OpenID Connect: token-endpoint calls in one hour, {rate:,} requests/s, "
+            "3 VideoManagers, rotating refresh tokens",
+            f"{sim['token_calls']} for all 3 (+ {sim['listings']} VideoManager list); "
+            f"{sim['reused']} refresh tokens reused",
+            f"a script logging in per run: {rate * 3600:,}",
+            "≤ 19, none reused", sim["token_calls"] <= 19 and sim["reused"] == 0,
+        ))
 
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}, {platform.platform()}\n")
