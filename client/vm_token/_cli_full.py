@@ -157,13 +157,19 @@ def _cmd_status(client: Client, args: argparse.Namespace) -> int:
     print(f"API:      {status.get('api_url')}")
     user = status.get("username")
     print(f"state:    {status.get('state')}" + (f" as {user}" if user else ""))
+    auth = _auth_line(status)
+    if auth:
+        print(f"auth:     {auth}")
     if status.get("last_error"):
         print(f"error:    {status['last_error']}")
     for notice in status.get("notices") or []:
         print(f"note:     {notice}")
     calls = status.get("upstream_calls") or {}
     print(f"requests: {status.get('requests')} served; upstream calls: "
-          f"{calls.get('login', 0)} logins, {calls.get('refresh', 0)} refreshes")
+          f"{calls.get('login', 0)} logins, {calls.get('refresh', 0)} refreshes"
+          + "".join(f", {calls[kind]} {what}" for kind, what in (
+              ("videomanagers", "VideoManager lists"), ("webfinger", "WebFinger"),
+              ("discovery", "discovery")) if calls.get(kind)))
     shown = videomanagers_from_reply(status)
     for line in _vm_lines(shown, refreshed=True):
         print(f"  {line}")
@@ -171,6 +177,15 @@ def _cmd_status(client: Client, args: argparse.Namespace) -> int:
     if isinstance(total, int) and total > len(shown):
         print(f"  … and {total - len(shown)} more: `vm-token list`")
     return EXIT_OK
+
+
+def _auth_line(status: dict[str, object]) -> str | None:
+    """How the daemon logs in, in words: `oidc, issuer …, client …` or `legacy`."""
+    auth = status.get("auth")
+    if auth == "oidc":
+        return (f"oidc, issuer {status.get('issuer')}, client {status.get('client_id')} "
+                "(one token serves every VideoManager)")
+    return str(auth) if auth else None
 
 
 def _cmd_login(client: Client, args: argparse.Namespace) -> int:

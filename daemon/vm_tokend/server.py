@@ -382,7 +382,8 @@ class Dispatcher:
     async def _list(self, request: dict[str, Any]) -> dict[str, Any]:
         items = self.keeper.list()
         page, following = _page(items, _offset(request), LIST_ROOM)
-        reply: dict[str, Any] = {"ok": True, "videomanagers": page, "total": len(items)}
+        reply: dict[str, Any] = {"ok": True, "videomanagers": page, "total": len(items),
+                                 "auth": self.keeper.state().get("auth")}
         if following is not None:
             reply["next"] = following
         return reply
