@@ -64,7 +64,8 @@ def main() -> int:
         api_url = standin.stdout.readline().strip()
         print(f"stand-in API at {api_url} (user 'demo', password 'demo-password')")
 
-        step("Start vm-tokend (it logs in once, then keeps tokens fresh in memory)")
+        step("Start vm-tokend: it asks the API's WebFinger how to log in, finds OpenID "
+             "Connect, logs in once, then keeps the token fresh in memory")
         env = {k: v for k, v in os.environ.items() if not k.startswith("VM_TOKEN_")}
         socket_path = workdir / "vm-token" / "socket"
         env.update({
@@ -81,20 +82,25 @@ def main() -> int:
         step("A token for the default VideoManager, as a script would get it")
         token = run("vm-token", "token", env=env).strip()
 
-        step("The VideoManagers, and how long each held token stays valid")
-        run("vm-token", "token", "--vm", "Sales", env=env)
+        step("The VideoManagers: with OpenID Connect one token serves them all")
+        sales = run("vm-token", "token", "--vm", "Sales", env=env).strip()
+        if sales != token:
+            raise SystemExit("demo: OpenID Connect should give one token for every "
+                             "VideoManager")
+        print("(the same token as for Marketing)")
         run("vm-token", "list", env=env)
 
-        step("The token works against the API")
-        request = urllib.request.Request(  # noqa: S310 - the stand-in on loopback
-            api_url, headers={"Authorization": f"Bearer {token}"}
-        )
-        print(f'$ curl -H "Authorization: Bearer $(vm-token token)" {api_url}')
-        with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310 - loopback
-            body = json.load(response)
-            print(f"HTTP {response.status}: {json.dumps(body)}")
-            if response.status != 200:
-                raise SystemExit("demo: the API did not accept the token")
+        step("The one token works against the API, for two VideoManagers")
+        for path in ("", "/1001/videos", "/1002/videos"):
+            request = urllib.request.Request(  # noqa: S310 - the stand-in on loopback
+                api_url + path, headers={"Authorization": f"Bearer {token}"}
+            )
+            print(f'$ curl -H "Authorization: Bearer $(vm-token token)" {api_url}{path}')
+            with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310
+                body = json.load(response)
+                print(f"HTTP {response.status}: {json.dumps(body)[:100]}")
+                if response.status != 200:
+                    raise SystemExit("demo: the API did not accept the token")
 
         step("The daemon's state (never a secret in it)")
         run("vm-token", "status", env=env)
