@@ -27,15 +27,16 @@ from typing import Any, TypeVar
 
 import trio
 
-from vm_token.errors import CredentialsRejected, NotLoggedIn, UpstreamUnavailable
+from vm_token.errors import CredentialsRejected, NotLoggedIn
 from vm_token.errors import DaemonError as Refused
 
 from .. import upstream
 from ..settings import PasswordUnavailable
 from ..text import quote
-from ..upstream import Grant, VideoManagerRef
+from ..upstream import Grant
+from .answers import Answers, SessionEnded
 from .credentials import PasswordSource
-from .slot import Paused, Slot, Superseded, TokenInfo
+from .slot import Paused, Slot, Superseded
 from .timing import Timing, seconds
 from .videomanagers import VideoManagers
 
@@ -48,10 +49,6 @@ T = TypeVar("T")
 # Log in afresh rather than refresh with a refresh token this close to its expiry (when
 # the token says when that is): one request instead of a refused one and a login.
 REFRESH_TOKEN_MARGIN = 30.0
-
-
-class SessionEnded(Exception):
-    """The session was replaced or ended while a client was waiting on it."""
 
 
 @dataclass
@@ -84,7 +81,7 @@ def failure(exc: Exception) -> tuple[str, float | None]:
     return f"internal error ({type(exc).__name__})", None
 
 
-class Session:
+class Session(Answers):
     """One login and everything obtained with it."""
 
     kind = ""
@@ -111,10 +108,6 @@ class Session:
         self.changed = trio.Event()
         self.cancel_scope = trio.CancelScope()
         self.nursery: trio.Nursery | None = None
-
-    @property
-    def username(self) -> str | None:
-        return self.source.username if self.source else None
 
     def notify(self) -> None:
         self.changed.set()
@@ -273,104 +266,7 @@ class Session:
             self.paused_until = until
             self.pause_reason = reason
 
-    # -- requests -------------------------------------------------------------------------
-
-    def require(self) -> None:
-        if self.ended:
-            raise SessionEnded
-        if self.blocked is not None:
-            raise self.blocked
-
-    async def wait_logged_in(self) -> VideoManagers:
-        """The VideoManagers once the first login succeeded; raise if it failed."""
-        while True:
-            self.require()
-            if self.ready and self.vms is not None:
-                return self.vms
-            now = trio.current_time()
-            if self.login_retry_at is not None and self.login_retry_at > now:
-                raise UpstreamUnavailable(f"cannot log in: {self.last_error}; next attempt "
-                                          f"in {seconds(self.login_retry_at - now)}")
-            await self.changed.wait()
-
-    async def get(self, ref: str | None, min_ttl: float) -> TokenInfo:
-        """A token for VideoManager `ref` (id or name; None: default) valid > min_ttl s."""
-        waited_on: Slot | None = None
-        while True:
-            vm = await self.resolve(await self.wait_logged_in(), ref)
-            slot = self.slot_for(vm)
-            if slot.ready(min_ttl, waited=waited_on is slot):
-                return slot.info(vm)
-            await slot.wait_attempt(min_ttl)
-            waited_on = slot
-
-    def held(self, ref: str | None, min_ttl: float) -> TokenInfo | None:
-        """What get() would answer at once, or None if it would do more than hand out a
-        token it holds (log in, fetch, wait, refuse)."""
-        vms = self.vms
-        if self.ended or self.blocked is not None or vms is None or not self.ready:
-            return None
-        vm = vms.find(ref) if ref is not None else vms.default
-        slot = self.slot_of(vm) if vm is not None else None
-        if slot is None or vm is None:
-            return None
-        now = trio.current_time()
-        if slot.valid_for(now) <= min_ttl:
-            return None
-        slot.last_used = now
-        return slot.info(vm)
-
-    def invalidate(self, token: str, ref: str | None) -> bool:
-        """Drop `token` if it is the current one (of `ref`, or of any VideoManager)."""
-        if self.vms is None:
-            return False
-        if ref is not None:
-            slot = self.slot_of(self.vms.resolve(ref))
-            candidates = [slot] if slot is not None else []
-        else:
-            candidates = list(self.slots())
-        return any(slot.invalidate(token) for slot in candidates)
-
-    def list(self) -> list[dict[str, Any]]:
-        """Every VideoManager of the user, with what we hold for it. No tokens."""
-        if self.vms is None:
-            return []
-        now = trio.current_time()
-        default = self.vms.default
-        result = []
-        for vm in self.vms.listed:
-            slot = self.slot_of(vm)
-            item: dict[str, Any] = {"id": vm.id, "name": vm.name, "default": vm == default}
-            item.update(slot.describe(now) if slot is not None
-                        else {"expires_at": None, "refreshed_at": None, "last_error": None})
-            result.append(item)
-        return result
-
-    def state(self) -> dict[str, Any]:
-        """The session's state for `status`. No secrets."""
-        if self.blocked is not None:
-            state = ("credentials_rejected" if isinstance(self.blocked, CredentialsRejected)
-                     else "not_logged_in")
-        elif not self.ready:
-            state = "logging_in" if self.login_retry_at is None else "upstream_unavailable"
-        else:
-            state = "logged_in"
-        return {
-            "state": state,
-            "username": self.username,
-            "logged_in_at": self.logged_in_at_wall,
-            "last_error": self.blocked.message if self.blocked else self.last_error,
-            "notices": list(self.vms.notices) if self.vms else [],
-            **self.describe_auth(),
-        }
-
     # -- what a way of logging in decides ------------------------------------------------
-
-    def describe_auth(self) -> dict[str, Any]:
-        return {"auth": self.kind}
-
-    async def resolve(self, vms: VideoManagers, ref: str | None) -> VideoManagerRef:
-        return vms.resolve(ref)
 
     def configure(self) -> None:
         """Apply reloaded settings (the default and kept-warm VideoManagers)."""
@@ -387,13 +283,6 @@ class Session:
 
     async def _fetch(self, slot: Slot) -> Grant:
         """A new token for `slot` (under the lock)."""
-        raise NotImplementedError
-
-    def slot_for(self, vm: VideoManagerRef) -> Slot:
-        """The slot whose token serves `vm`, made if needed."""
-        raise NotImplementedError
-
-    def slot_of(self, vm: VideoManagerRef) -> Slot | None:
         raise NotImplementedError
 
     def slots(self) -> Iterable[Slot]:
