@@ -12,8 +12,8 @@ all: test
 # "strict" editable mode links the sources into build/ and puts that one directory on
 # sys.path; the default mode installs an import hook whose own imports cost ~13 ms at every
 # interpreter start, which would distort vm-token's start-up time. New files need a
-# reinstall, hence the package directories as prerequisites.
-$(STAMP): pyproject.toml client/vm_token daemon/vm_tokend
+# reinstall, hence every package directory (its mtime changes when a file is added).
+$(STAMP): pyproject.toml $(shell find client daemon -type d -not -name __pycache__)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check \
 		--config-settings editable_mode=strict -e '.[dev]'
