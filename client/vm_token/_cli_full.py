@@ -15,6 +15,7 @@ from .cli import (
     DEFAULT_TIMEOUT,
     EXIT_CODES_HELP,
     EXIT_OK,
+    EXIT_REFUSED,
     EXIT_USAGE,
     GIT_OPERATIONS,
     exit_code,
@@ -188,7 +189,46 @@ def _auth_line(status: dict[str, object]) -> str | None:
     return str(auth) if auth else None
 
 
+# How long an interactive login may take, unless --timeout says otherwise.
+LOGIN_TIMEOUT = 300.0
+
+
 def _cmd_login(client: Client, args: argparse.Namespace) -> int:
+    interactive = args.browser or args.no_browser or args.device
+    if interactive and (args.username or args.password_stdin):
+        raise _Usage("--browser, --no-browser and --device take no username or password")
+    hello = client.hello()
+    if not interactive and not args.username and not args.password_stdin \
+            and hello.get("login_method") == "browser":
+        interactive = args.browser = True  # the daemon expects a browser login
+    if interactive:
+        return _interactive_login(client, args, hello)
+    return _password_login(client, args)
+
+
+def _interactive_login(client: Client, args: argparse.Namespace,
+                       hello: dict[str, object]) -> int:
+    from ._login import LoginAborted, browser_login, device_login
+
+    timeout = args.timeout or LOGIN_TIMEOUT
+    port = hello.get("redirect_port")
+    try:
+        if args.device:
+            username = device_login(client, timeout=timeout)
+        else:
+            username = browser_login(client, port=port if isinstance(port, int) else 0,
+                                     open_browser=not args.no_browser, timeout=timeout)
+    except LoginAborted as exc:
+        fail(f"login failed: {exc}")
+        return EXIT_REFUSED
+    except OSError as exc:  # the loopback port is taken, say
+        fail(f"cannot listen on 127.0.0.1 for the login: {exc.strerror or exc}")
+        return EXIT_REFUSED
+    print(f"logged in as {username}")
+    return EXIT_OK
+
+
+def _password_login(client: Client, args: argparse.Namespace) -> int:
     import getpass
 
     username = args.username
@@ -280,11 +320,24 @@ def _parser() -> ArgumentParser:
     status = add("status", _cmd_status, "show the daemon's state (never a secret)",
                  "vm-token status --json")
     status.add_argument("--json", action="store_true", help="print JSON")
-    login = add("login", _cmd_login, "give the daemon credentials (kept in its memory only)",
-                "pass show vmpro | vm-token login --username me@example.com --password-stdin")
+    login = add("login", _cmd_login,
+                "log in: in a browser (--browser, --no-browser), with a code entered on "
+                "another device (--device), or by giving the daemon a password (kept in its "
+                "memory only)",
+                "vm-token login --browser    # or: pass show vmpro | vm-token login "
+                "--username me@example.com --password-stdin")
+    how = login.add_mutually_exclusive_group()
+    how.add_argument("--browser", action="store_true",
+                     help="log in in a browser this machine opens (single sign-on, 2FA)")
+    how.add_argument("--no-browser", action="store_true",
+                     help="print the address to open in any browser, then read the address "
+                          "it ends up at from stdin (over SSH, in containers)")
+    how.add_argument("--device", action="store_true",
+                     help="print a code to enter on another device's browser")
     login.add_argument("--username", metavar="NAME")
     login.add_argument("--password-stdin", action="store_true",
                        help="read the password from the first line of stdin")
+    login.set_defaults(timeout=None)  # interactive: 5 minutes unless given
     add("logout", _cmd_logout, "make the daemon forget the credentials and every token",
         "vm-token logout")
     for operation in GIT_OPERATIONS:
@@ -302,7 +355,7 @@ def run(args: list[str]) -> int:
         return int(exc.code or 0)
     handler: Callable[[Client, argparse.Namespace], int] = options.handler
     try:
-        with Client(options.socket, timeout=options.timeout) as client:
+        with Client(options.socket, timeout=options.timeout or DEFAULT_TIMEOUT) as client:
             return handler(client, options)
     except _Usage as exc:
         fail(str(exc))

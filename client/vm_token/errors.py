@@ -13,6 +13,7 @@
         ├── Forbidden             forbidden
         ├── UpstreamUnavailable   upstream_unavailable
         ├── UnsupportedVersion    unsupported_version
+        ├── LoginFailed           login_failed (an interactive login ended without tokens)
         └── InternalError         internal
 
 Messages never contain a token or a password: the daemon never puts one in an error, and
@@ -31,6 +32,7 @@ __all__ = [
     "Error",
     "Forbidden",
     "InternalError",
+    "LoginFailed",
     "NotLoggedIn",
     "ProtocolError",
     "UnknownHost",
@@ -111,6 +113,10 @@ class UnsupportedVersion(DaemonError):
     code = protocol.UNSUPPORTED_VERSION
 
 
+class LoginFailed(DaemonError):
+    code = protocol.LOGIN_FAILED
+
+
 class InternalError(DaemonError):
     code = protocol.INTERNAL
 
@@ -126,6 +132,7 @@ _BY_CODE: dict[str, type[DaemonError]] = {
         Forbidden,
         UpstreamUnavailable,
         UnsupportedVersion,
+        LoginFailed,
         InternalError,
     )
 }

@@ -53,7 +53,13 @@ STATUS: Final = "status"
 INVALIDATE: Final = "invalidate"
 LOGIN: Final = "login"
 LOGOUT: Final = "logout"
-OPS: Final = frozenset({HELLO, GET, LIST, STATUS, INVALIDATE, LOGIN, LOGOUT})
+# Interactive logins (browser, device code): the daemon keeps the flow's secrets.
+LOGIN_START: Final = "login_start"
+LOGIN_FINISH: Final = "login_finish"
+LOGIN_WAIT: Final = "login_wait"
+LOGIN_CANCEL: Final = "login_cancel"
+OPS: Final = frozenset({HELLO, GET, LIST, STATUS, INVALIDATE, LOGIN, LOGOUT, LOGIN_START,
+                        LOGIN_FINISH, LOGIN_WAIT, LOGIN_CANCEL})
 
 # Error codes carried in {"ok": false, "error": {"code", "message"}}.
 BAD_REQUEST: Final = "bad_request"
@@ -64,6 +70,7 @@ UNKNOWN_HOST: Final = "unknown_host"
 FORBIDDEN: Final = "forbidden"
 UPSTREAM_UNAVAILABLE: Final = "upstream_unavailable"
 UNSUPPORTED_VERSION: Final = "unsupported_version"
+LOGIN_FAILED: Final = "login_failed"
 INTERNAL: Final = "internal"
 ERROR_CODES: Final = frozenset(
     {
@@ -75,6 +82,7 @@ ERROR_CODES: Final = frozenset(
         FORBIDDEN,
         UPSTREAM_UNAVAILABLE,
         UNSUPPORTED_VERSION,
+        LOGIN_FAILED,
         INTERNAL,
     }
 )

@@ -105,7 +105,9 @@ class App:
                     await nursery.start(keeper.run)
                     credentials = settings.credentials()
                     if credentials is None:
-                        log.info("no credentials configured; waiting for `vm-token login`")
+                        how = "--browser" if settings.login_method == "browser" else ""
+                        log.info("no credentials configured; waiting for `vm-token login%s`",
+                                 f" {how}" if how else "")
                     else:
                         log.info("logging in as %r with %s", credentials.username,
                                  credentials.describe())
@@ -158,6 +160,8 @@ class App:
                 return f"credentials for {user} rejected; waiting for `vm-token login` or a reload"
             case "not_logged_in":
                 return f"cannot log in: {error}"
+            case "login_required":
+                return f"login required: {error}"
         videomanagers = self.keeper.list()
         held = sum(1 for vm in videomanagers if vm["expires_at"] is not None)
         text = (f"logged in as {user}; {len(videomanagers)} VideoManagers, "
@@ -185,6 +189,8 @@ class App:
 
     def _describe(self) -> dict[str, Any]:
         return {
+            "login_method": self.settings.login_method,
+            "redirect_port": self.settings.oidc_redirect_port,
             "version": __version__,
             "pid": os.getpid(),
             "api_url": self.settings.api_url,

@@ -276,6 +276,15 @@ class OidcApi:
 
     async def _token(self, form: dict[str, str], grant: str, secrets: tuple[str, ...],
                      who: str | None = None) -> Grant:
+        response, sent, secrets = await self.post_token(form, secrets)
+        if response.status_code == 200:
+            return self.parse_grant(response, sent, secrets)
+        raise self._error(response, grant, secrets, who)
+
+    async def post_token(self, form: dict[str, str], secrets: tuple[str, ...]
+                         ) -> tuple[httpx.Response, float, tuple[str, ...]]:
+        """POST `form` to the token endpoint, authenticated as our client: the answer,
+        when it was sent, and the secrets to keep out of messages (ours included)."""
         provider = await self.provider()
         headers = {"Accept": "application/json"}
         if self._client_secret:
@@ -286,11 +295,21 @@ class OidcApi:
         sent = trio.current_time()
         response = await send(self._http, "POST", provider.token_endpoint, data=form,
                               headers=headers, peer="the identity provider", secrets=secrets)
-        if response.status_code == 200:
-            return self._grant(response, sent, secrets)
         if response.status_code == 404:
             self.forget_provider()  # it moved? read the discovery document again
-        raise self._error(response, grant, secrets, who)
+        return response, sent, secrets
+
+    async def post_form(self, url: str, form: dict[str, str]) -> httpx.Response:
+        """POST `form` to another endpoint of the provider (device authorization)."""
+        secrets: tuple[str, ...] = ()
+        headers = {"Accept": "application/json"}
+        if self._client_secret:
+            headers["Authorization"] = self._basic()
+            secrets = (self._client_secret,)
+        else:
+            form = {**form, "client_id": self.client_id}
+        return await send(self._http, "POST", url, data=form, headers=headers,
+                          peer="the identity provider", secrets=secrets)
 
     def _basic(self) -> str:
         # RFC 6749 2.3.1: the id and secret are form-urlencoded before Basic encoding.
@@ -302,7 +321,7 @@ class OidcApi:
                who: str | None) -> Exception:
         """The exception for a token endpoint's refusal (RFC 6749 5.2)."""
         retry_after = parse_retry_after(response.headers.get("retry-after"), time.time())
-        error, text = _oauth_error(response, secrets)
+        error, text = oauth_error(response, secrets)
         if error is None:
             return TransientError(f"the identity provider answered {describe(response, secrets)}",
                                   retry_after=retry_after)
@@ -321,7 +340,9 @@ class OidcApi:
         return TransientError(f"the identity provider answered HTTP {response.status_code}: "
                               f"{said}", retry_after=retry_after)
 
-    def _grant(self, response: httpx.Response, sent: float, secrets: tuple[str, ...]) -> Grant:
+    def parse_grant(self, response: httpx.Response, sent: float,
+                    secrets: tuple[str, ...]) -> Grant:
+        """The Grant of a token endpoint's 200 answer; TransientError if it is not one."""
         try:
             data = loads(response.content)
             if not isinstance(data, dict):
@@ -332,6 +353,7 @@ class OidcApi:
                     or token_type.lower() != "bearer":
                 raise TypeError
             refresh = valid_token(data.get("refresh_token"))
+            id_token = valid_token(data.get("id_token"))
         except (ValueError, TypeError):
             raise TransientError("the identity provider answered HTTP 200 with a body that is "
                                  f"not the expected JSON ({content_type(response, secrets)})"
@@ -355,6 +377,7 @@ class OidcApi:
             lifetime=min(lifetime, MAX_LIFETIME),
             refresh_lifetime=refresh_lifetime,
             requested_at=sent,
+            id_token=id_token,
         )
 
     # -- the API ------------------------------------------------------------------------
@@ -390,7 +413,7 @@ def _optional_url(data: dict[str, Any], key: str) -> str | None:
     return check_url(value, key.replace("_", " ")) if isinstance(value, str) else None
 
 
-def _oauth_error(response: httpx.Response, secrets: tuple[str, ...]) -> tuple[str | None, str]:
+def oauth_error(response: httpx.Response, secrets: tuple[str, ...]) -> tuple[str | None, str]:
     """(error, error_description) of an OAuth error body; (None, "") if it is not one."""
     try:
         data = loads(response.content)

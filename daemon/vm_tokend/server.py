@@ -30,6 +30,7 @@ from vm_token import protocol
 from vm_token.errors import UnknownHost
 
 from .keeper import BadRequest, Keeper, Refused, TokenInfo
+from .login_ops import login_ops
 from .settings import host_is_loopback, normalize_host
 from .text import quote
 
@@ -290,6 +291,7 @@ class Dispatcher:
             protocol.INVALIDATE: self._invalidate,
             protocol.LOGIN: self._login_op,
             protocol.LOGOUT: self._logout,
+            **login_ops(keeper),
         }
 
     async def __call__(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -334,9 +336,12 @@ class Dispatcher:
             raise UnknownHost(f"vm-tokend gives tokens for {quote(name)} only over https")
 
     async def _hello(self, request: dict[str, Any]) -> dict[str, Any]:
+        described = self._describe()
         return {"ok": True, "protocol": protocol.PROTOCOL_VERSION,
                 "daemon": "vm-tokend", "version": self.version,
-                "api_url": self._describe().get("api_url")}
+                "api_url": described.get("api_url"),
+                "login_method": described.get("login_method", "password"),
+                "redirect_port": described.get("redirect_port")}
 
     async def _get(self, request: dict[str, Any]) -> dict[str, Any]:
         self._check_host(request)

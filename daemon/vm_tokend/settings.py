@@ -124,6 +124,8 @@ class Settings(BaseSettings):
     oidc_client_id: str = "anonymous"
     oidc_client_secret: SecretStr | None = None
     oidc_scope: str = "openid"
+    oidc_redirect_port: int | None = Field(default=None, ge=1, le=65535)
+    login_method: Literal["password", "browser"] = "password"
     username: str | None = None
     password: SecretStr | None = None
     password_file: Path | None = None
@@ -178,7 +180,7 @@ class Settings(BaseSettings):
             raise ValueError("must be non-empty printable text")
         return value
 
-    @field_validator("auth", "log_level", mode="before")
+    @field_validator("auth", "log_level", "login_method", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
@@ -254,8 +256,10 @@ class Settings(BaseSettings):
         return Path(protocol.default_socket_path(environ))
 
     def credentials(self) -> Credentials | None:
-        """The configured credentials, or None if the daemon should wait for a `login`."""
-        if self.username is None or not self.has_password_source:
+        """The configured credentials, or None if the daemon should wait for a `login`
+        (always with login_method = "browser": a person logs in, no password is used)."""
+        if self.username is None or not self.has_password_source \
+                or self.login_method == "browser":
             return None
         return Credentials(
             username=self.username,

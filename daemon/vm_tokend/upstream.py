@@ -125,6 +125,7 @@ class Grant:
     # trio.current_time() when the request was sent: the token was issued after it, so
     # counting from here errs on the early side however slow the answer was.
     requested_at: float
+    id_token: str | None = field(default=None, repr=False)  # OIDC: who logged in
 
 
 class LegacyBackend(Protocol):

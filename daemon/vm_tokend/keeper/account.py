@@ -16,11 +16,14 @@ from typing import Any, TypeAlias
 import trio
 
 from vm_token.errors import DaemonError as Refused
-from vm_token.errors import NotLoggedIn, UpstreamUnavailable
+from vm_token.errors import LoginFailed, NotLoggedIn, UpstreamUnavailable
 
 from .. import upstream
+from ..oidc import OidcApi
 from ..settings import Credentials
+from ..upstream import Grant
 from .credentials import PasswordSource
+from .interactive import InteractiveLogins
 from .legacy import LegacySession
 from .oidc import OidcBackend, OidcSession
 from .session import AccountConfig, Session, SessionEnded, failure
@@ -79,6 +82,7 @@ class Account:
         self._connecting: _Connecting | None = None
         self._scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
+        self.interactive = InteractiveLogins(self.connect_oidc, self.start_interactive)
 
     @property
     def calls(self) -> Counter[str]:
@@ -101,6 +105,39 @@ class Account:
         connecting = self._connecting = _Connecting(PasswordSource(credentials))
         self._scope = trio.CancelScope()
         await self._nursery.start(self._connect_and_run, connecting, self._scope)
+
+    async def start_interactive(self, grant: Grant, username: str, api: OidcApi,
+                                how: str) -> None:
+        """Replace the session with one an interactive login made (no password), and
+        wait until it is ready to serve."""
+        self.end()
+        assert self._nursery is not None, "Account.run() is not running"
+        session = OidcSession(None, api, config=self.config, timing=self.timing,
+                              initial=(grant, username, how))
+        self.session = session
+        self._scope = trio.CancelScope()
+        await self._nursery.start(self._run, session, self._scope)
+        await session.wait_logged_in()
+
+    async def _run(self, session: Session, scope: trio.CancelScope, *,
+                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with scope:
+            task_status.started()
+            await session.run()
+
+    async def connect_oidc(self) -> OidcApi:
+        """The OpenID Connect backend for an interactive login; why not, if there is none."""
+        try:
+            backend = await self._connect()
+        except upstream.ClientRejected as exc:
+            raise LoginFailed(str(exc)) from None
+        except upstream.UpstreamError as exc:
+            raise UpstreamUnavailable(f"cannot find how to log in: {exc}") from None
+        if not isinstance(backend, OidcApi):
+            raise LoginFailed("the API logs in with its own endpoints (auth = legacy, or "
+                              "WebFinger names no OpenID Connect issuer): browser and device "
+                              "logins need OpenID Connect")
+        return backend
 
     def end(self) -> None:
         if self._scope is not None:

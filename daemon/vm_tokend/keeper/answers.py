@@ -11,7 +11,7 @@ from typing import Any
 
 import trio
 
-from vm_token.errors import CredentialsRejected, UpstreamUnavailable
+from vm_token.errors import CredentialsRejected, NotLoggedIn, UpstreamUnavailable
 from vm_token.errors import DaemonError as Refused
 
 from ..upstream import VideoManagerRef
@@ -20,11 +20,15 @@ from .slot import Slot, TokenInfo
 from .timing import seconds
 from .videomanagers import VideoManagers
 
-__all__ = ["Answers", "SessionEnded"]
+__all__ = ["Answers", "LoginRequired", "SessionEnded"]
 
 
 class SessionEnded(Exception):
     """The session was replaced or ended while a client was waiting on it."""
+
+
+class LoginRequired(NotLoggedIn):
+    """A session without a password can no longer refresh: a person must log in again."""
 
 
 class Answers:
@@ -41,9 +45,11 @@ class Answers:
     changed: trio.Event
     kind: str
 
+    identity: str | None
+
     @property
     def username(self) -> str | None:
-        return self.source.username if self.source else None
+        return self.source.username if self.source else self.identity
 
     # -- requests -------------------------------------------------------------------------
 
@@ -122,6 +128,7 @@ class Answers:
         """The session's state for `status`. No secrets."""
         if self.blocked is not None:
             state = ("credentials_rejected" if isinstance(self.blocked, CredentialsRejected)
+                     else "login_required" if isinstance(self.blocked, LoginRequired)
                      else "not_logged_in")
         elif not self.ready:
             state = "logging_in" if self.login_retry_at is None else "upstream_unavailable"

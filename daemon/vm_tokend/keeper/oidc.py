@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Iterable
 from typing import Any, Final, Protocol
 
@@ -56,9 +57,16 @@ class OidcSession(Session):
     kind = "oidc"
 
     def __init__(self, source: PasswordSource | None, backend: OidcBackend, *,
-                 config: AccountConfig, timing: Timing) -> None:
+                 config: AccountConfig, timing: Timing,
+                 initial: tuple[Grant, str, str] | None = None) -> None:
         super().__init__(source, config=config, timing=timing)
         self.backend = backend
+        # An interactive login's grant, who it is, and how to log in again ("browser" or
+        # "device"): the session has no password and asks for a new interactive login
+        # when the refresh token is gone, instead of logging in itself.
+        self._initial = initial
+        if initial is not None:
+            self.identity, self.relogin_hint = initial[1], initial[2]
         self._slot: Slot | None = None
         self._listed_at = -math.inf
         self._relisting: trio.Event | None = None
@@ -90,6 +98,11 @@ class OidcSession(Session):
         return await self.backend.refresh(refresh_token)
 
     async def _establish(self) -> None:
+        if self._initial is not None:
+            grant, self._initial = self._initial[0], None
+            self.keep_refresh_token(grant)
+            self.logged_in_at_wall = time.time()
+            self.slot_for(None).take(grant)
         if self._slot is None or self._slot.valid_for(trio.current_time()) <= 0:
             grant = await self.login()
             self.slot_for(None).take(grant)  # made now: its task finds a token
@@ -145,6 +158,15 @@ class OidcSession(Session):
     # -- fetching --------------------------------------------------------------------------
 
     async def _fetch(self, slot: Slot) -> Grant:
+        if self.source is None and self.refresh_token is not None:
+            # No password: the refresh token is all there is; use it as long as the
+            # provider takes it, however close to its announced end.
+            try:
+                return await self.refresh()
+            except upstream.RefreshRejected as exc:
+                log.info("%s", exc)
+                self.refresh_token = None
+            return await self.login_again()  # login required: raises
         if self.login_due():
             return await self.login_again()
         try:

@@ -34,7 +34,7 @@ from .. import upstream
 from ..settings import PasswordUnavailable
 from ..text import quote
 from ..upstream import Grant
-from .answers import Answers, SessionEnded
+from .answers import Answers, LoginRequired, SessionEnded
 from .credentials import PasswordSource
 from .slot import Paused, Slot, Superseded
 from .timing import Timing, seconds
@@ -105,6 +105,8 @@ class Session(Answers):
         self.pause_reason: str | None = None
         self.login_failures = 0
         self.ended = False
+        self.identity: str | None = None  # who logged in, when there is no password
+        self.relogin_hint = "browser"  # how to log in again without one
         self.changed = trio.Event()
         self.cancel_scope = trio.CancelScope()
         self.nursery: trio.Nursery | None = None
@@ -173,9 +175,13 @@ class Session(Answers):
     # -- upstream calls ---------------------------------------------------------------
 
     async def login(self) -> Grant:
-        """Log in with the password (the caller holds the lock); records a rejection."""
+        """Log in with the password (the caller holds the lock); records a rejection.
+        Without a password (an interactive login's session), a new interactive login is
+        required: never retried on a timer."""
         if self.source is None:
-            raise self._block(NotLoggedIn("no password to log in with: run `vm-token login`"))
+            raise self._block(LoginRequired(
+                "the login session has ended (its refresh token was refused or expired): "
+                f"run `vm-token login --{self.relogin_hint}`"))
         try:
             password = await self.source.read()
         except PasswordUnavailable as exc:

@@ -1,0 +1,164 @@
+"""Interactive logins in progress: at most one at a time, held by the daemon.
+
+`vm-token login --browser` (or `--device`) drives a flow through the wire ops
+login_start / login_finish / login_wait / login_cancel; the flow's secrets (state, nonce,
+PKCE verifier, device code) never leave the daemon. A new flow cancels the one before it:
+two terminals racing to log in end with the later one's login.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+import trio
+
+from vm_token.errors import BadRequest, LoginFailed, UpstreamUnavailable
+
+from .. import upstream
+from ..oidc import OidcApi
+from ..oidc_interactive import CodeFlow, DeviceFlow, identity
+from ..oidc_interactive import LoginFailed as FlowFailed
+from ..text import quote
+from ..upstream import Grant
+
+__all__ = ["Flow", "InteractiveLogins"]
+
+log = logging.getLogger("vm_tokend.keeper")
+
+# How long a browser login may take from start to finish (vm-token waits 5 minutes by
+# default; a little more here so the daemon is never the first to give up).
+CODE_FLOW_LIFETIME: Final = 600.0
+
+
+@dataclass
+class Flow:
+    """One interactive login in progress."""
+
+    id: str
+    code: CodeFlow | None = None
+    device: DeviceFlow | None = None
+    expires_at: float = 0.0
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)  # cancel() ends it
+    cancelled: bool = False
+    busy: bool = False  # a finish or wait is under way
+
+
+class InteractiveLogins:
+    """The flow in progress, and what completes it: `done(grant, username, api)`."""
+
+    def __init__(self, connect: Callable[[], Awaitable[OidcApi]],
+                 done: Callable[[Grant, str, OidcApi, str], Awaitable[None]]) -> None:
+        self._connect = connect
+        self._done = done
+        self._flow: Flow | None = None
+        self._api: OidcApi | None = None
+
+    def cancel(self, flow_id: str | None = None) -> bool:
+        """Cancel the flow in progress (only if it is `flow_id`, when given)."""
+        flow = self._flow
+        if flow is None or (flow_id is not None and flow.id != flow_id):
+            return False
+        self._flow = None
+        flow.cancelled = True
+        flow.scope.cancel()
+        log.info("interactive login cancelled")
+        return True
+
+    async def start_code(self, redirect_uri: str) -> tuple[Flow, CodeFlow]:
+        api = await self._begin()
+        code = await CodeFlow.start(api, redirect_uri)
+        flow = self._new(code=code, expires_at=trio.current_time() + CODE_FLOW_LIFETIME)
+        log.info("browser login started (redirect to %s)", redirect_uri)
+        return flow, code
+
+    async def start_device(self) -> tuple[Flow, DeviceFlow]:
+        api = await self._begin()
+        device = await DeviceFlow.start(api)
+        flow = self._new(device=device, expires_at=device.expires_at)
+        log.info("device login started; waiting for the user to enter the code")
+        return flow, device
+
+    async def finish_code(self, flow_id: str, code: str, state: str) -> str:
+        """Exchange the code the browser brought; the username logged in."""
+        flow = self._take(flow_id, "code")
+        assert flow.code is not None
+        try:
+            grant = await self._until_cancelled(flow, flow.code.finish(self._api_(), code,
+                                                                        state))
+            return await self._complete(flow, grant, flow.code.nonce, "browser")
+        finally:
+            self._end(flow)
+
+    async def wait_device(self, flow_id: str) -> str:
+        """Poll until the user approved the device code; the username logged in."""
+        flow = self._take(flow_id, "device")
+        assert flow.device is not None
+        try:
+            grant = await self._until_cancelled(flow, flow.device.wait(self._api_()))
+            return await self._complete(flow, grant, None, "device")
+        finally:
+            self._end(flow)
+
+    # -- internals ------------------------------------------------------------------------
+
+    async def _begin(self) -> OidcApi:
+        self.cancel()  # a newer login wins
+        self._api = await self._connect()
+        return self._api
+
+    def _api_(self) -> OidcApi:
+        assert self._api is not None
+        return self._api
+
+    def _new(self, **fields: object) -> Flow:
+        flow = Flow(id=secrets.token_urlsafe(16), **fields)  # type: ignore[arg-type]
+        self._flow = flow
+        return flow
+
+    def _take(self, flow_id: str, kind: str) -> Flow:
+        flow = self._flow
+        if flow is None or flow.id != flow_id or flow.busy:
+            raise LoginFailed("no such login in progress (it ended, or a newer one replaced "
+                              "it): start again")
+        if (kind == "code") != (flow.code is not None):
+            raise BadRequest(f"login {quote(flow_id, 30)} is not a {kind} login")
+        if trio.current_time() >= flow.expires_at:
+            self._end(flow)
+            raise LoginFailed("the login took too long: start again")
+        flow.busy = True
+        return flow
+
+    def _end(self, flow: Flow) -> None:
+        flow.busy = False
+        if self._flow is flow:
+            self._flow = None
+
+    async def _until_cancelled(self, flow: Flow, work: Awaitable[Grant]) -> Grant:
+        """`work`'s grant, unless the flow is cancelled first; upstream failures become
+        what the client is told."""
+        with flow.scope:
+            try:
+                return await work
+            except (FlowFailed, upstream.ClientRejected) as exc:
+                raise LoginFailed(str(exc)) from None
+            except upstream.UpstreamError as exc:
+                raise UpstreamUnavailable(f"the login could not finish: {exc}") from None
+        # Only a cancelled scope gets here.
+        raise LoginFailed("the login was cancelled (by Ctrl-C, or a newer login)")
+
+    async def _complete(self, flow: Flow, grant: Grant, nonce: str | None, how: str) -> str:
+        api = self._api_()
+        try:
+            username = identity(grant, api, nonce)
+        except FlowFailed as exc:
+            raise LoginFailed(str(exc)) from None
+        if flow.cancelled:
+            raise LoginFailed("the login was cancelled (by Ctrl-C, or a newer login)")
+        await self._done(grant, username, api, how)
+        log.info("logged in interactively as %s", quote(username))
+        return username
+
