@@ -173,3 +173,141 @@ def test_max_backoff(monkeypatch, value, ok):
     else:
         with pytest.raises(ConfigError, match="max_backoff .from the environment variable"):
             load_settings()
+
+
+# -- how to log in: auth and the OpenID Connect client (issue 10) -----------------------------
+
+def test_login_settings_defaults():
+    settings = load_settings()
+    assert settings.auth == "auto"
+    assert settings.oidc_issuer is None
+    assert settings.oidc_client_id == "anonymous"
+    assert settings.oidc_client_secret is None
+    assert settings.oidc_scope == "openid"
+
+
+def test_login_settings_from_the_environment(monkeypatch):
+    monkeypatch.setenv("VM_TOKEN_AUTH", "OIDC")
+    monkeypatch.setenv("VM_TOKEN_OIDC_ISSUER", " https://login.example.com/auth/realms/x/ ")
+    monkeypatch.setenv("VM_TOKEN_OIDC_CLIENT_ID", " vm-token ")
+    monkeypatch.setenv("VM_TOKEN_OIDC_CLIENT_SECRET", "env-secret")
+    monkeypatch.setenv("VM_TOKEN_OIDC_SCOPE", "openid offline_access")
+    settings = load_settings()
+    assert settings.auth == "oidc"
+    assert settings.oidc_issuer == "https://login.example.com/auth/realms/x"
+    assert settings.oidc_client_id == "vm-token"
+    assert settings.oidc_client_secret is not None
+    assert settings.oidc_client_secret.get_secret_value() == "env-secret"
+    assert settings.oidc_scope == "openid offline_access"
+    assert "env-secret" not in repr(settings) and "env-secret" not in str(settings)
+    assert load_settings({"auth": "legacy"}).auth == "legacy"  # a flag beats the environment
+
+
+def test_login_settings_from_the_config_file(tmp_path):
+    write_config(tmp_path, 'auth = "legacy"\noidc_issuer = "http://127.0.0.1:8080/realms/x"\n'
+                 'oidc_client_id = "cli"\noidc_client_secret = "toml-secret"\n'
+                 'oidc_scope = "openid email"\n')
+    settings = load_settings()
+    assert settings.auth == "legacy"
+    assert settings.oidc_issuer == "http://127.0.0.1:8080/realms/x"  # loopback: http is fine
+    assert settings.oidc_client_id == "cli" and settings.oidc_scope == "openid email"
+    assert settings.oidc_client_secret is not None
+    assert settings.oidc_client_secret.get_secret_value() == "toml-secret"
+
+
+@pytest.mark.parametrize(("env", "value", "expect"), [
+    ("VM_TOKEN_AUTH", "basic", "auth (from the environment variable VM_TOKEN_AUTH): "
+                               "Input should be 'auto', 'oidc' or 'legacy'"),
+    ("VM_TOKEN_AUTH", "", "auth (from the environment variable VM_TOKEN_AUTH)"),
+    ("VM_TOKEN_OIDC_ISSUER", "http://login.example.com/auth/realms/x",
+     "oidc_issuer (from the environment variable VM_TOKEN_OIDC_ISSUER): must use https"),
+    ("VM_TOKEN_OIDC_ISSUER", "http://10.1.2.3/realms/x",
+     "oidc_issuer (from the environment variable VM_TOKEN_OIDC_ISSUER): must use https"),
+    ("VM_TOKEN_OIDC_ISSUER", "login.example.com/auth/realms/x",
+     "oidc_issuer (from the environment variable VM_TOKEN_OIDC_ISSUER): must be an absolute "
+     "https URL"),
+    ("VM_TOKEN_OIDC_ISSUER", "https://login.example.com/realms/x?a=b", "oidc_issuer (from the "
+                             "environment variable VM_TOKEN_OIDC_ISSUER): must not have"),
+    ("VM_TOKEN_OIDC_ISSUER", "https://u:p@login.example.com/realms/x", "oidc_issuer (from the "
+                             "environment variable VM_TOKEN_OIDC_ISSUER): must not have"),
+    ("VM_TOKEN_OIDC_CLIENT_ID", "  ", "oidc_client_id (from the environment variable "
+                                      "VM_TOKEN_OIDC_CLIENT_ID): must be non-empty printable"),
+    ("VM_TOKEN_OIDC_CLIENT_ID", "a\tb", "oidc_client_id (from the environment variable "
+                                        "VM_TOKEN_OIDC_CLIENT_ID): must be non-empty printable"),
+    ("VM_TOKEN_OIDC_SCOPE", "", "oidc_scope (from the environment variable "
+                                "VM_TOKEN_OIDC_SCOPE): must be non-empty printable"),
+    ("VM_TOKEN_OIDC_SCOPE", "openid\x1b[2J", "oidc_scope (from the environment variable "
+                                          "VM_TOKEN_OIDC_SCOPE): must be non-empty printable"),
+])
+def test_login_settings_errors_name_the_field(monkeypatch, env, value, expect):
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert expect in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_login_settings_errors_from_the_config_file_and_flags(tmp_path):
+    path = write_config(tmp_path, 'auth = "kerberos"\noidc_scope = 7\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert f"auth (from the config file {path})" in str(info.value)
+    assert f"oidc_scope (from the config file {path})" in str(info.value)
+    with pytest.raises(ConfigError, match="oidc_issuer .from the command-line flag "
+                                          "--oidc-issuer.: must use https"):
+        load_settings({"oidc_issuer": "http://example.com/realms/x"})
+
+
+def test_client_secret_never_in_error_messages(monkeypatch, tmp_path):
+    monkeypatch.setenv("VM_TOKEN_OIDC_CLIENT_SECRET", "very-secret-value")
+    monkeypatch.setenv("VM_TOKEN_AUTH", "very-secret-value")  # pasted in the wrong place
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert "very-secret-value" not in str(info.value)
+    assert "auth (from the environment variable VM_TOKEN_AUTH)" in str(info.value)
+
+
+def test_client_secret_from_the_credentials_directory(monkeypatch, tmp_path):
+    write_config(tmp_path, 'oidc_client_secret = "toml-secret"\n')
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "oidc_client_secret").write_text("systemd-secret\nsecond line ignored\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    secret = load_settings().oidc_client_secret
+    assert secret is not None and secret.get_secret_value() == "systemd-secret"  # beats TOML
+    assert load_settings().password is None  # no password file there: nothing made up
+    monkeypatch.setenv("VM_TOKEN_OIDC_CLIENT_SECRET", "env-secret")
+    secret = load_settings().oidc_client_secret
+    assert secret is not None and secret.get_secret_value() == "env-secret"  # env beats it
+
+
+def test_empty_credential_file_falls_through(monkeypatch, tmp_path):
+    write_config(tmp_path, 'oidc_client_secret = "toml-secret"\n')
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "oidc_client_secret").write_text("")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    secret = load_settings().oidc_client_secret
+    assert secret is not None and secret.get_secret_value() == "toml-secret"
+
+
+def test_unreadable_credential_file_is_a_config_error(monkeypatch, tmp_path):
+    creds = tmp_path / "creds"
+    (creds / "oidc_client_secret").mkdir(parents=True)  # not a file
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    with pytest.raises(ConfigError, match="cannot read the systemd credential "
+                                          f"{creds}/oidc_client_secret"):
+        load_settings()
+
+
+def test_password_and_client_secret_side_by_side_in_the_credentials_directory(monkeypatch,
+                                                                             tmp_path):
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "password").write_text("the-password\n")
+    (creds / "oidc_client_secret").write_text("the-secret\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    settings = load_settings({"username": "someone"})
+    assert settings.password is not None and settings.oidc_client_secret is not None
+    assert settings.password.get_secret_value() == "the-password"
+    assert settings.oidc_client_secret.get_secret_value() == "the-secret"
