@@ -87,9 +87,10 @@ def api_root(api_url: str) -> str:
 def cache_seconds(response: httpx.Response) -> float:
     """How long an answer may be used, from Cache-Control max-age or Expires."""
     control = response.headers.get("cache-control", "").lower()
-    for directive in (part.strip() for part in control.split(",")):
-        if directive in ("no-store", "no-cache"):
-            return 0.0
+    directives = [part.strip() for part in control.split(",")]
+    if "no-store" in directives or "no-cache" in directives:
+        return 0.0  # wherever they stand (RFC 9111)
+    for directive in directives:
         name, _, value = directive.partition("=")
         if name.strip() == "max-age" and value.strip().isascii() and value.strip().isdigit():
             return min(float(value.strip()), MAX_CACHE)

@@ -237,7 +237,7 @@ async def test_sixty_clients_three_videomanagers_while_refresh_tokens_rotate(mak
     with trio.fail_after(45):
         with daemon.client() as client:
             await in_thread(client.get_token)  # logged in before the crowd arrives
-        http_checked: set[str] = set()
+        http_checked: set[tuple[str, str]] = set()
 
         async def check(token: str, vm: str) -> str | None:
             if not standin.token_valid(token, vm):

@@ -167,7 +167,9 @@ class Slot:
         return True
 
     def take(self, grant: Grant) -> None:
-        """Hold the token of `grant` from now on."""
+        """Hold the token of `grant` from now on (not if the slot was let go)."""
+        if self.dropped:
+            return
         if self.token is not None:
             # The token it replaces was not reported as rejected: the run of quickly
             # rejected tokens, if any, is broken.
