@@ -52,6 +52,38 @@ def wait_for_socket(path: Path, proc: subprocess.Popen[bytes]) -> None:
     raise SystemExit("demo: vm-tokend did not start in time")
 
 
+def device_login(env: dict[str, str]) -> None:
+    """`vm-token login --device`, with a scripted user entering the code on the stand-in's
+    page (in real life: any browser, on any device)."""
+    import re
+    import urllib.parse
+
+    print("$ vm-token login --device", flush=True)
+    login = subprocess.Popen([str(BIN / "vm-token"), "login", "--device"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert login.stderr is not None
+    said = ""
+    while "Waiting" not in said:
+        line = login.stderr.readline()
+        if not line:
+            raise SystemExit("demo: vm-token login --device printed no code")
+        said += line
+        sys.stdout.write(line)
+    found = re.search(r"visit (\S+) and enter the code\n\s+(\S+)", said)
+    if found is None:
+        raise SystemExit("demo: no verification address and code in vm-token's output")
+    uri, code = found.groups()
+    print(f"(the user opens {uri}, types {code}, logs in as demo and approves)", flush=True)
+    form = urllib.parse.urlencode({"user_code": code, "username": "demo",
+                                   "password": "demo-password", "action": "login"}).encode()
+    with urllib.request.urlopen(uri, data=form, timeout=10):  # noqa: S310 - loopback
+        pass
+    out, err = login.communicate(timeout=30)
+    sys.stdout.write(out + err)
+    if login.returncode != 0:
+        raise SystemExit(f"demo: vm-token login --device failed ({login.returncode})")
+
+
 def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="vm-token-demo-"))
     standin = daemon = None
@@ -103,6 +135,11 @@ def main() -> int:
                     raise SystemExit("demo: the API did not accept the token")
 
         step("The daemon's state (never a secret in it)")
+        run("vm-token", "status", env=env)
+
+        step("Log out, and log in again with a device code: no password kept anywhere")
+        run("vm-token", "logout", env=env)
+        device_login(env)
         run("vm-token", "status", env=env)
 
         step("Shut down")
