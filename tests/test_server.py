@@ -15,14 +15,15 @@ import trio
 from tests.fakes import VMS, FakeBackend, running_keeper
 from vm_token import protocol
 from vm_tokend import server as server_module
-from vm_tokend.server import Dispatcher, Server, bind_unix_socket
+from vm_tokend.dispatch import Dispatcher
+from vm_tokend.server import Server, bind_unix_socket
 from vm_tokend.upstream import VideoManagerRef
 
 
 @asynccontextmanager
 async def serving(private_dir, backend=None, **options):
     """A keeper on the fake backend and a server on a private socket, stopped at the end."""
-    async def login(username: str, password: str) -> None:
+    async def login(profile: str | None, username: str, password: str) -> None:
         pass  # the keeper's session is not replaced: the dispatcher then waits on it
 
     async with running_keeper(backend or FakeBackend()) as keeper, \

@@ -14,6 +14,7 @@
         ├── UpstreamUnavailable   upstream_unavailable
         ├── UnsupportedVersion    unsupported_version
         ├── LoginFailed           login_failed (an interactive login ended without tokens)
+        ├── UnknownProfile        unknown_profile (no profile of that name is configured)
         └── InternalError         internal
 
 Messages never contain a token or a password: the daemon never puts one in an error, and
@@ -36,6 +37,7 @@ __all__ = [
     "NotLoggedIn",
     "ProtocolError",
     "UnknownHost",
+    "UnknownProfile",
     "UnknownVideoManager",
     "UnsupportedVersion",
     "UntrustedDaemon",
@@ -117,6 +119,10 @@ class LoginFailed(DaemonError):
     code = protocol.LOGIN_FAILED
 
 
+class UnknownProfile(DaemonError):
+    code = protocol.UNKNOWN_PROFILE
+
+
 class InternalError(DaemonError):
     code = protocol.INTERNAL
 
@@ -133,6 +139,7 @@ _BY_CODE: dict[str, type[DaemonError]] = {
         UpstreamUnavailable,
         UnsupportedVersion,
         LoginFailed,
+        UnknownProfile,
         InternalError,
     )
 }

@@ -71,6 +71,7 @@ FORBIDDEN: Final = "forbidden"
 UPSTREAM_UNAVAILABLE: Final = "upstream_unavailable"
 UNSUPPORTED_VERSION: Final = "unsupported_version"
 LOGIN_FAILED: Final = "login_failed"
+UNKNOWN_PROFILE: Final = "unknown_profile"
 INTERNAL: Final = "internal"
 ERROR_CODES: Final = frozenset(
     {
@@ -83,6 +84,7 @@ ERROR_CODES: Final = frozenset(
         UPSTREAM_UNAVAILABLE,
         UNSUPPORTED_VERSION,
         LOGIN_FAILED,
+        UNKNOWN_PROFILE,
         INTERNAL,
     }
 )

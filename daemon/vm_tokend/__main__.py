@@ -121,12 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     from . import systemd
     from .app import App
     from .server import BoundSocket, SocketAlreadyServed, SocketSetupError, bind_unix_socket
-    from .settings import ConfigError, load_settings
+    from .settings import ConfigError, load_config
 
     setup_logging("info", journal=systemd.stderr_is_journal(os.environ))
     systemd.harden_process()
     try:
-        settings = load_settings(flags)
+        settings, profiles = load_config(flags)
     except ConfigError as exc:
         print(f"vm-tokend: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SocketSetupError, systemd.ActivationError) as exc:
         print(f"vm-tokend: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    app = App(settings, bound, flags=flags, notifier=notifier,
+    app = App(settings, bound, profiles=profiles, flags=flags, notifier=notifier,
               watchdog_interval=systemd.watchdog_interval(os.environ))
     try:
         trio.run(app.run)

@@ -10,24 +10,20 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import ssl
 import time
-from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import trio
-from pydantic import SecretStr
 
 from vm_token import __version__
 
-from .connect import Connector
+from .dispatch import Dispatcher
 from .keeper import Keeper
-from .server import BoundSocket, Dispatcher, Server
-from .settings import ConfigError, Credentials, PasswordUnavailable, Settings, load_settings
+from .profiles import Runtimes
+from .server import BoundSocket, Server
+from .settings import ConfigError, Profiles, Settings, load_config, resolve_profiles
 from .systemd import Notifier
-from .upstream import CONNECT_TIMEOUT, TOTAL_TIMEOUT
 
 __all__ = ["App"]
 
@@ -35,13 +31,6 @@ log = logging.getLogger(__name__)
 
 # How often STATUS= is recomputed (and sent, if it changed).
 STATUS_INTERVAL = 1.0
-
-
-def _ssl_context(settings: Settings) -> ssl.SSLContext:
-    # Certificates are always verified; ca_bundle only changes which CAs we trust.
-    if settings.ca_bundle is not None:
-        return ssl.create_default_context(cafile=str(settings.ca_bundle))
-    return ssl.create_default_context()
 
 
 class App:
@@ -52,23 +41,22 @@ class App:
         settings: Settings,
         bound: BoundSocket,
         *,
+        profiles: Profiles | None = None,
         flags: dict[str, Any] | None = None,
         notifier: Notifier | None = None,
         watchdog_interval: float | None = None,
     ) -> None:
         self.settings = settings
+        self.profiles = profiles if profiles is not None else resolve_profiles(settings)
         self.notifier = notifier if notifier is not None else Notifier({})
         self.watchdog_interval = watchdog_interval
         self.flags = dict(flags or {})
         self.bound = bound
         self.started_at = time.time()
         self.keeper: Keeper | None = None
+        self.runtimes: Runtimes | None = None
         self.server: Server | None = None
-        self._connector: Connector | None = None
         self._nursery: trio.Nursery | None = None
-        # Whether the session's credentials came from the configuration (a reload may then
-        # change them) or from a client's `login` (a reload leaves those alone).
-        self._configured_session = False
 
     def stop(self) -> None:
         self.notifier.stopping()
@@ -76,43 +64,19 @@ class App:
             self.server.stop()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        settings = self.settings
-        timeout = httpx.Timeout(TOTAL_TIMEOUT, connect=CONNECT_TIMEOUT)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            async with httpx.AsyncClient(
-                timeout=timeout,
-                verify=_ssl_context(settings),
-                follow_redirects=False,
-                headers={"User-Agent": f"vm-tokend/{__version__}"},
-            ) as http:
-                calls: Counter[str] = Counter()
-                self._connector = Connector(http, lambda: self.settings, calls)
-                self.keeper = keeper = Keeper(
-                    self._connector,
-                    calls=calls,
-                    default_videomanager=settings.default_videomanager,
-                    videomanagers=settings.videomanagers,
-                    idle_timeout=settings.idle_timeout,
-                    max_backoff=settings.max_backoff,
-                )
-                dispatcher = Dispatcher(
-                    keeper, version=__version__, login=self._login, describe=self._describe,
-                    git_hosts=lambda: self.settings.git_hosts(),
-                )
-                self.server = Server(self.bound, dispatcher, fast=dispatcher.fast_reply)
+            self.keeper = keeper = Keeper()
+            keeper.default_profile = self.settings.default_profile
+            self.runtimes = runtimes = Runtimes(keeper, self.settings.max_backoff)
+            dispatcher = Dispatcher(keeper, version=__version__, login=self._login,
+                                    describe=self._describe)
+            self.server = Server(self.bound, dispatcher, fast=dispatcher.fast_reply)
+            try:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     await nursery.start(keeper.run)
-                    credentials = settings.credentials()
-                    if credentials is None:
-                        how = "--browser" if settings.login_method == "browser" else ""
-                        log.info("no credentials configured; waiting for `vm-token login%s`",
-                                 f" {how}" if how else "")
-                    else:
-                        log.info("logging in as %r with %s", credentials.username,
-                                 credentials.describe())
-                    self._configured_session = credentials is not None
-                    await keeper.start_session(credentials)
+                    for name, profile in self.profiles.valid.items():
+                        await runtimes.add(name, profile)
                     nursery.start_soon(self._on_signals, signals)
                     await nursery.start(self._serve)
                     where = self.bound.path or "the socket systemd passed"
@@ -123,6 +87,9 @@ class App:
                         if self.watchdog_interval:
                             nursery.start_soon(self._watchdog, self.watchdog_interval)
                     task_status.started()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await runtimes.close()
         log.info("stopped")
 
     async def _serve(
@@ -144,9 +111,17 @@ class App:
             await trio.sleep(STATUS_INTERVAL)
 
     def summary(self) -> str:
-        """One line on the daemon's state, for systemctl status (never a secret)."""
+        """One line on the daemon's state, for systemctl status (never a secret); with
+        several profiles, one clause each."""
         assert self.keeper is not None
-        state = self.keeper.state()
+        names = list(self.keeper.accounts)
+        if len(names) <= 1:
+            return self._summary(names[0]) if names else "no profile"
+        return "; ".join(f"{name}: {self._summary(name)}" for name in names)
+
+    def _summary(self, profile: str) -> str:
+        assert self.keeper is not None
+        state = self.keeper.state(profile)
         user = state["username"]
         error = state["last_error"]
         match state["state"]:
@@ -162,7 +137,7 @@ class App:
                 return f"cannot log in: {error}"
             case "login_required":
                 return f"login required: {error}"
-        videomanagers = self.keeper.list()
+        videomanagers = self.keeper.list(profile)
         held = sum(1 for vm in videomanagers if vm["expires_at"] is not None)
         text = (f"logged in as {user}; {len(videomanagers)} VideoManagers, "
                 f"{held} tokens held")
@@ -179,21 +154,21 @@ class App:
                 log.info("%s: shutting down", signal.Signals(signum).name)
                 self.stop()
 
-    async def _login(self, username: str, password: str) -> None:
-        assert self.keeper is not None
-        log.info("login requested by a client for %r", username)
-        self._configured_session = False
-        await self.keeper.start_session(
-            Credentials(username=username, password=SecretStr(password))
-        )
+    async def _login(self, profile: str | None, username: str, password: str) -> None:
+        assert self.keeper is not None and self.runtimes is not None
+        await self.runtimes.login(profile or self.keeper.default_profile, username, password)
 
     def _describe(self) -> dict[str, Any]:
+        runtimes = self.runtimes.by_name if self.runtimes else {}
+        default = runtimes.get(self.keeper.default_profile) if self.keeper else None
+        profile = default.profile if default else self.settings
         return {
-            "login_method": self.settings.login_method,
-            "redirect_port": self.settings.oidc_redirect_port,
+            "login_method": profile.login_method,
+            "redirect_port": profile.oidc_redirect_port,
             "version": __version__,
             "pid": os.getpid(),
-            "api_url": self.settings.api_url,
+            "api_url": profile.api_url,
+            "profile_apis": {name: r.profile.api_url for name, r in runtimes.items()},
             "uptime": round(time.time() - self.started_at, 3),
             "connections_accepted": self.server.accepted if self.server else 0,
             "connections_open": self.server.open_connections if self.server else 0,
@@ -211,52 +186,30 @@ class App:
             self.notifier.status(self.summary())
 
     async def _reload(self) -> None:
-        assert self.keeper is not None and self._connector is not None
+        assert self.keeper is not None and self.runtimes is not None
         try:
-            new = load_settings(self.flags)
+            new, profiles = load_config(self.flags, strict=False)
         except ConfigError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
             return
+        for error in profiles.errors.values():
+            log.error("reload: %s; that profile keeps its running configuration", error)
         old, self.settings = self.settings, new
-        for name in ("socket", "ca_bundle"):
+        self.profiles = profiles
+        for name in ("socket",):
             if getattr(new, name) != getattr(old, name):
                 log.warning("a change of %s takes effect only after a restart", name)
         logging.getLogger("vm_tokend").setLevel(new.log_level.upper())
-        # A new API, or a new way of logging in (settings, or WebFinger's answer), needs a
-        # new session; so do new or refused credentials.
-        state = self.keeper.state()
-        method_changed = (Connector.key(new) != Connector.key(old)
-                          or await self._connector.changed(new, state.get("auth"),
-                                                           state.get("issuer")))
-        self.keeper.configure(
-            default_videomanager=new.default_videomanager,
-            videomanagers=new.videomanagers,
-            idle_timeout=new.idle_timeout,
-            max_backoff=new.max_backoff,
-        )
-        credentials = new.credentials()
-        from_config = credentials is not None
-        if credentials is None and not self._configured_session:
-            credentials = self.keeper.credentials  # given by `vm-token login`: kept
-        if (method_changed or self.keeper.rejected
-                or await self._credentials_changed(credentials)):
-            log.info("starting a new login session after the reload")
-            self._configured_session = from_config
-            await self.keeper.start_session(credentials)
-
-    async def _credentials_changed(self, credentials: Credentials | None) -> bool:
-        assert self.keeper is not None
-        current = self.keeper.credentials
-        if credentials is None or current is None:
-            return credentials is not current
-        if credentials != current:
-            return True
-        if credentials.password_command is not None and credentials.password is None \
-                and credentials.password_file is None:
-            return False  # not run just to compare: it may prompt
-        try:
-            password = await credentials.read_password()
-        except PasswordUnavailable:
-            return True  # let the new session say what is wrong
-        return not self.keeper.logged_in_with(password)
-
+        runtimes = self.runtimes
+        runtimes.max_backoff = new.max_backoff
+        for name in list(runtimes.by_name):
+            if name not in profiles.valid and name not in profiles.errors:
+                await runtimes.remove(name)
+        for name, profile in profiles.valid.items():
+            if name in runtimes.by_name:
+                await runtimes.reload(name, profile)
+            else:
+                log.info("profile %s added", name)
+                await runtimes.add(name, profile)
+        if new.default_profile in self.keeper.accounts:
+            self.keeper.default_profile = new.default_profile

@@ -18,7 +18,7 @@ import httpx
 from .keeper.account import Backend
 from .keeper.oidc import OidcBackend
 from .oidc import WELL_KNOWN, IssuerLink, OidcApi, WebFinger, check_url
-from .settings import Settings
+from .profile import Profile
 from .upstream import ClientRejected, TransientError, VideoManagerApi
 
 __all__ = ["Connector"]
@@ -33,7 +33,7 @@ def _link(issuer: str) -> IssuerLink:
 class Connector:
     """The keeper's `connect`: a backend for the current settings."""
 
-    def __init__(self, http: httpx.AsyncClient, settings: Callable[[], Settings],
+    def __init__(self, http: httpx.AsyncClient, settings: Callable[[], Profile],
                  calls: Counter[str]) -> None:
         self._http = http
         self._settings = settings
@@ -41,7 +41,7 @@ class Connector:
         self._webfinger = WebFinger(http, calls)
 
     @staticmethod
-    def key(settings: Settings) -> tuple[Any, ...]:
+    def key(settings: Profile) -> tuple[Any, ...]:
         """What a session's backend depends on: a change of it needs a new session."""
         secret = settings.oidc_client_secret
         return (settings.api_url, settings.auth, settings.oidc_issuer, settings.oidc_client_id,
@@ -69,7 +69,7 @@ class Connector:
                        calls=self._calls)
         return api
 
-    async def issuer(self, settings: Settings) -> IssuerLink | None:
+    async def issuer(self, settings: Profile) -> IssuerLink | None:
         """The issuer to log in with: the configured one, else what WebFinger says."""
         if settings.oidc_issuer:
             return _link(settings.oidc_issuer)
@@ -79,7 +79,7 @@ class Connector:
                      link.issuer)
         return link
 
-    async def changed(self, settings: Settings, auth: str | None, issuer: str | None) -> bool:
+    async def changed(self, settings: Profile, auth: str | None, issuer: str | None) -> bool:
         """Whether WebFinger now answers differently from what the running session
         (`auth`, `issuer`) was made from. Unsure (the API unreachable): no."""
         if settings.auth == "legacy" or settings.oidc_issuer:
@@ -93,6 +93,6 @@ class Connector:
             return auth != "legacy"
         return auth != "oidc" or issuer != link.issuer
 
-    def _legacy(self, settings: Settings) -> VideoManagerApi:
+    def _legacy(self, settings: Profile) -> VideoManagerApi:
         return VideoManagerApi(self._http, settings.api_url,
                                default_token_lifetime=settings.default_token_lifetime)

@@ -17,6 +17,7 @@ from vm_token import protocol
 from vm_token.errors import BadRequest
 
 from .keeper import Keeper
+from .keeper.interactive import InteractiveLogins
 from .text import quote
 
 __all__ = ["login_ops"]
@@ -51,22 +52,26 @@ def loopback_redirect(uri: str) -> str:
     return uri
 
 
-def login_ops(keeper: Keeper) -> dict[str, Op]:
-    """The ops, bound to `keeper`."""
-    logins = keeper.account.interactive
+def login_ops(keeper: Keeper, profile: Callable[[dict[str, Any]], str | None]
+              ) -> dict[str, Op]:
+    """The ops, bound to `keeper`; `profile` says which profile a request is for."""
 
-    async def done(username: str) -> dict[str, Any]:
-        return {"ok": True, "username": username, "videomanagers": len(keeper.list())}
+    def logins(request: dict[str, Any]) -> InteractiveLogins:
+        return keeper.account(profile(request)).interactive
+
+    async def done(request: dict[str, Any], username: str) -> dict[str, Any]:
+        return {"ok": True, "username": username,
+                "videomanagers": len(keeper.list(profile(request)))}
 
     async def start(request: dict[str, Any]) -> dict[str, Any]:
         method = request.get("method")
         if method == "code":
             redirect_uri = loopback_redirect(_text(request, "redirect_uri", MAX_REDIRECT_URI))
-            flow, code = await logins.start_code(redirect_uri)
+            flow, code = await logins(request).start_code(redirect_uri)
             return {"ok": True, "flow": flow.id, "method": "code", "url": code.url,
                     "redirect_uri": redirect_uri}
         if method == "device":
-            flow, device = await logins.start_device()
+            flow, device = await logins(request).start_device()
             expires_in = max(0.0, device.expires_at - trio.current_time())
             return {"ok": True, "flow": flow.id, "method": "device",
                     "user_code": device.user_code,
@@ -77,18 +82,19 @@ def login_ops(keeper: Keeper) -> dict[str, Op]:
 
     async def finish(request: dict[str, Any]) -> dict[str, Any]:
         flow = _text(request, "flow", MAX_FLOW_ID)
-        username = await logins.finish_code(flow, _text(request, "code", MAX_CODE),
-                                            _text(request, "state", MAX_STATE))
-        return await done(username)
+        username = await logins(request).finish_code(flow, _text(request, "code", MAX_CODE),
+                                                     _text(request, "state", MAX_STATE))
+        return await done(request, username)
 
     async def wait(request: dict[str, Any]) -> dict[str, Any]:
-        return await done(await logins.wait_device(_text(request, "flow", MAX_FLOW_ID)))
+        flow = _text(request, "flow", MAX_FLOW_ID)
+        return await done(request, await logins(request).wait_device(flow))
 
     async def cancel(request: dict[str, Any]) -> dict[str, Any]:
         flow = request.get("flow")
         if flow is not None:
             flow = _text(request, "flow", MAX_FLOW_ID)
-        return {"ok": True, "cancelled": logins.cancel(flow)}
+        return {"ok": True, "cancelled": logins(request).cancel(flow)}
 
     return {protocol.LOGIN_START: start, protocol.LOGIN_FINISH: finish,
             protocol.LOGIN_WAIT: wait, protocol.LOGIN_CANCEL: cancel}

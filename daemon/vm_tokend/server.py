@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 import os
 import socket as stdlib_socket
 import stat
 import struct
 import traceback
-import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,16 +25,12 @@ from typing import Any, Final
 import trio
 
 from vm_token import protocol
-from vm_token.errors import UnknownHost
 
-from .keeper import BadRequest, Keeper, Refused, TokenInfo
-from .login_ops import login_ops
-from .settings import host_is_loopback, normalize_host
 from .text import quote
 
 __all__ = [
-    "Dispatcher",
     "Server",
+    "error_reply",
     "SocketAlreadyServed",
     "SocketSetupError",
     "bind_unix_socket",
@@ -57,14 +51,6 @@ DRAIN_TIMEOUT: Final = 2.0
 # connect (Unix sockets do not queue more); the kernel caps it at net.core.somaxconn.
 LISTEN_BACKLOG: Final = 4096
 RECEIVE_SIZE: Final = 64 * 1024
-# The largest min_ttl we accept: a day is far beyond any token's lifetime.
-MAX_MIN_TTL: Final = 86400.0
-MAX_FIELD: Final = 16 * 1024
-# E-mail addresses, the API's user names, are at most 254 characters.
-MAX_USERNAME: Final = 320
-# What a reply's VideoManager list may take of a frame: the rest is for the other fields.
-# `list` pages past it; `status` shows the first page.
-LIST_ROOM: Final = protocol.MAX_FRAME - 8 * 1024
 
 _PEERCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -172,7 +158,7 @@ def peer_uid(sock: trio.socket.SocketType) -> int | None:
 # -- requests -------------------------------------------------------------------------------
 
 
-def _error(code: str, message: str) -> dict[str, Any]:
+def error_reply(code: str, message: str) -> dict[str, Any]:
     return {"ok": False, "error": {"code": code, "message": message}}
 
 
@@ -183,247 +169,7 @@ def _where(exc: BaseException) -> str:
 
 
 _INTERNAL_FRAME: Final = protocol.encode_frame(
-    _error(protocol.INTERNAL, "internal error in vm-tokend; see its log"))
-
-
-def _page(items: list[dict[str, Any]], offset: int, room: int) -> tuple[list[Any], int | None]:
-    """The items from `offset` on that fit in `room` bytes of msgpack (at least one), and
-    the offset of the next page (None after the last)."""
-    page: list[Any] = []
-    used = 0
-    for index in range(offset, len(items)):
-        size = len(protocol.packb(items[index]))
-        if page and used + size > room:
-            return page, index
-        page.append(items[index])
-        used += size
-    return page, None
-
-
-def _opt_ref(request: dict[str, Any], name: str) -> str | None:
-    value = request.get(name)
-    if value is None:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    if isinstance(value, str) and value.strip() and len(value) <= MAX_FIELD:
-        return value.strip()
-    raise BadRequest(f"'{name}' must be a VideoManager id or name")
-
-
-def _required_str(request: dict[str, Any], name: str, limit: int = MAX_FIELD) -> str:
-    value = request.get(name)
-    if not isinstance(value, str) or not value:
-        raise BadRequest(f"'{name}' must be a non-empty string")
-    if len(value) > limit:
-        raise BadRequest(f"'{name}' is longer than {limit} characters")
-    return value
-
-
-# What fast_reply remembers: a process asks for a handful of VideoManagers, not hundreds.
-FAST_CACHE: Final = 64
-_PLAIN_GET_FIELDS: Final = frozenset({"v", "op", "vm", "min_ttl"})
-
-
-def _plain_get(body: bytes) -> tuple[str | None, float] | None:
-    """(vm, min_ttl) if `body` is a valid `get` with no fields but v, op, vm, min_ttl."""
-    if len(body) > 256:
-        return None
-    try:
-        request = protocol.decode_body(body)
-        # Exactly what the full path takes: `v` an int (not 1.0, not True), op "get".
-        if (request.get("op") != protocol.GET or type(request.get("v")) is not int
-                or request["v"] != protocol.PROTOCOL_VERSION
-                or request.keys() - _PLAIN_GET_FIELDS):
-            return None
-        return _opt_ref(request, "vm"), _min_ttl(request)
-    except (protocol.MalformedFrame, BadRequest):
-        return None
-
-
-def _offset(request: dict[str, Any]) -> int:
-    value = request.get("offset", 0)
-    if value is None:
-        return 0
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise BadRequest("'offset' must be a whole number from 0")
-    return value
-
-
-def _min_ttl(request: dict[str, Any]) -> float:
-    value = request.get("min_ttl", 0)
-    if value is None:
-        return 0.0
-    if (isinstance(value, bool) or not isinstance(value, int | float)
-            or not math.isfinite(value) or not 0 <= value <= MAX_MIN_TTL):
-        raise BadRequest(f"'min_ttl' must be a number of seconds from 0 to {MAX_MIN_TTL:g}")
-    return float(value)
-
-
-class Dispatcher:
-    """Turns one request map into one reply map."""
-
-    def __init__(
-        self,
-        keeper: Keeper,
-        *,
-        version: str,
-        login: Callable[[str, str], Awaitable[None]],
-        describe: Callable[[], dict[str, Any]],
-        git_hosts: Callable[[], frozenset[str]] = frozenset,
-    ) -> None:
-        self.keeper = keeper
-        self.version = version
-        self._login = login
-        self._describe = describe  # api_url, uptime, … from the app
-        self._git_hosts = git_hosts
-        self.requests = 0
-        # For fast_reply: request bodies seen (at most FAST_CACHE), and reply frames.
-        self._known_gets: dict[bytes, tuple[str | None, float]] = {}
-        # Weak: a token's reply goes when the keeper lets go of the token (replaced,
-        # invalidated, logged out) — no copy of it outlives the keeper's.
-        self._frames: weakref.WeakKeyDictionary[TokenInfo, bytes] = weakref.WeakKeyDictionary()
-        self._ops: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
-            protocol.HELLO: self._hello,
-            protocol.GET: self._get,
-            protocol.LIST: self._list,
-            protocol.STATUS: self._status,
-            protocol.INVALIDATE: self._invalidate,
-            protocol.LOGIN: self._login_op,
-            protocol.LOGOUT: self._logout,
-            **login_ops(keeper),
-        }
-
-    async def __call__(self, request: dict[str, Any]) -> dict[str, Any]:
-        self.requests += 1
-        op = request.get("op")
-        version = request.get("v")
-        try:
-            if not isinstance(op, str):
-                raise BadRequest("'op' must be a string")
-            if isinstance(version, bool) or not isinstance(version, int):
-                raise BadRequest("'v' (the protocol version) must be an integer")
-            handler = self._ops.get(op)
-            if handler is None:
-                raise BadRequest(f"unknown op {quote(op, 40)}")
-            if version != protocol.PROTOCOL_VERSION and op != protocol.HELLO:
-                return _error(
-                    protocol.UNSUPPORTED_VERSION,
-                    f"protocol version {version} is not supported; this vm-tokend speaks "
-                    f"version {protocol.PROTOCOL_VERSION}",
-                )
-            return await handler(request)
-        except Refused as exc:
-            return _error(exc.code, exc.message)
-
-    def _check_host(self, request: dict[str, Any]) -> None:
-        """For git: refuse a `host` that is not the API's, or plain http to a remote one."""
-        host = request.get("host")
-        if host is None:
-            return
-        scheme = request.get("protocol", "https")
-        if not isinstance(host, str) or not isinstance(scheme, str):
-            raise BadRequest("'host' and 'protocol' must be strings")
-        scheme = scheme.lower()
-        name = normalize_host(host, scheme)
-        allowed = self._git_hosts()
-        if name not in allowed:
-            raise UnknownHost(
-                f"{quote(name)} is not the API's host; vm-tokend gives tokens only for "
-                + ", ".join(sorted(allowed))
-            )
-        if scheme != "https" and not (scheme == "http" and host_is_loopback(name)):
-            raise UnknownHost(f"vm-tokend gives tokens for {quote(name)} only over https")
-
-    async def _hello(self, request: dict[str, Any]) -> dict[str, Any]:
-        described = self._describe()
-        return {"ok": True, "protocol": protocol.PROTOCOL_VERSION,
-                "daemon": "vm-tokend", "version": self.version,
-                "api_url": described.get("api_url"),
-                "login_method": described.get("login_method", "password"),
-                "redirect_port": described.get("redirect_port")}
-
-    async def _get(self, request: dict[str, Any]) -> dict[str, Any]:
-        self._check_host(request)
-        return self._got(await self.keeper.get(_opt_ref(request, "vm"), _min_ttl(request)))
-
-    def _got(self, info: TokenInfo) -> dict[str, Any]:
-        credentials = self.keeper.credentials
-        return {
-            "ok": True,
-            "token": info.token,
-            "videomanager_id": info.videomanager.id,
-            "videomanager_name": info.videomanager.name,
-            "expires_at": info.expires_at,
-            "username": credentials.username if credentials else None,
-        }
-
-    def fast_reply(self, body: bytes) -> bytes | None:
-        """The reply frame to a plain `get` (no host) for a token we hold, or None.
-
-        The common request, a script or library asking again and again for the same token,
-        is answered without decoding, dispatching or encoding: a request body seen before
-        maps to its VideoManager and min_ttl, a held token to its encoded reply. Half the
-        daemon's cost per request went to those steps. Anything else — an unseen body, a
-        token that must be fetched, any field but v/op/vm/min_ttl — takes the full path.
-        """
-        known = self._known_gets.get(body)
-        if known is None:
-            known = _plain_get(body)
-            if known is None:
-                return None
-            if len(self._known_gets) >= FAST_CACHE:
-                self._known_gets.clear()  # many distinct requests: start over, stay small
-            self._known_gets[body] = known
-        info = self.keeper.held(*known)
-        if info is None:
-            return None
-        frame = self._frames.get(info)
-        if frame is None:
-            frame = self._frames[info] = protocol.encode_frame(self._got(info))
-        self.requests += 1
-        return frame
-
-    async def _list(self, request: dict[str, Any]) -> dict[str, Any]:
-        items = self.keeper.list()
-        page, following = _page(items, _offset(request), LIST_ROOM)
-        reply: dict[str, Any] = {"ok": True, "videomanagers": page, "total": len(items),
-                                 "auth": self.keeper.state().get("auth")}
-        if following is not None:
-            reply["next"] = following
-        return reply
-
-    async def _status(self, request: dict[str, Any]) -> dict[str, Any]:
-        items = self.keeper.list()
-        return {
-            "ok": True,
-            **self._describe(),
-            **self.keeper.state(),
-            "requests": self.requests,
-            "upstream_calls": dict(self.keeper.calls),
-            "videomanagers": _page(items, 0, LIST_ROOM)[0],
-            "videomanagers_total": len(items),
-        }
-
-    async def _invalidate(self, request: dict[str, Any]) -> dict[str, Any]:
-        self._check_host(request)
-        token = _required_str(request, "token")
-        if not token.isascii():
-            raise BadRequest("'token' must be ASCII, as every access token is")
-        return {"ok": True, "invalidated": self.keeper.invalidate(token, _opt_ref(request, "vm"))}
-
-    async def _login_op(self, request: dict[str, Any]) -> dict[str, Any]:
-        username = _required_str(request, "username", MAX_USERNAME)
-        password = _required_str(request, "password")
-        await self._login(username, password)
-        await self.keeper.wait_logged_in()
-        return {"ok": True, "username": username,
-                "videomanagers": len(self.keeper.list())}
-
-    async def _logout(self, request: dict[str, Any]) -> dict[str, Any]:
-        await self.keeper.start_session(None)
-        log.info("logged out: credentials and tokens forgotten")
-        return {"ok": True}
+    error_reply(protocol.INTERNAL, "internal error in vm-tokend; see its log"))
 
 
 # -- connections ------------------------------------------------------------------------------
@@ -607,7 +353,7 @@ class Server:
             try:
                 request = protocol.decode_body(body)
             except protocol.MalformedFrame as exc:
-                return protocol.encode_frame(_error(protocol.BAD_REQUEST, str(exc)))
+                return protocol.encode_frame(error_reply(protocol.BAD_REQUEST, str(exc)))
             op = request.get("op")
             return protocol.encode_frame(await self._handle(request))
         except Exception as exc:

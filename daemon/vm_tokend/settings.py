@@ -3,9 +3,12 @@
 Sources, highest priority first:
 
 1. command-line flags (passed in as a dict);
-2. environment variables `VM_TOKEN_<FIELD>`;
-3. systemd's credentials directory: `$CREDENTIALS_DIRECTORY/password`;
-4. the TOML file `$VM_TOKEN_CONFIG`, else `$XDG_CONFIG_HOME/vm-token/config.toml`.
+2. environment variables `VM_TOKEN_<FIELD>`, and `VM_TOKEN_PROFILES__<NAME>__<FIELD>`;
+3. systemd's credentials directory: `$CREDENTIALS_DIRECTORY/password` (and
+   `oidc_client_secret`), `password.<NAME>` for a profile;
+4. the TOML file `$VM_TOKEN_CONFIG`, else `$XDG_CONFIG_HOME/vm-token/config.toml`, whose
+   `[profiles.NAME]` tables are further accounts on top of the top level (the profile
+   `default`).
 
 Errors come out as one `ConfigError` whose message names every bad field and where its
 value came from, so `__main__` can print it and exit 2 without a traceback.
@@ -13,47 +16,59 @@ value came from, so `__main__` can print it and exit 2 without a traceback.
 
 from __future__ import annotations
 
-import ipaddress
-import json
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, Literal
 
-import trio
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
-    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
 
 from vm_token import protocol
 
+from .profile import (
+    DEFAULT_API_URL,
+    PROFILE_FIELDS,
+    Credentials,
+    PasswordUnavailable,
+    Profile,
+    host_is_loopback,
+    normalize_host,
+)
+from .text import quote
+
 __all__ = [
     "DEFAULT_API_URL",
+    "DEFAULT_PROFILE",
     "ConfigError",
     "Credentials",
     "PasswordUnavailable",
+    "Profile",
+    "Profiles",
     "Settings",
     "config_path",
+    "host_is_loopback",
+    "load_config",
     "load_settings",
+    "normalize_host",
+    "resolve_profiles",
 ]
 
-DEFAULT_API_URL = "https://api.video-cdn.net/v1/vms"
 ENV_PREFIX = "VM_TOKEN_"
-# `pass`, gpg and the like may wait for a pinentry; a minute is generous, and bounded.
-PASSWORD_COMMAND_TIMEOUT = 60.0
+DEFAULT_PROFILE = "default"
+PROFILE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 
 LogLevel = Literal["debug", "info", "warning", "error"]
-AuthMethod = Literal["auto", "oidc", "legacy"]
 # Secrets systemd may pass in $CREDENTIALS_DIRECTORY (LoadCredential=), by file name.
 CREDENTIAL_FILES = ("password", "oidc_client_secret")
 
@@ -63,10 +78,6 @@ _config_flag: ContextVar[Path | None] = ContextVar("_config_flag", default=None)
 
 class ConfigError(Exception):
     """Bad configuration; the message is meant for the user as it is."""
-
-
-class PasswordUnavailable(Exception):
-    """The password file or command could not give a password."""
 
 
 def config_home(environ: Mapping[str, str]) -> Path:
@@ -84,168 +95,35 @@ def config_path(environ: Mapping[str, str]) -> Path:
     return config_home(environ) / "vm-token" / "config.toml"
 
 
-def normalize_host(host: str, scheme: str) -> str:
-    """`host[:port]` as git names it: lower case, without the scheme's default port."""
-    host = host.strip().lower()
-    for default_scheme, port in (("https", ":443"), ("http", ":80")):
-        if scheme == default_scheme and host.endswith(port):
-            host = host[: -len(port)]
-    return host.rstrip(".")
-
-
-def host_is_loopback(host: str) -> bool:
-    """Whether `host[:port]` names this machine."""
-    name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
-    return _is_loopback(name.strip("[]"))
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-class Settings(BaseSettings):
-    """Every setting of vm-tokend. Field docs double as the README's reference."""
+class Settings(Profile, BaseSettings):
+    """Every setting of vm-tokend: the profile `default` at the top level, the settings of
+    the daemon itself, and the other profiles' tables (read by `profiles()`)."""
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",  # VM_TOKEN_PROFILES__WORK__API_URL
         extra="forbid",
         validate_default=True,
         hide_input_in_errors=True,  # a bad value may be a password
     )
 
-    api_url: str = DEFAULT_API_URL
-    auth: AuthMethod = "auto"
-    oidc_issuer: str | None = None
-    oidc_client_id: str = "anonymous"
-    oidc_client_secret: SecretStr | None = None
-    oidc_scope: str = "openid"
-    oidc_redirect_port: int | None = Field(default=None, ge=1, le=65535)
-    login_method: Literal["password", "browser"] = "password"
-    username: str | None = None
-    password: SecretStr | None = None
-    password_file: Path | None = None
-    password_command: str | None = None
     socket: Path | None = None
-    default_videomanager: str | None = None
-    videomanagers: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    credential_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    idle_timeout: float = Field(default=3600.0, gt=0)
-    default_token_lifetime: float = Field(default=300.0, gt=0)
     max_backoff: float = Field(default=60.0, gt=0)
-    ca_bundle: Path | None = None
     log_level: LogLevel = "info"
+    default_profile: str = DEFAULT_PROFILE
+    profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
-    @field_validator("api_url")
+    @field_validator("log_level", mode="before")
     @classmethod
-    def _check_api_url(cls, value: str) -> str:
-        parts = urlsplit(value.strip())
-        if parts.scheme not in ("https", "http") or not parts.hostname:
-            raise ValueError("must be an absolute http(s) URL, like " + DEFAULT_API_URL)
-        if parts.scheme == "http" and not _is_loopback(parts.hostname):
-            raise ValueError(
-                "must use https (plain http is allowed only for loopback hosts, "
-                "127.0.0.0/8, ::1 and localhost)"
-            )
-        if parts.username or parts.password:
-            raise ValueError("must not contain credentials; use username and password")
-        if parts.query or parts.fragment:
-            raise ValueError("must not have a query or fragment")
-        return urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
-
-    @field_validator("oidc_issuer")
-    @classmethod
-    def _check_issuer(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        parts = urlsplit(value.strip())
-        if parts.scheme not in ("https", "http") or not parts.hostname:
-            raise ValueError("must be an absolute https URL, like "
-                             "https://login.movingimage.com/auth/realms/platform")
-        if parts.scheme == "http" and not _is_loopback(parts.hostname):
-            raise ValueError("must use https (plain http is allowed only for loopback hosts)")
-        if parts.query or parts.fragment or parts.username:
-            raise ValueError("must not have credentials, a query or a fragment")
-        return value.strip().rstrip("/")
-
-    @field_validator("oidc_client_id", "oidc_scope")
-    @classmethod
-    def _printable(cls, value: str) -> str:
-        value = value.strip()
-        if not value or not value.isprintable():
-            raise ValueError("must be non-empty printable text")
-        return value
-
-    @field_validator("auth", "log_level", "login_method", mode="before")
-    @classmethod
-    def _lower(cls, value: Any) -> Any:
+    def _lower_level(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
 
-    @field_validator("username", "default_videomanager", "password_command")
+    @field_validator("max_backoff")
     @classmethod
-    def _not_blank(cls, value: str | None) -> str | None:
-        if value is not None and not value.strip():
-            raise ValueError("must not be empty")
-        return value.strip() if value is not None else None
-
-    @field_validator("videomanagers", "credential_hosts", mode="before")
-    @classmethod
-    def _split_list(cls, value: Any) -> Any:
-        # From the environment: a JSON list or a comma-separated string.
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                return json.loads(text)
-            return [item.strip() for item in text.split(",") if item.strip()]
-        return value
-
-    @field_validator("credential_hosts")
-    @classmethod
-    def _hosts(cls, value: list[str]) -> list[str]:
-        for host in value:
-            if not host or any(c in host for c in "/@ \t") or host.count(":") > 1 \
-                    and not host.startswith("["):
-                raise ValueError(f"{host!r} is not a host or host:port")
-        return value
-
-    def git_hosts(self) -> frozenset[str]:
-        """The hosts git may have tokens for: the API's own and `credential_hosts`."""
-        parts = urlsplit(self.api_url)
-        hosts = {normalize_host(parts.netloc, parts.scheme)}
-        hosts.update(normalize_host(h, "https") for h in self.credential_hosts)
-        return frozenset(hosts)
-
-    @field_validator("password_file", "ca_bundle")
-    @classmethod
-    def _readable_file(cls, value: Path | None) -> Path | None:
-        if value is not None:
-            value = value.expanduser()
-            if not value.is_file():
-                raise ValueError(f"{value} is not a readable file")
-        return value
-
-    @field_validator("idle_timeout", "default_token_lifetime", "max_backoff")
-    @classmethod
-    def _finite(cls, value: float) -> float:
+    def _finite_backoff(cls, value: float) -> float:
         if not math.isfinite(value):
             raise ValueError("must be a finite number of seconds")
         return value
-
-    @model_validator(mode="after")
-    def _password_needs_user(self) -> Settings:
-        if self.username is None and self.has_password_source:
-            raise ValueError("a password is configured but no username")
-        return self
-
-    @property
-    def has_password_source(self) -> bool:
-        return any(
-            x is not None for x in (self.password, self.password_file, self.password_command)
-        )
 
     @property
     def socket_path(self) -> Path:
@@ -255,18 +133,9 @@ class Settings(BaseSettings):
         environ = {k: v for k, v in os.environ.items() if k != "VM_TOKEN_SOCKET"}
         return Path(protocol.default_socket_path(environ))
 
-    def credentials(self) -> Credentials | None:
-        """The configured credentials, or None if the daemon should wait for a `login`
-        (always with login_method = "browser": a person logs in, no password is used)."""
-        if self.username is None or not self.has_password_source \
-                or self.login_method == "browser":
-            return None
-        return Credentials(
-            username=self.username,
-            password=self.password,
-            password_file=self.password_file,
-            password_command=self.password_command,
-        )
+    def profile(self) -> Profile:
+        """The top level alone: the profile `default`."""
+        return Profile.model_validate({name: getattr(self, name) for name in PROFILE_FIELDS})
 
     @classmethod
     def settings_customise_sources(
@@ -283,75 +152,6 @@ class Settings(BaseSettings):
             _CredentialsDirectorySource(settings_cls),
             _TomlSource(settings_cls),
         )
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """A username and where its password comes from, in order of precedence.
-
-    Equality compares the sources, not the secret's content of a file or command; the
-    daemon uses it to decide whether SIGHUP brought new credentials.
-    """
-
-    username: str
-    password: SecretStr | None = None
-    password_file: Path | None = None
-    password_command: str | None = None
-
-    def describe(self) -> str:
-        if self.password is not None:
-            return "a password"
-        if self.password_file is not None:
-            return f"the password file {self.password_file}"
-        return "the password command"
-
-    async def read_password(self) -> str:
-        """The password: given, read from the file, or printed by the command (first line)."""
-        if self.password is not None:
-            return self.password.get_secret_value()
-        if self.password_file is not None:
-            try:
-                text = await trio.Path(self.password_file).read_text()
-            except (OSError, UnicodeDecodeError) as exc:
-                raise PasswordUnavailable(
-                    f"cannot read the password file {self.password_file}: "
-                    f"{getattr(exc, 'strerror', None) or type(exc).__name__}"
-                ) from None
-            password = text.splitlines()[0] if text else ""
-        elif self.password_command is not None:
-            password = await _run_password_command(self.password_command)
-        else:  # pragma: no cover - credentials() never builds this
-            raise PasswordUnavailable("no password configured")
-        if not password:
-            raise PasswordUnavailable(f"{self.describe()} gave an empty password")
-        return password
-
-
-async def _run_password_command(command: str) -> str:
-    try:
-        with trio.fail_after(PASSWORD_COMMAND_TIMEOUT):
-            # Through the shell, like git's `!helper` and ssh's ProxyCommand: users write
-            # pipelines such as `pass show movingimage | head -1`.
-            result = await trio.run_process(
-                ["/bin/sh", "-c", command],
-                capture_stdout=True,
-                capture_stderr=True,
-                check=False,
-            )
-    except trio.TooSlowError:
-        raise PasswordUnavailable(
-            f"the password command did not finish within {PASSWORD_COMMAND_TIMEOUT:g} s"
-        ) from None
-    except OSError as exc:
-        raise PasswordUnavailable(f"cannot run the password command: {exc.strerror}") from None
-    if result.returncode != 0:
-        # Its stderr is not shown: a failing command may echo what it was given.
-        raise PasswordUnavailable(f"the password command failed with exit code {result.returncode}")
-    try:
-        text = result.stdout.decode()
-    except UnicodeDecodeError:
-        raise PasswordUnavailable("the password command printed something not UTF-8") from None
-    return text.splitlines()[0] if text else ""
 
 
 class _CredentialsDirectorySource(PydanticBaseSettingsSource):
@@ -433,7 +233,92 @@ def _origin(field: str, flags: Mapping[str, Any]) -> str:
     return "the default"
 
 
+@dataclass(frozen=True)
+class Profiles:
+    """Every profile's settings, by name (`default` first), and what is wrong with those
+    that are not valid, by name."""
+
+    valid: dict[str, Profile]
+    errors: dict[str, str]
+
+
+def _profile_errors(name: str, exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else ""
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            problems.append(f"unknown setting {field!r}")
+        else:
+            problems.append(f"{field}: {message}" if field else message)
+    return f"profile {quote(name)}: " + "; ".join(problems)
+
+
+def resolve_profiles(settings: Settings) -> Profiles:
+    """The profiles of `settings`: what a profile leaves out, it inherits from the top
+    level; its password may come from `$CREDENTIALS_DIRECTORY/password.NAME`."""
+    top = {name: getattr(settings, name) for name in PROFILE_FIELDS}
+    valid = {DEFAULT_PROFILE: settings.profile()}
+    errors: dict[str, str] = {}
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    for name, table in sorted(settings.profiles.items()):
+        if name == DEFAULT_PROFILE:
+            errors[name] = ("the top-level settings are the profile 'default': put them at "
+                            "the top, not in [profiles.default]")
+            continue
+        if not PROFILE_NAME.fullmatch(name) or len(name) > 64:
+            errors[name] = (f"{quote(name)} is not a profile name: lower-case letters, "
+                            "digits, '-' and '_', from a letter or digit")
+            continue
+        if not isinstance(table, dict):
+            errors[name] = f"profile {quote(name)}: must be a table of settings"
+            continue
+        secrets: dict[str, str] = {}
+        for field in CREDENTIAL_FILES if directory else ():
+            value = read_credential(Path(directory or "") / f"{field}.{name}")
+            if value is not None and field not in table:
+                secrets[field] = value
+        try:
+            valid[name] = Profile.model_validate({**top, **secrets, **table})
+        except ValidationError as exc:
+            errors[name] = _profile_errors(name, exc)
+    seen: dict[tuple[str, str], str] = {}
+    for name, profile in list(valid.items()):
+        if profile.username is None:
+            continue
+        key = (next(iter(profile.git_hosts())), profile.username.casefold())
+        if key in seen:
+            errors[name] = (f"profile {quote(name)} has the same API host and user as "
+                            f"profile {quote(seen[key])}: one of them is enough")
+            del valid[name]
+        else:
+            seen[key] = name
+    return Profiles(valid, errors)
+
+
 def load_settings(flags: Mapping[str, Any] | None = None) -> Settings:
+    """Settings from every source, every profile valid; ConfigError with a user-facing
+    paragraph when bad."""
+    return load_config(flags)[0]
+
+
+def load_config(flags: Mapping[str, Any] | None = None, *,
+                strict: bool = True) -> tuple[Settings, Profiles]:
+    """Settings and profiles from every source; ConfigError with a user-facing paragraph
+    when bad. `strict`: a bad profile is an error too (at start; a reload keeps the good
+    profiles and reports the bad ones in Profiles.errors)."""
+    settings = _load(flags)
+    profiles = resolve_profiles(settings)
+    if settings.default_profile not in profiles.valid \
+            and settings.default_profile not in profiles.errors:
+        raise ConfigError(f"invalid configuration: default_profile "
+                          f"{quote(settings.default_profile)} names no profile")
+    if strict and profiles.errors:
+        raise ConfigError("invalid configuration: " + "; ".join(profiles.errors.values()))
+    return settings, profiles
+
+
+def _load(flags: Mapping[str, Any] | None = None) -> Settings:
     """Settings from every source; ConfigError with a user-facing paragraph when bad."""
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
     config = flags.pop("config", None)

@@ -83,16 +83,32 @@ class Account:
         self._scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
         self.interactive = InteractiveLogins(self.connect_oidc, self.start_interactive)
+        # For choosing the profile by host (git, the httpx auth): set by the app.
+        self.hosts: frozenset[str] = frozenset()
+        self.user_hint: str | None = None
+        self._run_scope: trio.CancelScope | None = None
+
+    def set_connect(self, connect: Connect) -> None:
+        """How the next session finds its backend (a reload changed the HTTP client)."""
+        self._connect = connect
 
     @property
     def calls(self) -> Counter[str]:
         return self.config.calls
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            await trio.sleep_forever()
+        with trio.CancelScope() as self._run_scope:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+
+    def stop(self) -> None:
+        """End the session and the account's tasks (its profile was removed)."""
+        self.interactive.cancel()
+        self.end()
+        if self._run_scope is not None:
+            self._run_scope.cancel()
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -201,6 +217,13 @@ class Account:
         source = self.session.source if self.session else (
             self._connecting.source if self._connecting else None)
         return source.credentials if source else None
+
+    @property
+    def username(self) -> str | None:
+        """Who the session is (or will be) logged in as."""
+        if self.session is not None:
+            return self.session.username
+        return self._connecting.source.username if self._connecting else None
 
     @property
     def rejected(self) -> bool:

@@ -1,7 +1,8 @@
-"""The keeper: the request API over the account that holds the tokens.
+"""The keeper: the request API over the accounts that hold the tokens, one per profile.
 
-`server` asks it; only the account's sessions ask `upstream`. See session.py for the
-concurrency rules, slot.py and timing.py for the time rules.
+`server` asks it; only the accounts' sessions ask `upstream`. See session.py for the
+concurrency rules, slot.py and timing.py for the time rules. Each account is on its own:
+its session, tokens, backoff and failures never delay another's clients.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ from typing import Any
 
 import trio
 
-from ..settings import Credentials
+from vm_token.errors import UnknownProfile
+
+from ..settings import DEFAULT_PROFILE, Credentials, normalize_host
+from ..text import quote
 from .account import Account, Backend, Connect
 from .slot import TokenInfo
 from .timing import BACKOFF_CAP
@@ -22,11 +26,11 @@ __all__ = ["Keeper"]
 
 
 class Keeper:
-    """Fresh access tokens, in memory, for every client."""
+    """Fresh access tokens, in memory, for every client, for every profile."""
 
     def __init__(
         self,
-        connect: Connect | Backend,
+        connect: Connect | Backend | None = None,
         *,
         default_videomanager: str | None = None,
         videomanagers: Sequence[str] = (),
@@ -35,60 +39,118 @@ class Keeper:
         rng: random.Random | None = None,
         calls: Counter[str] | None = None,
     ) -> None:
-        self.account = Account(connect, default_videomanager=default_videomanager,
-                               videomanagers=videomanagers, idle_timeout=idle_timeout,
-                               max_backoff=max_backoff, rng=rng, calls=calls)
+        self.accounts: dict[str, Account] = {}
+        self.default_profile = DEFAULT_PROFILE
+        self._nursery: trio.Nursery | None = None
+        if connect is not None:
+            self.accounts[DEFAULT_PROFILE] = Account(
+                connect, default_videomanager=default_videomanager,
+                videomanagers=videomanagers, idle_timeout=idle_timeout,
+                max_backoff=max_backoff, rng=rng, calls=calls)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the keeper's tasks until cancelled."""
-        await self.account.run(task_status=task_status)
+        """Run every account's tasks until cancelled."""
+        async with trio.open_nursery() as nursery:
+            for account in self.accounts.values():
+                await nursery.start(account.run)
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
 
-    async def start_session(self, credentials: Credentials | None) -> None:
-        """Forget everything and, given credentials, log in with them in the background."""
-        await self.account.start(credentials)
+    async def add(self, name: str, account: Account) -> None:
+        """A new profile's account, running from now on."""
+        self.accounts[name] = account
+        if self._nursery is not None:
+            await self._nursery.start(account.run)
+
+    def remove(self, name: str) -> None:
+        """A profile gone from the configuration: its session ends, its tokens go."""
+        account = self.accounts.pop(name, None)
+        if account is not None:
+            account.stop()
+
+    def account(self, profile: str | None = None) -> Account:
+        """The account of `profile` (None: the default one); UnknownProfile if none."""
+        name = profile if profile is not None else self.default_profile
+        account = self.accounts.get(name)
+        if account is None:
+            known = ", ".join(sorted(self.accounts)) or "none"
+            raise UnknownProfile(f"no profile {quote(name)}; configured: {known}")
+        return account
+
+    def profile_for_host(self, host: str, scheme: str, username: str | None = None
+                         ) -> str | None:
+        """The profile whose API host (or credential_hosts) is `host`: if two are, the
+        one whose user is `username`, else the default one; None if no profile is."""
+        name = normalize_host(host, scheme)
+        matches = [profile for profile, account in self.accounts.items()
+                   if name in account.hosts]
+        if len(matches) <= 1:
+            return matches[0] if matches else None
+        if username:
+            for profile in matches:
+                user = self.accounts[profile].user_hint
+                if user is not None and user.casefold() == username.casefold():
+                    return profile
+        return self.default_profile if self.default_profile in matches else matches[0]
+
+    # -- the default profile's account, as before profiles (tests, single-profile use) --
+
+    async def start_session(self, credentials: Credentials | None,
+                            profile: str | None = None) -> None:
+        await self.account(profile).start(credentials)
 
     def configure(self, *, default_videomanager: str | None, videomanagers: Sequence[str],
-                  idle_timeout: float, max_backoff: float = BACKOFF_CAP) -> None:
-        self.account.configure(default_videomanager=default_videomanager,
-                               videomanagers=videomanagers, idle_timeout=idle_timeout,
-                               max_backoff=max_backoff)
+                  idle_timeout: float, max_backoff: float = BACKOFF_CAP,
+                  profile: str | None = None) -> None:
+        self.account(profile).configure(default_videomanager=default_videomanager,
+                                        videomanagers=videomanagers,
+                                        idle_timeout=idle_timeout, max_backoff=max_backoff)
 
     @property
     def calls(self) -> Counter[str]:
-        """Upstream calls made, by kind (login, refresh, videomanagers, webfinger, …)."""
-        return self.account.calls
+        """Upstream calls made, by kind, over every profile."""
+        total: Counter[str] = Counter()
+        for account in self.accounts.values():
+            total.update(account.calls)
+        return total
 
     @property
     def credentials(self) -> Credentials | None:
-        return self.account.credentials
+        return self.account().credentials
 
     @property
     def rejected(self) -> bool:
-        return self.account.rejected
+        return self.account().rejected
 
     def logged_in_with(self, password: str) -> bool:
-        return self.account.logged_in_with(password)
+        return self.account().logged_in_with(password)
 
-    async def wait_logged_in(self) -> None:
-        """Wait for the current session's first login; raise if it failed."""
-        await self.account.wait_logged_in()
+    # -- requests ---------------------------------------------------------------------------
 
-    async def get(self, ref: str | None = None, min_ttl: float = 0.0) -> TokenInfo:
+    async def wait_logged_in(self, profile: str | None = None) -> None:
+        """Wait for the profile's session's first login; raise if it failed."""
+        await self.account(profile).wait_logged_in()
+
+    async def get(self, ref: str | None = None, min_ttl: float = 0.0, *,
+                  profile: str | None = None) -> TokenInfo:
         """A token for VideoManager `ref` (id or name; None: default) valid > min_ttl s."""
-        return await self.account.get(ref, min_ttl)
+        return await self.account(profile).get(ref, min_ttl)
 
     def held(self, ref: str | None, min_ttl: float) -> TokenInfo | None:
-        """What get() would answer at once, or None if it would have to do more."""
-        return self.account.held(ref, min_ttl)
+        """What get() would answer at once for the default profile, or None."""
+        account = self.accounts.get(self.default_profile)
+        return account.held(ref, min_ttl) if account is not None else None
 
-    def invalidate(self, token: str, ref: str | None = None) -> bool:
+    def invalidate(self, token: str, ref: str | None = None, *,
+                   profile: str | None = None) -> bool:
         """Drop `token` if it is the current one (of `ref`, or of any VideoManager)."""
-        return self.account.invalidate(token, ref)
+        return self.account(profile).invalidate(token, ref)
 
-    def list(self) -> list[dict[str, Any]]:
-        """Every VideoManager of the user, with what we hold for it. No tokens."""
-        return self.account.list()
+    def list(self, profile: str | None = None) -> list[dict[str, Any]]:
+        """The profile's VideoManagers, with what we hold for each. No tokens."""
+        return self.account(profile).list()
 
-    def state(self) -> dict[str, Any]:
-        """The state for `status`. No secrets."""
-        return self.account.state()
+    def state(self, profile: str | None = None) -> dict[str, Any]:
+        """The profile's state for `status`. No secrets."""
+        return self.account(profile).state()

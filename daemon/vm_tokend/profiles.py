@@ -1,0 +1,163 @@
+"""The profiles at run time: for each, its settings, its HTTP client, how it logs in, and
+its account in the keeper — made at start, and changed, added or removed by a reload.
+
+A reload touches a profile only as much as its settings changed: an unchanged one keeps
+its session and tokens and makes no upstream call; changed soft settings (default and
+kept-warm VideoManagers, idle timeout) apply in place; a new API, way of logging in or
+credentials start a new session.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections import Counter
+from dataclasses import dataclass, field
+
+import httpx
+from pydantic import SecretStr
+
+from vm_token import __version__
+
+from .connect import Connector
+from .keeper import Keeper
+from .keeper.account import Account
+from .profile import Credentials, PasswordUnavailable, Profile
+from .text import quote
+from .upstream import CONNECT_TIMEOUT, TOTAL_TIMEOUT
+
+__all__ = ["Runtime", "Runtimes"]
+
+log = logging.getLogger(__name__)
+
+
+def _http(profile: Profile) -> httpx.AsyncClient:
+    # Certificates are always verified; ca_bundle only changes which CAs we trust.
+    context = (ssl.create_default_context(cafile=str(profile.ca_bundle))
+               if profile.ca_bundle is not None else ssl.create_default_context())
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(TOTAL_TIMEOUT, connect=CONNECT_TIMEOUT),
+        verify=context, follow_redirects=False,
+        headers={"User-Agent": f"vm-tokend/{__version__}"},
+    )
+
+
+@dataclass
+class Runtime:
+    """One profile as it runs."""
+
+    name: str
+    profile: Profile
+    http: httpx.AsyncClient
+    account: Account
+    connector: Connector
+    # Whether the session's credentials came from the configuration (a reload may then
+    # change them) or from a client's `login` (a reload leaves those alone).
+    configured: bool = False
+    calls: Counter[str] = field(default_factory=Counter)
+
+    def set_hosts(self) -> None:
+        self.account.hosts = self.profile.git_hosts()
+        self.account.user_hint = self.profile.username
+
+
+class Runtimes:
+    """Every profile's runtime, and the keeper's accounts kept in step with them."""
+
+    def __init__(self, keeper: Keeper, max_backoff: float) -> None:
+        self.keeper = keeper
+        self.max_backoff = max_backoff
+        self.by_name: dict[str, Runtime] = {}
+
+    async def add(self, name: str, profile: Profile) -> Runtime:
+        http = _http(profile)
+        calls: Counter[str] = Counter()
+        holder: list[Runtime] = []
+        connector = Connector(http, lambda: holder[0].profile, calls)
+        account = Account(connector, default_videomanager=profile.default_videomanager,
+                          videomanagers=profile.videomanagers,
+                          idle_timeout=profile.idle_timeout, max_backoff=self.max_backoff,
+                          calls=calls)
+        runtime = Runtime(name, profile, http, account, connector, calls=calls)
+        holder.append(runtime)
+        runtime.set_hosts()
+        self.by_name[name] = runtime
+        await self.keeper.add(name, account)
+        await self.start_configured(runtime)
+        return runtime
+
+    async def remove(self, name: str) -> None:
+        runtime = self.by_name.pop(name)
+        self.keeper.remove(name)
+        await runtime.http.aclose()
+        log.info("profile %s removed: its session ended, its tokens forgotten", quote(name))
+
+    async def close(self) -> None:
+        for runtime in self.by_name.values():
+            await runtime.http.aclose()
+
+    async def start_configured(self, runtime: Runtime) -> None:
+        credentials = runtime.profile.credentials()
+        where = "" if runtime.name == "default" else f" (profile {quote(runtime.name)})"
+        if credentials is None:
+            how = " --browser" if runtime.profile.login_method == "browser" else ""
+            log.info("no credentials configured%s; waiting for `vm-token login%s`", where, how)
+        else:
+            log.info("logging in as %s with %s%s", quote(credentials.username),
+                     credentials.describe(), where)
+        runtime.configured = credentials is not None
+        await runtime.account.start(credentials)
+
+    async def login(self, name: str, username: str, password: str) -> None:
+        """Credentials a client gave (`vm-token login`): a new session with them."""
+        runtime = self.by_name[name]
+        log.info("login requested by a client for %s", quote(username))
+        runtime.configured = False
+        await runtime.account.start(Credentials(username=username, password=SecretStr(password)))
+
+    async def reload(self, name: str, new: Profile) -> None:
+        """Apply `new` settings to a running profile, doing no more than they ask."""
+        runtime = self.by_name[name]
+        old, runtime.profile = runtime.profile, new
+        if new.ca_bundle != old.ca_bundle:
+            await runtime.http.aclose()  # a new trust store needs a new client
+            runtime.http = _http(new)
+            runtime.connector = Connector(runtime.http, lambda: runtime.profile, runtime.calls)
+            runtime.account.set_connect(runtime.connector)
+        runtime.set_hosts()
+        account = runtime.account
+        state = account.state()
+        method_changed = (new.ca_bundle != old.ca_bundle
+                          or Connector.key(new) != Connector.key(old)
+                          or await runtime.connector.changed(new, state.get("auth"),
+                                                            state.get("issuer")))
+        account.configure(default_videomanager=new.default_videomanager,
+                          videomanagers=new.videomanagers, idle_timeout=new.idle_timeout,
+                          max_backoff=self.max_backoff)
+        credentials = new.credentials()
+        from_config = credentials is not None
+        if credentials is None and not runtime.configured:
+            credentials = account.credentials  # given by `vm-token login` (or none): kept
+        if method_changed or account.rejected or await _changed(account, credentials):
+            log.info("starting a new login session after the reload%s",
+                     "" if name == "default" else f" (profile {quote(name)})")
+            runtime.configured = from_config
+            await account.start(credentials)
+
+
+async def _changed(account: Account, credentials: Credentials | None) -> bool:
+    """Whether `credentials` differ from the session's, its password file's or command's
+    output included (compared by keyed digest, never kept)."""
+    current = account.credentials
+    if credentials is None or current is None:
+        return credentials is not current
+    if credentials != current:
+        return True
+    if credentials.password_command is not None and credentials.password is None \
+            and credentials.password_file is None:
+        return False  # not run just to compare: it may prompt
+    try:
+        password = await credentials.read_password()
+    except PasswordUnavailable:
+        return True  # let the new session say what is wrong
+    return not account.logged_in_with(password)
