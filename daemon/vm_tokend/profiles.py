@@ -82,8 +82,7 @@ class Runtimes:
         holder.append(runtime)
         runtime.set_hosts()
         self.by_name[name] = runtime
-        await self.keeper.add(name, account)
-        await self.start_configured(runtime)
+        await self.keeper.add(name, account, prepare=lambda: self.start_configured(runtime))
         return runtime
 
     async def remove(self, name: str) -> None:

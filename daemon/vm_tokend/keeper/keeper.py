@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
@@ -42,6 +42,7 @@ class Keeper:
         self.accounts: dict[str, Account] = {}
         self.default_profile = DEFAULT_PROFILE
         self._nursery: trio.Nursery | None = None
+        self._pending: list[Callable[[], Awaitable[None]]] = []
         if connect is not None:
             self.accounts[DEFAULT_PROFILE] = Account(
                 connect, default_videomanager=default_videomanager,
@@ -54,14 +55,25 @@ class Keeper:
             for account in self.accounts.values():
                 await nursery.start(account.run)
             self._nursery = nursery
+            for prepare in self._pending:
+                await prepare()
+            self._pending.clear()
             task_status.started()
             await trio.sleep_forever()
 
-    async def add(self, name: str, account: Account) -> None:
-        """A new profile's account, running from now on."""
-        self.accounts[name] = account
+    async def add(self, name: str, account: Account,
+                  prepare: Callable[[], Awaitable[None]] | None = None) -> None:
+        """A new profile's account, running from now on; `prepare` (starting its session)
+        runs before clients can see it, so none meets an account without one."""
         if self._nursery is not None:
             await self._nursery.start(account.run)
+            if prepare is not None:
+                await prepare()
+            self.accounts[name] = account
+        else:
+            self.accounts[name] = account  # run() starts it; prepare after that
+            if prepare is not None:
+                self._pending.append(prepare)
 
     def remove(self, name: str) -> None:
         """A profile gone from the configuration: its session ends, its tokens go."""
