@@ -40,6 +40,31 @@ def daemon_command() -> str:
     return f"{_systemd_quote(str(Path(sys.executable).absolute()))} -m vm_tokend"
 
 
+def profile_credentials(environ: Mapping[str, str]) -> str:
+    """A drop-in for vm-tokend.service loading each profile's secrets, the default
+    profile's way (see the unit file): `password.NAME` and `oidc_client_secret.NAME` from
+    $XDG_CONFIG_HOME/vm-token, each with an empty fallback so that the unit starts when a
+    profile keeps its secret elsewhere. Empty without profiles (or a readable config)."""
+    from .settings import CREDENTIAL_FILES, ConfigError, load_config
+
+    try:
+        _, profiles = load_config(strict=False)
+    except ConfigError:
+        return ""
+    names = sorted(set(profiles.valid) | set(profiles.errors) - {"default"})
+    names = [name for name in names if name != "default"]
+    if not names:
+        return ""
+    lines = ["# Written by `vm-tokend install-units`: each profile's secrets, if kept as files",
+             "# only systemd reads. Run it again after adding or removing a profile.",
+             "[Service]"]
+    for name in names:
+        for secret in CREDENTIAL_FILES:
+            lines.append(f"LoadCredential={secret}.{name}:%E/vm-token/{secret}.{name}")
+            lines.append(f"SetCredential={secret}.{name}:\\n")
+    return "\n".join(lines) + "\n"
+
+
 def render(name: str, exec_start: str) -> str:
     """A unit file as shipped, with ExecStart= pointing at `exec_start`."""
     text = (resources.files("vm_tokend") / "unit_files" / name).read_text()
@@ -63,6 +88,15 @@ def install_units(
         path.chmod(0o644)
         print(f"wrote {path}")
     print(f"ExecStart={command}")
+    drop_in = target / "vm-tokend.service.d" / "profiles.conf"
+    credentials = profile_credentials(environ)
+    if credentials:
+        drop_in.parent.mkdir(exist_ok=True)
+        drop_in.write_text(credentials)
+        drop_in.chmod(0o644)
+        print(f"wrote {drop_in} (credentials of the profiles)")
+    elif drop_in.exists():
+        drop_in.unlink()
     if not enable:
         print("\nnow run:")
         for args in ENABLE_COMMANDS:

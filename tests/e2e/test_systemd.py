@@ -283,3 +283,30 @@ def test_the_daemon_makes_no_core_files_and_is_not_dumpable(standin, start_daemo
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=30, check=True)
     assert result.stdout.strip() == "0"
+
+
+def test_install_units_loads_each_profiles_credentials(private_dir):
+    need("systemd-analyze")
+    config = private_dir / "config" / "vm-token" / "config.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text('[profiles.customer]\napi_url = "https://api.customer.example/v1/vms"\n'
+                      '[profiles.test]\napi_url = "https://api.test.example/v1/vms"\n')
+    result = install_units(private_dir)
+    assert result.returncode == 0, result.stderr
+    unit_dir = private_dir / "config" / "systemd" / "user"
+    drop_in = unit_dir / "vm-tokend.service.d" / "profiles.conf"
+    text = drop_in.read_text()
+    for name in ("customer", "test"):
+        assert f"LoadCredential=password.{name}:%E/vm-token/password.{name}\n" in text
+        assert f"SetCredential=password.{name}:\\n\n" in text
+        assert f"LoadCredential=oidc_client_secret.{name}:" in text
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(private_dir),
+           "XDG_CONFIG_HOME": str(private_dir / "config")}
+    verify = subprocess.run(
+        ["systemd-analyze", "verify", "--user", str(unit_dir / "vm-tokend.service")],
+        env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert verify.returncode == 0 and verify.stderr == "", verify.stderr
+    # Without profiles again, the drop-in goes.
+    config.write_text("")
+    assert install_units(private_dir).returncode == 0
+    assert not drop_in.exists()
