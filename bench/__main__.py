@@ -8,7 +8,16 @@ import os
 import platform
 import sys
 
-from bench import burst, coldstart, harness, memory, roundtrip, startup, upstream_load
+from bench import (
+    burst,
+    coldstart,
+    harness,
+    memory,
+    profiles,
+    roundtrip,
+    startup,
+    upstream_load,
+)
 
 Row = tuple[str, str, str, str, bool]
 
@@ -54,6 +63,23 @@ def main() -> int:
                 "2b. `Client.get_token()` vs raw socket+msgpack client, same daemon",
                 f"{ours:,.0f}/s", f"blocking `socket` + C msgpack {raw:,.0f}/s",
                 f"{ratio:.2f} (≥ {roundtrip.RAW_FLOOR})", ratio >= roundtrip.RAW_FLOOR,
+            ))
+            print("2c/7 the same with three profiles configured ...", file=sys.stderr)
+            compared = profiles.compare(running)
+            slower = compared["time_three"] / compared["time_one"]
+            rows.append((
+                "1c. `vm-token token` with three profiles configured (median, interleaved)",
+                _ms(compared["time_three"]), f"one profile {_ms(compared['time_one'])}",
+                f"{slower:.2f} × (≤ {1 + profiles.NOISE:.2f}: no slower)",
+                slower <= 1 + profiles.NOISE,
+            ))
+            kept = compared["rate_three"] / compared["rate_one"]
+            rows.append((
+                "2c. `Client.get_token()` calls/s with three profiles configured",
+                f"{compared['rate_three']:,.0f}/s",
+                f"one profile {compared['rate_one']:,.0f}/s",
+                f"{kept:.2f} (≥ {1 - profiles.NOISE:.2f}: no slower)",
+                kept >= 1 - profiles.NOISE,
             ))
             print("3/7 four client processes ...", file=sys.stderr)
             multi = roundtrip.multi_process(running.socket, bare)

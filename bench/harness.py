@@ -84,10 +84,12 @@ def daemon_env(standin: StandIn, workdir: Path) -> tuple[dict[str, str], Path]:
 
 
 @contextmanager
-def daemon(**standin_options: object) -> Iterator[Running]:
+def daemon(extra_env: dict[str, str] | None = None,
+           **standin_options: object) -> Iterator[Running]:
     workdir = Path(tempfile.mkdtemp(prefix="vmt-bench-"))
     standin = StandIn(**standin_options).start()  # type: ignore[arg-type]
     env, socket = daemon_env(standin, workdir)
+    env.update(extra_env or {})
     process = subprocess.Popen([str(BIN / "vm-tokend")], env=env)
     try:
         deadline = time.monotonic() + 15
