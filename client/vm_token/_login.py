@@ -137,6 +137,8 @@ def browser_login(client: Client, *, port: int, open_browser: bool, timeout: flo
         reply = _ask(client, 30.0, protocol.LOGIN_START, method="code",
                      redirect_uri=listener.redirect_uri)
         flow, url = str(reply["flow"]), str(reply["url"])
+        threading.Thread(target=_watch, args=(client.socket_path, flow, timeout, listener),
+                         daemon=True).start()
 
         def run() -> dict[str, Any]:
             if open_browser:
@@ -149,6 +151,8 @@ def browser_login(client: Client, *, port: int, open_browser: bool, timeout: flo
                     params = listener.arrived.get(timeout=timeout)
                 except queue.Empty:
                     raise LoginAborted(f"no login within {timeout:g} s") from None
+                if CANCELLED in params:
+                    raise LoginAborted(params[CANCELLED])
             else:
                 sys.stderr.write(
                     f"Open this address in a browser on any machine and log in:\n  {url}\n"
@@ -168,6 +172,25 @@ def browser_login(client: Client, *, port: int, open_browser: bool, timeout: flo
             return result
 
         return str(_cancelling(client, flow, run).get("username"))
+
+
+# Put in the listener's queue by _watch when the daemon cancelled the flow: not a redirect.
+CANCELLED = "vm-token-cancelled"
+
+
+def _watch(socket_path: str, flow: str, timeout: float, listener: _Listener) -> None:
+    """Wait with the daemon for the flow to end; if it was cancelled (a newer login), wake
+    the main thread, which is waiting for a redirect that will not come."""
+    try:
+        with Client(socket_path, timeout=timeout + 60.0) as watcher:
+            watcher.request(protocol.LOGIN_WAIT, flow=flow, method="code")
+    except errors.LoginFailed as exc:
+        try:
+            listener.arrived.put_nowait({CANCELLED: exc.message})
+        except queue.Full:
+            pass  # the redirect came first: the main thread goes on with it
+    except errors.Error:
+        pass  # the main thread's own requests will say what is wrong
 
 
 def _open_browser(url: str) -> None:

@@ -88,6 +88,9 @@ def login_ops(keeper: Keeper, profile: Callable[[dict[str, Any]], str | None]
 
     async def wait(request: dict[str, Any]) -> dict[str, Any]:
         flow = _text(request, "flow", MAX_FLOW_ID)
+        if request.get("method") == "code":  # a browser login: until it ends
+            await logins(request).watch(flow)
+            return {"ok": True, "ended": True}
         return await done(request, await logins(request).wait_device(flow))
 
     async def cancel(request: dict[str, Any]) -> dict[str, Any]:

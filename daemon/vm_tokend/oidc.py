@@ -180,6 +180,7 @@ class Provider:
     token_endpoint: str
     authorization_endpoint: str | None
     device_authorization_endpoint: str | None
+    userinfo_endpoint: str | None
     code_challenge_methods: tuple[str, ...] | None  # None: the document does not say
     expires_at: float  # trio clock
 
@@ -254,6 +255,7 @@ class OidcApi:
             token_endpoint=check_url(data["token_endpoint"], "the token endpoint"),
             authorization_endpoint=_optional_url(data, "authorization_endpoint"),
             device_authorization_endpoint=_optional_url(data, "device_authorization_endpoint"),
+            userinfo_endpoint=_optional_url(data, "userinfo_endpoint"),
             code_challenge_methods=tuple(m for m in methods if isinstance(m, str))
             if isinstance(methods, list) else None,
             expires_at=sent + cache_seconds(response),
@@ -380,6 +382,21 @@ class OidcApi:
             requested_at=sent,
             id_token=id_token,
         )
+
+    async def userinfo(self, access_token: str) -> dict[str, Any]:
+        """The provider's userinfo for `access_token` ({} when it has none to give)."""
+        provider = await self.provider()
+        if provider.userinfo_endpoint is None:
+            return {}
+        response = await send(self._http, "GET", provider.userinfo_endpoint,
+                              peer="the identity provider", secrets=(access_token,),
+                              headers={"Authorization": f"Bearer {access_token}",
+                                       "Accept": "application/json"})
+        try:
+            data = loads(response.content) if response.status_code == 200 else {}
+        except ValueError:
+            return {}
+        return data if isinstance(data, dict) else {}
 
     # -- the API ------------------------------------------------------------------------
 

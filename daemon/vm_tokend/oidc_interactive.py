@@ -72,8 +72,9 @@ def _refusal(api: OidcApi, response: Any, secrets_: tuple[str, ...], what: str) 
     return TransientError(f"the identity provider answered {describe(response, secrets_)}")
 
 
-def identity(grant: Grant, api: OidcApi, nonce: str | None) -> str:
-    """Who logged in, from the ID token, checked: our issuer, our client, our nonce.
+async def identity(grant: Grant, api: OidcApi, nonce: str | None) -> str:
+    """Who logged in, from the ID token, checked: our issuer, our client, our nonce. A
+    device login's answer may carry no ID token: then the provider's userinfo says.
 
     The ID token came straight from the token endpoint over TLS, so OpenID Connect Core
     3.1.3.7 lets us skip its signature; its claims we do check."""
@@ -82,7 +83,10 @@ def identity(grant: Grant, api: OidcApi, nonce: str | None) -> str:
         if nonce is not None:
             raise LoginFailed("the identity provider sent no ID token: cannot check the "
                               "login's nonce")
-        return "(unknown user)"
+        try:
+            return _name(await api.userinfo(grant.access_token))
+        except UpstreamError:
+            return "(unknown user)"
     issuer = claims.get("iss")
     audience = claims.get("aud")
     audiences = audience if isinstance(audience, list) else [audience]
@@ -96,6 +100,10 @@ def identity(grant: Grant, api: OidcApi, nonce: str | None) -> str:
     expires = number(claims.get("exp"))
     if expires is not None and expires < time.time() - ID_TOKEN_SKEW:
         raise LoginFailed("the ID token has expired")
+    return _name(claims)
+
+
+def _name(claims: dict[str, Any]) -> str:
     for key in ("preferred_username", "email", "sub"):
         value = claims.get(key)
         if isinstance(value, str) and value.strip():

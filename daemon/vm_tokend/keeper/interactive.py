@@ -44,6 +44,7 @@ class Flow:
     expires_at: float = 0.0
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)  # cancel() ends it
     cancelled: bool = False
+    ended: trio.Event = field(default_factory=trio.Event)  # cancelled, or finished
     busy: bool = False  # a finish or wait is under way
 
 
@@ -65,6 +66,7 @@ class InteractiveLogins:
         self._flow = None
         flow.cancelled = True
         flow.scope.cancel()
+        flow.ended.set()
         log.info("interactive login cancelled")
         return True
 
@@ -136,6 +138,21 @@ class InteractiveLogins:
         flow.busy = False
         if self._flow is flow:
             self._flow = None
+            flow.ended.set()
+
+    async def watch(self, flow_id: str) -> None:
+        """Return when the browser login `flow_id` ends; LoginFailed if it was cancelled
+        (a newer login, Ctrl-C elsewhere): vm-token, waiting for its redirect, hears so."""
+        flow = self._flow
+        if flow is None or flow.id != flow_id:
+            raise LoginFailed("no such login in progress (it ended, or a newer one replaced "
+                              "it): start again")
+        with trio.move_on_at(flow.expires_at):
+            await flow.ended.wait()
+        if not flow.ended.is_set():
+            raise LoginFailed("the login took too long: start again")
+        if flow.cancelled:
+            raise LoginFailed("this login was cancelled by a newer one (or Ctrl-C)")
 
     async def _until_cancelled(self, flow: Flow, work: Awaitable[Grant]) -> Grant:
         """`work`'s grant, unless the flow is cancelled first; upstream failures become
@@ -153,7 +170,7 @@ class InteractiveLogins:
     async def _complete(self, flow: Flow, grant: Grant, nonce: str | None, how: str) -> str:
         api = self._api_()
         try:
-            username = identity(grant, api, nonce)
+            username = await identity(grant, api, nonce)
         except FlowFailed as exc:
             raise LoginFailed(str(exc)) from None
         if flow.cancelled:
