@@ -146,3 +146,36 @@ async def test_one_simulated_hour_at_most_nineteen_token_calls(autojump_clock):
         assert backend.calls["login"] + backend.calls["refresh"] <= 19
         assert backend.calls["videomanagers"] == 1
         assert backend.reused_refresh_tokens == 0
+
+
+async def test_one_videomanager_rejecting_fresh_tokens_does_not_stop_the_others(
+        autojump_clock):
+    backend = FakeOidc(lifetime=300)
+    async with running_keeper(backend, pick=1.0) as keeper:
+        await keeper.get()
+        for _ in range(6):  # what an auth library does on 401s from a VideoManager
+            keeper.invalidate((await keeper.get("Support")).token, "Support")
+        started = trio.current_time()
+        token = await keeper.get("Marketing")  # served at once, no backoff
+        assert trio.current_time() == started
+        assert backend.calls["refresh"] == 1  # the first report replaced it; later, not
+        assert token.token == backend.access_tokens()[-1]
+
+
+async def test_a_refresh_whose_outcome_is_unknown_is_not_sent_again(autojump_clock):
+    # A timeout after sending: the provider may have rotated the refresh token already.
+    backend = FakeOidc(lifetime=300)
+    lost = [1]
+
+    def lose_one_answer(kind: str) -> None:
+        if kind == "refresh" and lost:
+            lost.pop()
+            raise upstream.TransientError("no answer within 15 s", maybe_done=True)
+    backend.fault = lose_one_answer
+    async with running_keeper(backend, pick=0.5) as keeper:
+        await keeper.get()
+        await trio.sleep(205)
+        assert backend.times("refresh") == [200]  # lost
+        assert backend.times("login") == [0, 200.5]  # then a login, not the same token
+        assert backend.reused_refresh_tokens == 0
+        assert (await keeper.get()).token == backend.access_tokens()[-1]

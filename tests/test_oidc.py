@@ -704,3 +704,52 @@ async def test_videomanager_list_failures_are_transient(make_standin, http):
         await elsewhere.videomanagers(grant.access_token)
     assert "cannot list the VideoManagers: HTTP 404: Not found" in str(info.value)
     assert not isinstance(info.value, TokenRejected)
+
+
+
+def test_a_url_with_spaces_or_control_characters_is_refused():
+    from vm_tokend.oidc import check_url
+    for bad in ("https://login.example/x\nvm-tokend ERROR forged", "https://a b/x",
+                "https://login.example/\x00"):
+        with pytest.raises(upstream.ClientRejected, match="is not a URL"):
+            check_url(bad, "the issuer")
+
+
+def test_a_very_short_expires_in_stays_short():
+    from vm_tokend.oidc import IssuerLink, OidcApi
+    api = OidcApi(httpx.AsyncClient(), "https://api.example/v1/vms",
+                  IssuerLink("https://login.example/.well-known/openid-configuration",
+                             "https://login.example"))
+    for expires_in, most in ((1, 1.0), (2, 1.0), (0.5, 0.5)):
+        response = httpx.Response(200, json={"access_token": "opaque-token",
+                                             "expires_in": expires_in})
+        assert 0 < api.parse_grant(response, 0.0, ()).lifetime <= most
+
+
+async def test_no_cache_discovery_is_read_at_most_once_a_minute_and_kept_when_it_fails(
+        autojump_clock):
+    from vm_tokend import oidc
+    seen = Counter()
+    down = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen[request.url.path] += 1
+        if request.url.path.endswith("openid-configuration"):
+            if down:
+                return httpx.Response(503)
+            return httpx.Response(200, headers={"Cache-Control": "no-cache"}, json={
+                "issuer": "https://login.example", "token_endpoint":
+                "https://login.example/token"})
+        return httpx.Response(200, json={"access_token": "a.b.c", "expires_in": 300})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as http:
+        api = oidc.OidcApi(http, "https://api.example/v1/vms", oidc.IssuerLink(
+            "https://login.example/.well-known/openid-configuration", "https://login.example"))
+        for _ in range(5):
+            await api.refresh("r")
+        assert seen["/.well-known/openid-configuration"] == 1
+        await trio.sleep(oidc.MIN_DISCOVERY_CACHE + 1)
+        down.append(True)  # the discovery URL fails; the token endpoint still works
+        await api.refresh("r")
+        assert seen["/.well-known/openid-configuration"] == 2
+        assert seen["/token"] == 6

@@ -278,3 +278,12 @@ async def test_a_refresh_answers_list_is_not_read(api, standin, listed):
     standin.rewrite = lambda endpoint, answer: {**answer, "videoManagerList": listed}
     sales = await api.refresh(grant.refresh_token, "1002")
     assert standin.token_valid(sales.access_token, "1002")
+
+
+def test_secrets_are_scrubbed_as_forms_and_urls_encode_them_too():
+    secret = "p@ss w0rd&x=1/é"
+    from urllib.parse import quote, quote_plus
+    text = f"got password={quote_plus(secret)} and {quote(secret, safe='')} and {secret}"
+    scrubbed = upstream.scrub(text, (secret,))
+    assert scrubbed.count("[redacted]") == 3
+    assert "w0rd" not in scrubbed

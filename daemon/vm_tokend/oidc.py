@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import logging
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final
 from urllib.parse import quote as urlquote
 from urllib.parse import urlsplit, urlunsplit
@@ -48,6 +49,8 @@ from .upstream import (
     valid_token,
 )
 
+log = logging.getLogger(__name__)
+
 __all__ = ["ISSUER_REL", "IssuerLink", "OidcApi", "TokenRejected", "WebFinger", "api_root"]
 
 ISSUER_REL: Final = "http://openid.net/specs/connect/1.0/issuer"
@@ -56,6 +59,10 @@ WELL_KNOWN: Final = "/.well-known/openid-configuration"
 # an identity provider's endpoints move with a migration, not by the hour.
 DEFAULT_CACHE: Final = 3600.0
 MAX_CACHE: Final = 86400.0
+# A discovery document is read again at most this often, whatever its headers say
+# (Keycloak may send no-cache): not a request before every token request. And when
+# reading it again fails, the one we have is used for this long more.
+MIN_DISCOVERY_CACHE: Final = 60.0
 # OAuth error codes that mean our client is not set up as the provider expects: a
 # configuration error, not worth retrying on a timer.
 CLIENT_ERRORS: Final = frozenset({"invalid_client", "unauthorized_client",
@@ -67,7 +74,10 @@ class TokenRejected(TransientError):
 
 
 def check_url(url: str, what: str) -> str:
-    """`url` if it is https (or http to this machine); else ClientRejected."""
+    """`url` if it is https (or http to this machine) and plain (no spaces, no control
+    characters: it reaches logs and status); else ClientRejected."""
+    if not url.isprintable() or any(ch.isspace() for ch in url) or len(url) > 2048:
+        raise ClientRejected(f"{what} {quote(url)} is not a URL: refusing to use it")
     parts = urlsplit(url)
     if parts.scheme == "https" and parts.hostname:
         return url
@@ -162,7 +172,7 @@ class WebFinger:
             data = None
         if not isinstance(data, dict):
             raise TransientError(
-                f"WebFinger at {url} answered with a {content_type(response)} body, not JRD; "
+                f"WebFinger at {url} answered with {content_type(response)}, not JRD; "
                 "if the API's host always does, set auth = \"legacy\" (or oidc_issuer)")
         links = data.get("links")
         for link in links if isinstance(links, list) else ():
@@ -227,6 +237,20 @@ class OidcApi:
         provider = self._provider
         if provider is not None and provider.expires_at > trio.current_time():
             return provider
+        try:
+            return await self._discover()
+        except TransientError as exc:
+            if provider is None:
+                raise
+            # Stale beats nothing: the endpoints rarely move, and when the token endpoint
+            # does, its 404 makes us forget this one.
+            log.warning("cannot read the discovery document again (%s); using the one "
+                        "read before", exc)
+            self._provider = provider = replace(
+                provider, expires_at=trio.current_time() + MIN_DISCOVERY_CACHE)
+            return provider
+
+    async def _discover(self) -> Provider:
         url = self.link.document_url
         self._calls["discovery"] += 1
         sent = trio.current_time()
@@ -258,7 +282,7 @@ class OidcApi:
             userinfo_endpoint=_optional_url(data, "userinfo_endpoint"),
             code_challenge_methods=tuple(m for m in methods if isinstance(m, str))
             if isinstance(methods, list) else None,
-            expires_at=sent + cache_seconds(response),
+            expires_at=sent + max(MIN_DISCOVERY_CACHE, cache_seconds(response)),
         )
         return provider
 
@@ -289,12 +313,8 @@ class OidcApi:
         """POST `form` to the token endpoint, authenticated as our client: the answer,
         when it was sent, and the secrets to keep out of messages (ours included)."""
         provider = await self.provider()
-        headers = {"Accept": "application/json"}
-        if self._client_secret:
-            headers["Authorization"] = self._basic()
-            secrets += (self._client_secret,)
-        else:
-            form = {**form, "client_id": self.client_id}
+        form, headers, mine = self._authenticated(form)
+        secrets += mine
         sent = trio.current_time()
         response = await send(self._http, "POST", provider.token_endpoint, data=form,
                               headers=headers, peer="the identity provider", secrets=secrets)
@@ -304,21 +324,22 @@ class OidcApi:
 
     async def post_form(self, url: str, form: dict[str, str]) -> httpx.Response:
         """POST `form` to another endpoint of the provider (device authorization)."""
-        secrets: tuple[str, ...] = ()
-        headers = {"Accept": "application/json"}
-        if self._client_secret:
-            headers["Authorization"] = self._basic()
-            secrets = (self._client_secret,)
-        else:
-            form = {**form, "client_id": self.client_id}
+        form, headers, secrets = self._authenticated(form)
         return await send(self._http, "POST", url, data=form, headers=headers,
                           peer="the identity provider", secrets=secrets)
 
-    def _basic(self) -> str:
-        # RFC 6749 2.3.1: the id and secret are form-urlencoded before Basic encoding.
-        assert self._client_secret is not None
+    def _authenticated(self, form: dict[str, str]
+                       ) -> tuple[dict[str, str], dict[str, str], tuple[str, ...]]:
+        """`form` and headers as our client sends them: with a secret, HTTP Basic (RFC
+        6749 2.3.1: id and secret form-urlencoded first); without, client_id in the form.
+        Also the secrets to keep out of messages, the Basic value included."""
+        headers = {"Accept": "application/json"}
+        if not self._client_secret:
+            return {**form, "client_id": self.client_id}, headers, ()
         pair = f"{urlquote(self.client_id, safe='')}:{urlquote(self._client_secret, safe='')}"
-        return "Basic " + base64.b64encode(pair.encode()).decode()
+        basic = base64.b64encode(pair.encode()).decode()
+        headers["Authorization"] = "Basic " + basic
+        return form, headers, (self._client_secret, basic)
 
     def _error(self, response: httpx.Response, grant: str, secrets: tuple[str, ...],
                who: str | None) -> Exception:
@@ -364,7 +385,9 @@ class OidcApi:
         wall_now = time.time()
         expires_in = number(data.get("expires_in"))
         candidates = [t for t in (
-            expires_in - CLOCK_SLACK if expires_in is not None else None,
+            # A lifetime of a second or two, less our slack, is still a short one.
+            max(expires_in - CLOCK_SLACK, expires_in / 2)
+            if expires_in is not None and expires_in > 0 else None,
             token_lifetime(access, None, wall_now),
         ) if t is not None and t > 0]
         lifetime = min(candidates) if candidates else self.default_token_lifetime

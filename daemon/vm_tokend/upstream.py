@@ -33,6 +33,8 @@ import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
+from urllib.parse import quote as urlquote
+from urllib.parse import quote_plus
 
 import httpx
 import trio
@@ -101,9 +103,13 @@ class Forbidden(UpstreamError):
 
 
 class TransientError(UpstreamError):
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, retry_after: float | None = None, *,
+                 maybe_done: bool = False) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        # The request may have reached the server and taken effect (a timeout or a
+        # connection lost after sending): a refresh token it carried may be used up.
+        self.maybe_done = maybe_done
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,13 +362,16 @@ async def send(http: httpx.AsyncClient, method: str, url: str, *, peer: str = "t
             return httpx.Response(response.status_code, headers=response.headers,
                                   content=bytes(body), request=response.request)
     except trio.TooSlowError:
-        raise TransientError(f"no answer from {peer} within {TOTAL_TIMEOUT:g} s") from None
-    except httpx.TimeoutException:
-        raise TransientError(f"{peer} timed out") from None
+        raise TransientError(f"no answer from {peer} within {TOTAL_TIMEOUT:g} s",
+                             maybe_done=True) from None
+    except httpx.TimeoutException as exc:
+        raise TransientError(f"{peer} timed out",
+                             maybe_done=not isinstance(exc, httpx.ConnectTimeout)) from None
     except httpx.HTTPError as exc:
         # httpx messages name the URL and the OS error, never the body we sent.
         raise TransientError(
-            f"cannot reach {peer}: {scrub(str(exc) or type(exc).__name__, secrets)}"
+            f"cannot reach {peer}: {scrub(str(exc) or type(exc).__name__, secrets)}",
+            maybe_done=not isinstance(exc, httpx.ConnectError),
         ) from None
 
 
@@ -383,9 +392,12 @@ _MEDIA_TYPE: Final = re.compile(r"[a-z0-9][a-z0-9.+-]*/[a-z0-9][a-z0-9.+-]*")
 
 
 def scrub(text: str, secrets: tuple[str, ...]) -> str:
+    """`text` without any of `secrets` — as sent, and as a form or a URL encodes them —
+    printable and bounded."""
     for secret in secrets:
         if secret:
-            text = text.replace(secret, "[redacted]")
+            for form in {secret, urlquote(secret, safe=""), quote_plus(secret)}:
+                text = text.replace(form, "[redacted]")
     text = "".join(ch if ch.isprintable() else " " for ch in text).strip()
     return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 1] + "…"
 

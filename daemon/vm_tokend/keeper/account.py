@@ -188,7 +188,9 @@ class Account:
             try:
                 return await self._connect()
             except upstream.ClientRejected as exc:
-                connecting.blocked = NotLoggedIn(f"{exc}; fix the configuration and reload")
+                connecting.blocked = NotLoggedIn(
+                    f"{exc}; set auth or oidc_issuer if the API's answer is not to be "
+                    "trusted, or fix the client settings, and reload")
                 log.error("%s", connecting.blocked.message)
                 connecting.notify()
                 return None

@@ -24,7 +24,7 @@ from ..oidc import TokenRejected
 from ..upstream import Grant, VideoManagerRef
 from .credentials import PasswordSource
 from .session import AccountConfig, Session, contained
-from .slot import Slot
+from .slot import QUICK_INVALIDATION, Slot
 from .timing import Timing
 from .videomanagers import VideoManagers
 
@@ -70,6 +70,28 @@ class OidcSession(Session):
         self._slot: Slot | None = None
         self._listed_at = -math.inf
         self._relisting: trio.Event | None = None
+        self._fresh_rejections: dict[str, int] = {}  # VideoManager id → in a row
+
+    def invalidate(self, token: str, ref: str | None) -> bool:
+        """As for any session — but one token serves every VideoManager, so one that keeps
+        rejecting fresh tokens (no rights there, most likely) must not make every other
+        VideoManager's clients wait: from its second fresh token in a row, its reports
+        no longer replace the token."""
+        slot, vms = self._slot, self.vms
+        if ref is None or slot is None or vms is None or slot.token != token:
+            return super().invalidate(token, ref)
+        vm = vms.resolve(ref)
+        if trio.current_time() - slot.obtained_at >= QUICK_INVALIDATION:
+            self._fresh_rejections.pop(vm.id, None)
+            return super().invalidate(token, ref)
+        count = self._fresh_rejections.get(vm.id, 0) + 1
+        self._fresh_rejections[vm.id] = count
+        if count >= 2:
+            if count == 2:
+                log.warning("VideoManager %s rejects fresh tokens that serve the others: "
+                            "keeping the token (no rights there?)", vm.name)
+            return False
+        return super().invalidate(token, ref)
 
     def describe_auth(self) -> dict[str, Any]:
         return {"auth": self.kind, "issuer": self.backend.issuer,

@@ -229,7 +229,17 @@ class Session(Answers):
         if self.refresh_token is None:
             raise upstream.RefreshRejected("no refresh token")
         self.config.calls["refresh"] += 1
-        grant = await contained(self._refresh_grant(self.refresh_token, *args))
+        try:
+            grant = await contained(self._refresh_grant(self.refresh_token, *args))
+        except upstream.TransientError as exc:
+            if exc.maybe_done and self.source is not None:
+                # The provider may have taken it and rotated it: sending it again could
+                # look like reuse and end the session (Keycloak). With a password, the
+                # next attempt logs in afresh instead.
+                log.info("the refresh's outcome is unknown (%s): the next attempt logs in "
+                         "afresh", exc)
+                self.refresh_token = None
+            raise
         self.keep_refresh_token(grant)
         return grant
 
