@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from typing import Any
 
-from . import errors
+from . import errors, protocol
 from ._argparse import ArgumentParser
 from .cli import (
     DEFAULT_TIMEOUT,
@@ -76,8 +77,12 @@ def _cmd_exec(client: Client, args: argparse.Namespace) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise _Usage("exec needs a command after --, e.g. vm-token exec -- ./upload.sh")
-    token = client.get_token(args.vm, min_ttl=args.min_ttl)
-    api_url = client.hello().get("api_url") or ""
+    from .client import get_fields
+    from .token import Token
+
+    reply = client.request(protocol.GET, **get_fields(args.vm, args.min_ttl))
+    token = Token.from_reply(reply)
+    api_url = _api_url(client, reply.get("profile"))
     client.close()
     env = {
         **os.environ,
@@ -100,12 +105,32 @@ def _cmd_exec(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK  # not reached: execvpe does not return
 
 
+def _api_url(client: Client, profile: object) -> str:
+    """The API address of `profile` (the daemon's reply named it), else the daemon's."""
+    if isinstance(profile, str):
+        for item in client.status().get("profiles") or []:
+            if isinstance(item, dict) and item.get("name") == profile and item.get("api_url"):
+                return str(item["api_url"])
+    return str(client.hello().get("api_url") or "")
+
+
+def _several_profiles(client: Client) -> bool:
+    """Whether a listing spans several profiles: no profile asked for, and the daemon has
+    more than one."""
+    if client.profile is not None:
+        return False
+    profiles = client.hello().get("profiles")
+    return isinstance(profiles, list) and len(profiles) > 1
+
+
 def _cmd_list(client: Client, args: argparse.Namespace) -> int:
     import json
 
     videomanagers = client.list_videomanagers()
+    several = _several_profiles(client)
     if args.json:
         print(json.dumps([{
+            **({"profile": vm.profile} if several else {}),
             "id": vm.id, "name": vm.name, "default": vm.is_default,
             "expires_at": _iso(vm.expires_at.timestamp()) if vm.expires_at else None,
             "refreshed_at": _iso(vm.refreshed_at.timestamp()) if vm.refreshed_at else None,
@@ -115,16 +140,19 @@ def _cmd_list(client: Client, args: argparse.Namespace) -> int:
     if not videomanagers:
         print("no VideoManagers (not logged in yet?)")
         return EXIT_OK
-    for line in _vm_lines(videomanagers, refreshed=False):
+    for line in _vm_lines(videomanagers, refreshed=False, profiles=several):
         print(line)
     return EXIT_OK
 
 
-def _vm_lines(videomanagers: list[VideoManager], *, refreshed: bool) -> list[str]:
-    """A line per VideoManager: `*` for the default, id, name, and the token held."""
+def _vm_lines(videomanagers: list[VideoManager], *, refreshed: bool,
+              profiles: bool = False) -> list[str]:
+    """A line per VideoManager: `*` for the default (of its profile), its profile (when
+    `profiles`), id, name, and the token held."""
     import time
 
     width = max((len(vm.id) for vm in videomanagers), default=0)
+    profile_width = max((len(vm.profile or "") for vm in videomanagers), default=0)
     lines = []
     for vm in videomanagers:
         if vm.expires_at is not None:
@@ -136,7 +164,8 @@ def _vm_lines(videomanagers: list[VideoManager], *, refreshed: bool) -> list[str
         if vm.last_error:
             held += f"; last error: {vm.last_error}"
         mark = "*" if vm.is_default else " "
-        lines.append(f"{mark} {vm.id:<{width}}  {vm.name}  ({held})")
+        profile = f"{vm.profile or '':<{profile_width}}  " if profiles else ""
+        lines.append(f"{mark} {profile}{vm.id:<{width}}  {vm.name}  ({held})")
     return lines
 
 
@@ -155,29 +184,101 @@ def _cmd_status(client: Client, args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"vm-tokend {status.get('version')} (pid {status.get('pid')}), "
           f"up {_duration(float(status.get('uptime') or 0))}")
-    print(f"API:      {status.get('api_url')}")
+    profiles = [p for p in status.get("profiles") or [] if isinstance(p, dict)]
+    if client.profile is not None or len(profiles) <= 1:
+        # One profile (or one asked for): the account's lines, as before profiles.
+        if len(profiles) > 1:
+            print(f"profile:  {status.get('profile')}")
+        head, vms = _account_lines(status, _api_of(status, profiles), "vm-token list")
+        for line in (*head, _requests_line(status), *vms):
+            print(line)
+        return EXIT_OK
+    # Several: the daemon-wide counters, then a block per profile.
+    print(_requests_line(status))
+    for profile in profiles:
+        name = str(profile.get("name"))
+        # The reply carries the VideoManagers and notices of one profile only: ask for
+        # each of the others (a status is cheap, and answered from the daemon's memory).
+        detail = status if name == status.get("profile") else client.request(
+            protocol.STATUS, profile=name)
+        print()
+        print(f"profile {name}" + (" (the default)" if profile.get("default") else "") + ":")
+        head, vms = _account_lines(detail, profile.get("api_url"),
+                                   f"vm-token list --profile {name}")
+        for line in (*head, *vms):
+            print(f"  {line}")
+    return EXIT_OK
+
+
+def _api_of(status: dict[str, Any], profiles: list[dict[str, Any]]) -> object:
+    """The API of the profile `status` describes (its own entry: older daemons put the
+    default profile's at the top level whichever was asked for)."""
+    for profile in profiles:
+        if profile.get("name") == status.get("profile") and profile.get("api_url"):
+            return profile["api_url"]
+    return status.get("api_url")
+
+
+def _account_lines(status: dict[str, Any], api_url: object,
+                   list_command: str) -> tuple[list[str], list[str]]:
+    """A profile's lines of `vm-token status`: API, state, auth, errors; its VideoManagers."""
+    lines = [f"API:      {api_url}"]
     user = status.get("username")
-    print(f"state:    {status.get('state')}" + (f" as {user}" if user else ""))
+    lines.append(f"state:    {status.get('state')}" + (f" as {user}" if user else ""))
     auth = _auth_line(status)
     if auth:
-        print(f"auth:     {auth}")
+        lines.append(f"auth:     {auth}")
     if status.get("last_error"):
-        print(f"error:    {status['last_error']}")
-    for notice in status.get("notices") or []:
-        print(f"note:     {notice}")
-    calls = status.get("upstream_calls") or {}
-    print(f"requests: {status.get('requests')} served; upstream calls: "
-          f"{calls.get('login', 0)} logins, {calls.get('refresh', 0)} refreshes"
-          + "".join(f", {calls[kind]} {what}" for kind, what in (
-              ("videomanagers", "VideoManager lists"), ("webfinger", "WebFinger"),
-              ("discovery", "discovery")) if calls.get(kind)))
+        lines.append(f"error:    {status['last_error']}")
+    lines += [f"note:     {notice}" for notice in status.get("notices") or []]
     shown = videomanagers_from_reply(status)
-    for line in _vm_lines(shown, refreshed=True):
-        print(f"  {line}")
+    vms = [f"  {line}" for line in _vm_lines(shown, refreshed=True)]
     total = status.get("videomanagers_total")
     if isinstance(total, int) and total > len(shown):
-        print(f"  … and {total - len(shown)} more: `vm-token list`")
+        vms.append(f"  … and {total - len(shown)} more: `{list_command}`")
+    return lines, vms
+
+
+def _requests_line(status: dict[str, Any]) -> str:
+    calls = status.get("upstream_calls") or {}
+    return (f"requests: {status.get('requests')} served; upstream calls: "
+            f"{calls.get('login', 0)} logins, {calls.get('refresh', 0)} refreshes"
+            + "".join(f", {calls[kind]} {what}" for kind, what in (
+                ("videomanagers", "VideoManager lists"), ("webfinger", "WebFinger"),
+                ("discovery", "discovery")) if calls.get(kind)))
+
+
+def _cmd_profiles(client: Client, args: argparse.Namespace) -> int:
+    import json
+
+    # profile=None: every profile, whatever --profile or $VM_TOKEN_PROFILE say.
+    status = client.request(protocol.STATUS, profile=None)
+    profiles = [p for p in status.get("profiles") or [] if isinstance(p, dict)]
+    if not profiles:  # a daemon from before profiles: its one account
+        profiles = [{"name": "default", "default": True, "api_url": status.get("api_url"),
+                     "username": status.get("username"), "auth": status.get("auth"),
+                     "issuer": status.get("issuer"), "state": status.get("state"),
+                     "last_error": status.get("last_error"),
+                     "videomanagers_total": status.get("videomanagers_total")}]
+    for profile in profiles:
+        profile["api_host"] = _host(profile.get("api_url"))
+    if args.json:
+        print(json.dumps(profiles, indent=2))
+        return EXIT_OK
+    rows = [[str(p.get(key) or "-") for key in ("name", "api_host", "username", "auth",
+                                                  "state")] for p in profiles]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for profile, row in zip(profiles, rows, strict=True):
+        cells = "  ".join(f"{cell:<{width}}" for cell, width in zip(row, widths, strict=True))
+        print(("* " if profile.get("default") else "  ") + cells.rstrip())
     return EXIT_OK
+
+
+def _host(api_url: object) -> str | None:
+    """The host[:port] of an API address."""
+    from urllib.parse import urlsplit
+
+    return urlsplit(api_url).netloc or None if isinstance(api_url, str) else None
 
 
 def _auth_line(status: dict[str, object]) -> str | None:
@@ -264,14 +365,24 @@ def _cmd_git(client: Client, args: argparse.Namespace) -> int:
 def _parser() -> ArgumentParser:
     from ._version import __version__
 
-    common = ArgumentParser(add_help=False)
-    common.add_argument("--socket", metavar="PATH", default=argparse.SUPPRESS,
-                        help="the daemon's socket (default: $VM_TOKEN_SOCKET, else "
-                             "$XDG_RUNTIME_DIR/vm-token/socket)")
-    common.add_argument("--timeout", type=float, metavar="S", default=argparse.SUPPRESS,
-                        help=f"give up after S seconds (default {DEFAULT_TIMEOUT:g})")
+    def common() -> ArgumentParser:
+        # A fresh parent for each parser: argparse shares a parent's Action objects, so
+        # set_defaults on one parser would change every other's defaults, and a subcommand's
+        # default would overwrite an option given before it (`vm-token --profile w list`).
+        options = ArgumentParser(add_help=False)
+        options.add_argument("--socket", metavar="PATH", default=argparse.SUPPRESS,
+                             help="the daemon's socket (default: $VM_TOKEN_SOCKET, else "
+                                  "$XDG_RUNTIME_DIR/vm-token/socket)")
+        options.add_argument("--timeout", type=float, metavar="S", default=argparse.SUPPRESS,
+                             help=f"give up after S seconds (default {DEFAULT_TIMEOUT:g})")
+        options.add_argument("--profile", metavar="NAME", default=argparse.SUPPRESS,
+                             help="the daemon's profile (account) to use (default: "
+                                  "$VM_TOKEN_PROFILE, else the daemon's default profile; "
+                                  "for git, the one whose API host git asks about)")
+        return options
+
     parser = ArgumentParser(
-        prog="vm-token", parents=[common],
+        prog="vm-token", parents=[common()],
         description=(
             "Get VideoManager Pro access tokens from the vm-tokend daemon. Also a git "
             "credential helper: `git config --global "
@@ -281,14 +392,14 @@ def _parser() -> ArgumentParser:
                + EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.set_defaults(socket=None, timeout=DEFAULT_TIMEOUT)
+    parser.set_defaults(socket=None, timeout=DEFAULT_TIMEOUT, profile=None)
     parser.add_argument("--version", action="version", version=f"vm-token {__version__}")
     commands = parser.add_subparsers(dest="subcommand", metavar="COMMAND", required=True)
 
     def add(name: str, handler: Callable[[Client, argparse.Namespace], int], help_: str,
             example: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(
-            name, help=help_, description=help_, parents=[common],
+            name, help=help_, description=help_, parents=[common()],
             epilog=f"example:\n  {example}\n\n{EXIT_CODES_HELP}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
@@ -320,6 +431,10 @@ def _parser() -> ArgumentParser:
     status = add("status", _cmd_status, "show the daemon's state (never a secret)",
                  "vm-token status --json")
     status.add_argument("--json", action="store_true", help="print JSON")
+    profiles = add("profiles", _cmd_profiles,
+                   "list the daemon's profiles (accounts): name (* the default), API host, "
+                   "user, auth, state", "vm-token profiles --json")
+    profiles.add_argument("--json", action="store_true", help="print JSON")
     login = add("login", _cmd_login,
                 "log in: in a browser (--browser, --no-browser), with a code entered on "
                 "another device (--device), or by giving the daemon a password (kept in its "
@@ -355,7 +470,8 @@ def run(args: list[str]) -> int:
         return int(exc.code or 0)
     handler: Callable[[Client, argparse.Namespace], int] = options.handler
     try:
-        with Client(options.socket, timeout=options.timeout or DEFAULT_TIMEOUT) as client:
+        with Client(options.socket, timeout=options.timeout or DEFAULT_TIMEOUT,
+                    profile=options.profile) as client:
             return handler(client, options)
     except _Usage as exc:
         fail(str(exc))

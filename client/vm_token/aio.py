@@ -23,6 +23,7 @@ from .client import (
     get_fields,
     invalidate_fields,
     next_page,
+    resolve_profile,
     videomanagers_from_reply,
 )
 from .errors import DaemonNotRunning, Error, ProtocolError
@@ -197,7 +198,8 @@ class AsyncClient:
             token = await vt.get_token("Marketing", min_ttl=60)
 
     Each call takes at most `timeout` seconds, waiting for a free connection included. A
-    client belongs to the event loop that first used it.
+    client belongs to the event loop that first used it. `profile` as for Client: the
+    daemon's profile every request is for (default: `$VM_TOKEN_PROFILE`, else the daemon's).
     """
 
     def __init__(
@@ -206,11 +208,13 @@ class AsyncClient:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        profile: str | None = None,
     ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
         self.socket_path = str(socket) if socket is not None else protocol.default_socket_path()
         self.timeout = timeout
+        self.profile = resolve_profile(profile)
         self.max_connections = max_connections
         self._library: _Library | None = None
         self._slots: _Semaphore | None = None
@@ -271,9 +275,12 @@ class AsyncClient:
     # -- the pool -------------------------------------------------------------------------
 
     async def request(self, op: str, **fields: Any) -> dict[str, Any]:
-        """Send one request; the reply's fields, or the DaemonError it carries."""
+        """Send one request; the reply's fields, or the DaemonError it carries. The request
+        is for the client's profile unless `fields` name one."""
         if self._closed:
             raise Error("this AsyncClient is closed")
+        if self.profile is not None:
+            fields.setdefault("profile", self.profile)
         library = self._bind()
         frame = protocol.encode_frame({"v": protocol.PROTOCOL_VERSION, "op": op, **fields})
         try:

@@ -11,6 +11,7 @@ Exit codes: 0 success, 1 refused by the daemon, 2 usage, 3 daemon not reachable.
 
 from __future__ import annotations
 
+import os  # loaded by every interpreter at start-up anyway: costs nothing
 import sys
 
 from . import _wire, errors, protocol
@@ -92,15 +93,24 @@ def _ask(options: dict[str, str], message: dict[str, Any], timeout: float) -> di
     return _wire.request_once(path, message, timeout)
 
 
+def _profile(options: dict[str, str], *, environment: bool) -> dict[str, Any]:
+    """The `profile` field: `--profile`, else (if `environment`) `$VM_TOKEN_PROFILE`; none
+    when neither names one (the daemon's default profile)."""
+    profile = options.get("--profile")
+    if profile is None and environment:
+        profile = os.environ.get("VM_TOKEN_PROFILE")
+    return {"profile": profile} if profile else {}
+
+
 def _fast_get_token(args: list[str], header: bool) -> int | None:
-    options = _fast_options(args, ("--vm", "--min-ttl", "--socket", "--timeout"))
+    options = _fast_options(args, ("--vm", "--min-ttl", "--socket", "--timeout", "--profile"))
     if options is None:
         return None
     min_ttl = _number(options.get("--min-ttl"), 0.0)
     timeout = _number(options.get("--timeout"), DEFAULT_TIMEOUT)
     if min_ttl is None or not timeout:
         return None
-    message: dict[str, Any] = {"op": protocol.GET}
+    message: dict[str, Any] = {"op": protocol.GET, **_profile(options, environment=True)}
     if "--vm" in options:
         message["vm"] = options["--vm"]
     if min_ttl:
@@ -131,19 +141,28 @@ def _read_credential() -> Credential:
     return parse(b"".join(lines))
 
 
-def _git_fields(credential: Credential) -> dict[str, Any] | None:
-    """The `host` and `protocol` fields of a request for git; None without a host."""
+def _git_fields(credential: Credential, options: dict[str, str]) -> dict[str, Any] | None:
+    """The fields of a request for git, None without a host: `host` and `protocol` (the
+    daemon answers only for a profile's API host, and picks the profile by it), `user`
+    (git's username: of two profiles on one host, the one of that user) and the profile
+    of `--profile`. Not `$VM_TOKEN_PROFILE`: git's host says which profile, and a shell's
+    setting must not send one account's token to another's host."""
     host = credential.get("host")
     if not host:
         return None
-    return {"host": host, "protocol": credential.get("protocol") or "https"}
+    fields = {"host": host, "protocol": credential.get("protocol") or "https",
+              **_profile(options, environment=False)}
+    user = credential.get("username")
+    if user:
+        fields["user"] = user
+    return fields
 
 
 def _git_get(options: dict[str, str], timeout: float) -> int:
     from .credential import format_answer, videomanager_from_path
 
     credential = _read_credential()
-    fields = _git_fields(credential)
+    fields = _git_fields(credential, options)
     if fields is None:
         return EXIT_OK
     by_path = videomanager_from_path(credential.get("path"))
@@ -179,7 +198,7 @@ def _git_get(options: dict[str, str], timeout: float) -> int:
 
 def _git_erase(options: dict[str, str], timeout: float) -> int:
     credential = _read_credential()
-    fields = _git_fields(credential)
+    fields = _git_fields(credential, options)
     token = credential.get("credential") or credential.get("password")
     if fields is None or not token:
         return EXIT_OK
@@ -202,7 +221,8 @@ GIT_OPERATIONS: dict[str, Callable[[dict[str, str], float], int]] = {
     "erase": _git_erase,
     "store": _git_store,
 }
-_SUBCOMMANDS = ("token", "header", "json", "exec", "list", "status", "login", "logout")
+_SUBCOMMANDS = ("token", "header", "json", "exec", "list", "status", "profiles", "login",
+                "logout")
 
 
 def _fast(args: list[str]) -> int | None:
@@ -223,7 +243,7 @@ def _fast(args: list[str]) -> int | None:
                 and not sys.stdin.isatty()):
             return EXIT_OK  # an operation of a newer git: helpers ignore what they don't know
         return None
-    options = _fast_options(before + after, ("--socket", "--timeout"))
+    options = _fast_options(before + after, ("--socket", "--timeout", "--profile"))
     timeout = _number(options.get("--timeout") if options else None, DEFAULT_TIMEOUT)
     if options is None or not timeout:
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -18,8 +19,20 @@ from .token import Token
 __all__ = ["Client", "VideoManager", "get_token"]
 
 DEFAULT_TIMEOUT = 5.0
-# The most common request of all, `get` for the default VideoManager, encoded once.
+# The most common request of all, `get` for the default VideoManager, encoded once (per
+# profile: see Client.__init__).
 _GET_DEFAULT_FRAME = protocol.encode_frame({"v": protocol.PROTOCOL_VERSION, "op": protocol.GET})
+# The shell's profile, for Client, AsyncClient, get_token and `vm-token`.
+PROFILE_VARIABLE = "VM_TOKEN_PROFILE"
+
+
+def resolve_profile(profile: str | None) -> str | None:
+    """The profile a client asks for: `profile`, else `$VM_TOKEN_PROFILE` (if set and not
+    empty), else None — the daemon's default profile. `""` means the daemon's default
+    whatever the environment says."""
+    if profile is None:
+        profile = os.environ.get(PROFILE_VARIABLE)
+    return profile or None
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +45,7 @@ class VideoManager:
     expires_at: datetime | None  # of the token the daemon holds for it, if any
     refreshed_at: datetime | None
     last_error: str | None
+    profile: str | None = None  # the daemon's profile it belongs to (None: daemon too old)
 
 
 def _when(value: object) -> datetime | None:
@@ -66,6 +80,7 @@ def videomanagers_from_reply(reply: dict[str, Any]) -> list[VideoManager]:
             expires_at=_when(item.get("expires_at")),
             refreshed_at=_when(item.get("refreshed_at")),
             last_error=item.get("last_error"),
+            profile=item.get("profile") if isinstance(item.get("profile"), str) else None,
         )
         for item in reply["videomanagers"]
     ]
@@ -86,13 +101,27 @@ class Client:
 
         with vm_token.Client() as vt:
             token = vt.get_token("Marketing", min_ttl=60)
+
+    `profile` names the daemon's profile (account) every request is for; without it,
+    `$VM_TOKEN_PROFILE` (read here, once) if set, else the daemon's default profile.
+    A profile the daemon does not have is `UnknownProfile`.
     """
 
     def __init__(
-        self, socket: str | PathLike[str] | None = None, *, timeout: float = DEFAULT_TIMEOUT
+        self,
+        socket: str | PathLike[str] | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        profile: str | None = None,
     ) -> None:
         self.socket_path = str(socket) if socket is not None else protocol.default_socket_path()
         self.timeout = timeout
+        self.profile = resolve_profile(profile)
+        # get_token()'s request, encoded once: the profile's, or the plain one (which the
+        # daemon answers from its own cache).
+        self._get_default_frame = _GET_DEFAULT_FRAME if self.profile is None else (
+            protocol.encode_frame({"v": protocol.PROTOCOL_VERSION, "op": protocol.GET,
+                                   "profile": self.profile}))
         self._connection: _wire.Connection | None = None
         self._lock = threading.Lock()
 
@@ -105,7 +134,7 @@ class Client:
     def get_token(self, videomanager: str | int | None = None, *, min_ttl: float = 0) -> Token:
         """A token for `videomanager` (id or name; None for the default) valid ≥ min_ttl s."""
         if videomanager is None and not min_ttl:
-            return Token.from_reply(self._send(_GET_DEFAULT_FRAME))
+            return Token.from_reply(self._send(self._get_default_frame))
         return Token.from_reply(self.request(protocol.GET, **get_fields(videomanager, min_ttl)))
 
     def list_videomanagers(self) -> list[VideoManager]:
@@ -160,7 +189,11 @@ class Client:
     # -- the wire -----------------------------------------------------------------------
 
     def request(self, op: str, **fields: Any) -> dict[str, Any]:
-        """Send one request and return the reply's fields; raises DaemonError subclasses."""
+        """Send one request and return the reply's fields; raises DaemonError subclasses.
+
+        The request is for the client's profile unless `fields` name one."""
+        if self.profile is not None:
+            fields.setdefault("profile", self.profile)
         return self._send(protocol.encode_frame({"v": protocol.PROTOCOL_VERSION, "op": op,
                                                  **fields}))
 
@@ -203,7 +236,9 @@ def get_token(
     min_ttl: float = 0,
     socket: str | PathLike[str] | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    profile: str | None = None,
 ) -> Token:
-    """One token from the daemon: for `videomanager` (id or name; None for the default)."""
-    with Client(socket, timeout=timeout) as client:
+    """One token from the daemon: for `videomanager` (id or name; None for the default) of
+    `profile` (None: `$VM_TOKEN_PROFILE`, else the daemon's default profile)."""
+    with Client(socket, timeout=timeout, profile=profile) as client:
         return client.get_token(videomanager, min_ttl=min_ttl)

@@ -226,8 +226,8 @@ def test_json_and_json_listings(standin, start_daemon):
 
 def test_help_everywhere(standin, start_daemon):
     daemon = start_daemon(standin)
-    for command in ("token", "header", "json", "exec", "list", "status", "login", "logout",
-                    "get"):
+    for command in ("token", "header", "json", "exec", "list", "status", "profiles", "login",
+                    "logout", "get"):
         result = daemon.cli(command, "--help")
         assert result.returncode == 0
         assert "example:" in result.stdout and "exit codes:" in result.stdout
