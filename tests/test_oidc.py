@@ -729,8 +729,8 @@ def test_a_very_short_expires_in_stays_short():
 async def test_no_cache_discovery_is_read_at_most_once_a_minute_and_kept_when_it_fails(
         autojump_clock):
     from vm_tokend import oidc
-    seen = Counter()
-    down = []
+    seen: Counter[str] = Counter()
+    down: list[bool] = []
 
     def answer(request: httpx.Request) -> httpx.Response:
         seen[request.url.path] += 1

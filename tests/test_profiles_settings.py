@@ -51,10 +51,12 @@ idle_timeout = 30
     customer, test = profiles.valid["customer"], profiles.valid["test"]
     assert customer.api_url == "https://api.customer.example/v1/vms"
     assert customer.username == "agency@example.com"
-    assert customer.password is not None
-    assert customer.password.get_secret_value() == "top-secret"  # inherited
+    # Another user: the top level's password is not theirs to send.
+    assert customer.password is None and customer.credentials() is None
     assert customer.default_videomanager == "Marketing" and customer.idle_timeout == 120
     assert test.username == "me@example.com" and test.idle_timeout == 30
+    assert test.password is not None
+    assert test.password.get_secret_value() == "top-secret"  # the same user: inherited
     assert profiles.valid["default"].api_url == "https://api.video-cdn.net/v1/vms"
     assert customer.git_hosts() == frozenset({"api.customer.example"})
 
@@ -114,8 +116,10 @@ username = "me@example.com"
 [profiles.again]
 api_url = "https://API.video-cdn.net:443/v1/vms"
 username = "ME@example.com"
+password = "pw2"
 [profiles.other-user]
 username = "you@example.com"
+password = "pw3"
 ''')
     with pytest.raises(ConfigError, match="'again' has the same API host and user as profile "
                                           "'default'"):
@@ -156,3 +160,30 @@ def test_the_daemon_refuses_a_bad_profile_at_start(tmp_path):
     assert result.returncode == 2
     assert "profile 'work': api_url" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_profile_with_its_own_user_or_password_source_inherits_no_password(tmp_path,
+                                                                            monkeypatch):
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "password").write_text("DEFAULT-SECRET\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    secret_file = tmp_path / "work.pw"
+    secret_file.write_text("bob-secret\n")
+    write_config(tmp_path, f'''
+username = "alice"
+[profiles.work]
+api_url = "https://work.example/v1/vms"
+username = "bob"
+password_file = "{secret_file}"
+[profiles.cmd]
+username = "carol"
+password_command = "echo carolpw"
+[profiles.custom-domain]
+api_url = "https://api.custom.example/v1/vms"
+''')
+    _, profiles = load_config()
+    work, cmd = profiles.valid["work"], profiles.valid["cmd"]
+    assert work.password is None and work.password_file == secret_file
+    assert cmd.password is None and cmd.password_command == "echo carolpw"
+    assert profiles.valid["custom-domain"].password is not None  # alice again: inherited

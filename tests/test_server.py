@@ -29,7 +29,8 @@ async def serving(private_dir, backend=None, **options):
     async with running_keeper(backend or FakeBackend()) as keeper, \
             trio.open_nursery() as nursery:
         bound = bind_unix_socket(private_dir / "vm-token" / "socket")
-        dispatcher = Dispatcher(keeper, version="test", login=login, describe=dict)
+        dispatcher = Dispatcher(keeper, version="test", login=login,
+                                describe=lambda profile: {})
         server = Server(bound, dispatcher, fast=dispatcher.fast_reply, **options)
         await nursery.start(server.serve)
         yield server, bound.path, keeper

@@ -13,7 +13,7 @@ import queue
 import sys
 import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -40,7 +40,7 @@ def _page(title: str, text: str) -> bytes:
     ).encode()
 
 
-class _Listener(HTTPServer):
+class _Listener(ThreadingHTTPServer):
     """The loopback listener the identity provider redirects the browser to."""
 
     def __init__(self, port: int) -> None:
@@ -64,6 +64,7 @@ class _Listener(HTTPServer):
 
 class _Callback(BaseHTTPRequestHandler):
     server: _Listener
+    timeout = 10  # a connection that sends nothing is dropped, not waited for
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         parts = urlsplit(self.path)
@@ -119,10 +120,17 @@ def _cancelling(client: Client, flow: str, work: Callable[[], dict[str, Any]]
         raise
 
 
+def _printable(text: str, limit: int = 300) -> str:
+    """Text from a redirect or a paste, safe for a terminal: no control characters (an
+    escape sequence could retitle or clear it), bounded."""
+    return "".join(ch for ch in text if ch.isprintable())[:limit]
+
+
 def _finish(client: Client, flow: str, params: dict[str, str]) -> dict[str, Any]:
     error = params.get("error")
     if error:
-        text = params.get("error_description")
+        error = _printable(error, 60)
+        text = _printable(params.get("error_description") or "")
         raise LoginAborted(f"the identity provider said: {error}"
                            + (f" ({text})" if text else ""))
     code, state = params.get("code"), params.get("state")
@@ -217,10 +225,10 @@ def device_login(client: Client, *, timeout: float) -> str:
     """Log in with a device code entered elsewhere; the username."""
     reply = _ask(client, 30.0, protocol.LOGIN_START, method="device")
     flow = str(reply["flow"])
-    sys.stderr.write(f"To log in, visit {reply['verification_uri']} and enter the code\n"
-                     f"  {reply['user_code']}\n")
+    uri, code = _printable(str(reply["verification_uri"])), _printable(str(reply["user_code"]))
+    sys.stderr.write(f"To log in, visit {uri} and enter the code\n  {code}\n")
     if reply.get("verification_uri_complete"):
-        sys.stderr.write(f"or open {reply['verification_uri_complete']}\n")
+        sys.stderr.write(f"or open {_printable(str(reply['verification_uri_complete']))}\n")
     sys.stderr.write("Waiting for the login to be approved…\n")
     expires_in = float(reply.get("expires_in") or timeout)
     result = _cancelling(client, flow, lambda: _ask(

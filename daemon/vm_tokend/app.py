@@ -158,10 +158,12 @@ class App:
         assert self.keeper is not None and self.runtimes is not None
         await self.runtimes.login(profile or self.keeper.default_profile, username, password)
 
-    def _describe(self) -> dict[str, Any]:
+    def _describe(self, name: str | None = None) -> dict[str, Any]:
         runtimes = self.runtimes.by_name if self.runtimes else {}
-        default = runtimes.get(self.keeper.default_profile) if self.keeper else None
-        profile = default.profile if default else self.settings
+        if name is None and self.keeper is not None:
+            name = self.keeper.default_profile
+        runtime = runtimes.get(name) if name is not None else None
+        profile = runtime.profile if runtime else self.settings
         return {
             "login_method": profile.login_method,
             "redirect_port": profile.oidc_redirect_port,

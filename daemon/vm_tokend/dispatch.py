@@ -78,11 +78,12 @@ def _required_str(request: dict[str, Any], name: str, limit: int = MAX_FIELD) ->
 
 # What fast_reply remembers: a process asks for a handful of VideoManagers, not hundreds.
 FAST_CACHE: Final = 64
-_PLAIN_GET_FIELDS: Final = frozenset({"v", "op", "vm", "min_ttl"})
+_PLAIN_GET_FIELDS: Final = frozenset({"v", "op", "vm", "min_ttl", "profile"})
 
 
-def _plain_get(body: bytes) -> tuple[str | None, float] | None:
-    """(vm, min_ttl) if `body` is a valid `get` with no fields but v, op, vm, min_ttl."""
+def _plain_get(body: bytes) -> tuple[str | None, float, str | None] | None:
+    """(vm, min_ttl, profile) if `body` is a valid `get` with no fields but v, op, vm,
+    min_ttl and profile."""
     if len(body) > 256:
         return None
     try:
@@ -92,7 +93,10 @@ def _plain_get(body: bytes) -> tuple[str | None, float] | None:
                 or request["v"] != protocol.PROTOCOL_VERSION
                 or request.keys() - _PLAIN_GET_FIELDS):
             return None
-        return _opt_ref(request, "vm"), _min_ttl(request)
+        profile = request.get("profile")
+        if profile is not None and (not isinstance(profile, str) or not profile):
+            return None  # the full path says what is wrong with it
+        return _opt_ref(request, "vm"), _min_ttl(request), profile
     except (protocol.MalformedFrame, BadRequest):
         return None
 
@@ -125,15 +129,15 @@ class Dispatcher:
         *,
         version: str,
         login: Callable[[str | None, str, str], Awaitable[None]],
-        describe: Callable[[], dict[str, Any]],
+        describe: Callable[[str | None], dict[str, Any]],
     ) -> None:
         self.keeper = keeper
         self.version = version
         self._login = login  # (profile, username, password): the app starts the session
-        self._describe = describe  # api_url, uptime, … from the app
+        self._describe = describe  # api_url (of a profile), uptime, … from the app
         self.requests = 0
         # For fast_reply: request bodies seen (at most FAST_CACHE), and reply frames.
-        self._known_gets: dict[bytes, tuple[str | None, float]] = {}
+        self._known_gets: dict[bytes, tuple[str | None, float, str | None]] = {}
         # Weak: a token's reply goes when the keeper lets go of the token (replaced,
         # invalidated, logged out) — no copy of it outlives the keeper's.
         self._frames: weakref.WeakKeyDictionary[TokenInfo, bytes] = weakref.WeakKeyDictionary()
@@ -178,7 +182,10 @@ class Dispatcher:
         if value is not None:
             if not isinstance(value, str) or not value or len(value) > MAX_PROFILE:
                 raise BadRequest("'profile' must be a profile name")
-            self.keeper.account(value)  # UnknownProfile
+            account = self.keeper.account(value)  # UnknownProfile
+            if request.get("host") is not None:
+                # Named, and for git: the host must still be that profile's own.
+                self._git_profile(request, only=account.hosts)
             return value
         if request.get("host") is not None:
             return self._git_profile(request)
@@ -189,9 +196,10 @@ class Dispatcher:
             return self.keeper.profile_for_host(prefer, "https")
         return None
 
-    def _git_profile(self, request: dict[str, Any]) -> str:
-        """For git: the profile of `host`; refuse a host that is no profile's API host, or
-        plain http to a remote one."""
+    def _git_profile(self, request: dict[str, Any],
+                     only: frozenset[str] | None = None) -> str:
+        """For git: the profile of `host`; refuse a host that is no profile's API host
+        (not `only`'s, when given), or plain http to a remote one."""
         host, scheme, user = request.get("host"), request.get("protocol", "https"), \
             request.get("user")
         if not isinstance(host, str) or not isinstance(scheme, str) \
@@ -200,8 +208,11 @@ class Dispatcher:
         scheme = scheme.lower()
         name = normalize_host(host, scheme)
         profile = self.keeper.profile_for_host(host, scheme, user)
+        if only is not None:
+            profile = "" if name in only else None
         if profile is None:
-            allowed = sorted({h for a in self.keeper.accounts.values() for h in a.hosts})
+            allowed = sorted(only if only is not None else
+                             {h for a in self.keeper.accounts.values() for h in a.hosts})
             raise UnknownHost(f"{quote(name)} is not the API's host; vm-tokend gives tokens "
                               "only for " + (", ".join(allowed) or "no host"))
         if scheme != "https" and not (scheme == "http" and host_is_loopback(name)):
@@ -211,7 +222,7 @@ class Dispatcher:
     # -- ops --------------------------------------------------------------------------------
 
     async def _hello(self, request: dict[str, Any]) -> dict[str, Any]:
-        described = self._describe()
+        described = self._describe(self.profile(request))
         return {"ok": True, "protocol": protocol.PROTOCOL_VERSION,
                 "daemon": "vm-tokend", "version": self.version,
                 "api_url": described.get("api_url"),
@@ -238,14 +249,14 @@ class Dispatcher:
         }
 
     def fast_reply(self, body: bytes) -> bytes | None:
-        """The reply frame to a plain `get` (no profile, no host) for a token we hold, or
-        None.
+        """The reply frame to a plain `get` (no host) for a token we hold, or None.
 
         The common request, a script or library asking again and again for the same token,
         is answered without decoding, dispatching or encoding: a request body seen before
         maps to its VideoManager and min_ttl, a held token to its encoded reply. Half the
         daemon's cost per request went to those steps. Anything else — an unseen body, a
-        token that must be fetched, any field but v/op/vm/min_ttl — takes the full path.
+        token that must be fetched, any field but v/op/vm/min_ttl/profile — takes the full
+        path.
         """
         known = self._known_gets.get(body)
         if known is None:
@@ -255,12 +266,13 @@ class Dispatcher:
             if len(self._known_gets) >= FAST_CACHE:
                 self._known_gets.clear()  # many distinct requests: start over, stay small
             self._known_gets[body] = known
-        info = self.keeper.held(*known)
+        ref, min_ttl, profile = known
+        info = self.keeper.held(ref, min_ttl, profile)
         if info is None:
             return None
         frame = self._frames.get(info)
         if frame is None:
-            frame = self._frames[info] = protocol.encode_frame(self._got(info, None))
+            frame = self._frames[info] = protocol.encode_frame(self._got(info, profile))
         self.requests += 1
         return frame
 
@@ -279,7 +291,8 @@ class Dispatcher:
     async def _status(self, request: dict[str, Any]) -> dict[str, Any]:
         profile = self.profile(request)
         items = self.keeper.list(profile)
-        described = self._describe()
+        described = self._describe(profile)
+        apis = described.pop("profile_apis", {})
         return {
             "ok": True,
             **described,
@@ -289,12 +302,11 @@ class Dispatcher:
             "upstream_calls": dict(self.keeper.calls),
             "videomanagers": _page(items, 0, LIST_ROOM)[0],
             "videomanagers_total": len(items),
-            "profiles": self._profiles(described),
+            "profiles": self._profiles(apis),
         }
 
-    def _profiles(self, described: dict[str, Any]) -> list[dict[str, Any]]:
+    def _profiles(self, apis: dict[str, str]) -> list[dict[str, Any]]:
         """A line of each profile for `status`, `default` first."""
-        apis = described.get("profile_apis") or {}
         result = []
         for name in sorted(self.keeper.accounts, key=lambda n: (n != "default", n)):
             state = self.keeper.state(name)

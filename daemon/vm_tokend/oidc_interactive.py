@@ -197,7 +197,7 @@ class DeviceFlow:
         expires_in = number(data.get("expires_in")) or 600.0
         interval = number(data.get("interval")) or DEFAULT_INTERVAL
         return cls(
-            user_code=shorten(user_code, 64),
+            user_code=shorten("".join(ch for ch in user_code if ch.isprintable()), 64),
             verification_uri=check_url(uri, "the verification URI"),
             verification_uri_complete=check_url(complete, "the verification URI")
             if isinstance(complete, str) else None,

@@ -169,6 +169,11 @@ class Profile(BaseModel):
                 raise ValueError(f"{host!r} is not a host or host:port")
         return value
 
+    def api_host(self) -> str:
+        """The API's `host[:port]`, as git names it."""
+        parts = urlsplit(self.api_url)
+        return normalize_host(parts.netloc, parts.scheme)
+
     def git_hosts(self) -> frozenset[str]:
         """The hosts git may have tokens for: the API's own and `credential_hosts`."""
         parts = urlsplit(self.api_url)

@@ -137,7 +137,10 @@ class Runtimes:
         from_config = credentials is not None
         if credentials is None and not runtime.configured:
             credentials = account.credentials  # given by `vm-token login` (or none): kept
-        if method_changed or account.rejected or await _changed(account, credentials):
+        # A refused session is worth a new one only with credentials to try: an
+        # interactive session's login_required stays until a person logs in.
+        rejected = account.rejected and credentials is not None
+        if method_changed or rejected or await _changed(account, credentials):
             log.info("starting a new login session after the reload%s",
                      "" if name == "default" else f" (profile {quote(name)})")
             runtime.configured = from_config

@@ -254,6 +254,23 @@ def _profile_errors(name: str, exc: ValidationError) -> str:
     return f"profile {quote(name)}: " + "; ".join(problems)
 
 
+PASSWORD_FIELDS = ("password", "password_file", "password_command")
+
+
+def _inherited(top: dict[str, Any], table: dict[str, Any]) -> dict[str, Any]:
+    """What a profile takes from the top level: everything it leaves out — but never the
+    top level's password when it names its own user or password source (that password
+    would go to another account, maybe another API), nor its client secret when it names
+    its own client or issuer."""
+    inherited = dict(top)
+    if any(field in table for field in ("username", *PASSWORD_FIELDS)):
+        for field in PASSWORD_FIELDS:
+            inherited[field] = None
+    if any(field in table for field in ("oidc_client_id", "oidc_issuer", "api_url")):
+        inherited["oidc_client_secret"] = None
+    return inherited
+
+
 def resolve_profiles(settings: Settings) -> Profiles:
     """The profiles of `settings`: what a profile leaves out, it inherits from the top
     level; its password may come from `$CREDENTIALS_DIRECTORY/password.NAME`."""
@@ -279,14 +296,15 @@ def resolve_profiles(settings: Settings) -> Profiles:
             if value is not None and field not in table:
                 secrets[field] = value
         try:
-            valid[name] = Profile.model_validate({**top, **secrets, **table})
+            valid[name] = Profile.model_validate({**_inherited(top, table), **secrets,
+                                                  **table})
         except ValidationError as exc:
             errors[name] = _profile_errors(name, exc)
     seen: dict[tuple[str, str], str] = {}
     for name, profile in list(valid.items()):
-        if profile.username is None:
-            continue
-        key = (next(iter(profile.git_hosts())), profile.username.casefold())
+        if profile.username is None or profile.login_method == "browser":
+            continue  # a person logs in, as whoever they are
+        key = (profile.api_host(), profile.username.casefold())
         if key in seen:
             errors[name] = (f"profile {quote(name)} has the same API host and user as "
                             f"profile {quote(seen[key])}: one of them is enough")

@@ -159,3 +159,21 @@ async def test_reload_adds_changes_and_removes_profiles_and_leaves_the_rest_alon
         await wait_for(third_gone)
         assert (dict(legacy.counts), dict(oidc.counts)) == counts
     assert daemon.proc.poll() is None
+
+
+async def test_named_profile_still_answers_git_only_for_its_host_and_hello_is_per_profile(
+        two_apis, start_daemon, private_dir):
+    legacy, oidc = two_apis
+    write_config(private_dir, profile_table("customer", oidc)
+                 + 'login_method = "browser"\noidc_redirect_port = 47123\n')
+    daemon = start_daemon(legacy)
+    with trio.fail_after(20):
+        with pytest.raises(vm_token.UnknownHost):
+            await in_thread(request, daemon, protocol.GET, profile="default",
+                            host="github.com", protocol="https")
+        hello = await in_thread(request, daemon, protocol.HELLO, profile="customer")
+        assert hello["login_method"] == "browser" and hello["redirect_port"] == 47123
+        plain = await in_thread(request, daemon, protocol.HELLO)
+        assert plain["login_method"] == "password" and plain["redirect_port"] is None
+        status = await in_thread(request, daemon, protocol.STATUS, profile="customer")
+        assert status["api_url"] == oidc.url and "profile_apis" not in status

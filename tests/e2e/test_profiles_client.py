@@ -286,8 +286,6 @@ def test_git_username_chooses_between_two_profiles_on_one_host(make_standin, sta
     assert unknown.stderr.count("\n") == 1 and "(unknown_profile)" in unknown.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="daemon bug: a request naming a profile skips the "
-                   "git host check (dispatch.Dispatcher.profile)")
 def test_git_with_profile_still_answers_only_that_profiles_hosts(two):
     daemon, _, work = two
     result = subprocess.run([HELPER, "--profile", "work", "get"],

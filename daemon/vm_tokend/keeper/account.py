@@ -113,7 +113,9 @@ class Account:
     # -- life cycle -----------------------------------------------------------------------
 
     async def start(self, credentials: Credentials | None) -> None:
-        """Forget everything and, given credentials, log in with them in the background."""
+        """Forget everything and, given credentials, log in with them in the background.
+        An interactive login in progress ends too: a logout must not be followed by it."""
+        self.interactive.cancel()
         self.end()
         if credentials is None:
             return

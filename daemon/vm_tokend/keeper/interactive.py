@@ -150,6 +150,7 @@ class InteractiveLogins:
         with trio.move_on_at(flow.expires_at):
             await flow.ended.wait()
         if not flow.ended.is_set():
+            self.cancel(flow.id)  # its secrets go with it
             raise LoginFailed("the login took too long: start again")
         if flow.cancelled:
             raise LoginFailed("this login was cancelled by a newer one (or Ctrl-C)")

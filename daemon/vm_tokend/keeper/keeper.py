@@ -127,17 +127,6 @@ class Keeper:
             total.update(account.calls)
         return total
 
-    @property
-    def credentials(self) -> Credentials | None:
-        return self.account().credentials
-
-    @property
-    def rejected(self) -> bool:
-        return self.account().rejected
-
-    def logged_in_with(self, password: str) -> bool:
-        return self.account().logged_in_with(password)
-
     # -- requests ---------------------------------------------------------------------------
 
     async def wait_logged_in(self, profile: str | None = None) -> None:
@@ -149,9 +138,11 @@ class Keeper:
         """A token for VideoManager `ref` (id or name; None: default) valid > min_ttl s."""
         return await self.account(profile).get(ref, min_ttl)
 
-    def held(self, ref: str | None, min_ttl: float) -> TokenInfo | None:
-        """What get() would answer at once for the default profile, or None."""
-        account = self.accounts.get(self.default_profile)
+    def held(self, ref: str | None, min_ttl: float,
+             profile: str | None = None) -> TokenInfo | None:
+        """What get() would answer at once, or None (also for a profile that is not
+        configured: the full path says so)."""
+        account = self.accounts.get(profile if profile is not None else self.default_profile)
         return account.held(ref, min_ttl) if account is not None else None
 
     def invalidate(self, token: str, ref: str | None = None, *,
