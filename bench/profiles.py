@@ -15,7 +15,7 @@ from bench import roundtrip, startup
 from bench.harness import BIN, Running, daemon
 from vm_tokend.standin import StandIn
 
-ROUNDS = 5
+ROUNDS = 9
 # Same-run ratios of two identical measurements vary by a few per cent on these shared
 # machines: "no slower" means within this.
 NOISE = 0.10
