@@ -34,6 +34,28 @@ class Call:
     ended: float | None = None
 
 
+async def _record(backend: FakeBackend | FakeOidc, kind: str, vm: str | None) -> Call:
+    """Count and log a call at the virtual time it begins, take the backend's delay, and
+    raise its injected fault, if any."""
+    backend.calls[kind] += 1
+    call = Call(trio.current_time(), kind, vm)
+    backend.log.append(call)
+    backend.in_flight += 1
+    backend.max_in_flight = max(backend.max_in_flight, backend.in_flight)
+    try:
+        if backend.delay:
+            await trio.sleep(backend.delay)
+        if backend.fault is not None:
+            backend.fault(kind)
+        fault_for = getattr(backend, "fault_for", None)
+        if fault_for is not None:
+            fault_for(kind, vm)
+    finally:
+        backend.in_flight -= 1
+        call.ended = trio.current_time()
+    return call
+
+
 @dataclass
 class FakeBackend:
     lifetime: float = 300.0
@@ -86,22 +108,7 @@ class FakeBackend:
         )
 
     async def _enter(self, kind: str, vm: str | None) -> Call:
-        self.calls[kind] += 1
-        call = Call(trio.current_time(), kind, vm)
-        self.log.append(call)
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            if self.delay:
-                await trio.sleep(self.delay)
-            if self.fault is not None:
-                self.fault(kind)
-            if self.fault_for is not None:
-                self.fault_for(kind, vm)
-        finally:
-            self.in_flight -= 1
-            call.ended = trio.current_time()
-        return call
+        return await _record(self, kind, vm)
 
     async def login(self, username: str, password: str) -> Grant:
         call = await self._enter("login", None)
@@ -168,20 +175,7 @@ class FakeOidc:
         return token
 
     async def _enter(self, kind: str) -> Call:
-        self.calls[kind] += 1
-        call = Call(trio.current_time(), kind, None)
-        self.log.append(call)
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            if self.delay:
-                await trio.sleep(self.delay)
-            if self.fault is not None:
-                self.fault(kind)
-        finally:
-            self.in_flight -= 1
-            call.ended = trio.current_time()
-        return call
+        return await _record(self, kind, None)
 
     def _grant(self, call: Call, refresh_token: str | None) -> Grant:
         return Grant(access_token=self._new("access"), refresh_token=refresh_token,

@@ -3,7 +3,6 @@ over real HTTP, and noticing on reload that WebFinger now answers differently.""
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from typing import Any
 
@@ -24,14 +23,7 @@ from .quick_standin import (  # noqa: F401 (fixtures)
     standin_fixture,
     stopping_standins_fixture,
 )
-
-
-@pytest.fixture(autouse=True)
-def isolated(monkeypatch, tmp_path):
-    for name in list(os.environ):
-        if name.startswith("VM_TOKEN_") or name == "CREDENTIALS_DIRECTORY":
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+from .test_settings import isolated  # noqa: F401 (an autouse fixture: no VM_TOKEN_* leaks in)
 
 
 @pytest.fixture

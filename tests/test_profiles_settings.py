@@ -11,17 +11,7 @@ import pytest
 
 from vm_tokend.settings import ConfigError, load_config, load_settings
 
-from .test_settings import write_config
-
-
-@pytest.fixture(autouse=True)
-def isolated(monkeypatch, tmp_path):
-    for name in list(os.environ):
-        if name.startswith("VM_TOKEN_") or name == "CREDENTIALS_DIRECTORY":
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
-    return tmp_path
+from .test_settings import isolated, write_config  # noqa: F401 (isolated: autouse fixture)
 
 
 def test_a_single_profile_configuration_is_the_default_profile(tmp_path):

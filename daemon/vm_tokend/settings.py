@@ -20,7 +20,7 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,16 +242,25 @@ class Profiles:
     errors: dict[str, str]
 
 
-def _profile_errors(name: str, exc: ValidationError) -> str:
+def _problems(exc: ValidationError, origin: Callable[[str], str]) -> str:
+    """pydantic's errors in the user's words: each bad field, and `origin(field)`, where
+    its value came from (may be empty). Never the value: it may be a password."""
     problems = []
     for error in exc.errors():
         field = str(error["loc"][0]) if error["loc"] else ""
         message = error["msg"].removeprefix("Value error, ")
+        where = origin(field) if field else ""
         if error["type"] == "extra_forbidden":
-            problems.append(f"unknown setting {field!r}")
+            problems.append(f"unknown setting {field!r}" + (f" in {where}" if where else ""))
+        elif field:
+            problems.append(f"{field}" + (f" (from {where})" if where else "") + f": {message}")
         else:
-            problems.append(f"{field}: {message}" if field else message)
-    return f"profile {quote(name)}: " + "; ".join(problems)
+            problems.append(message)
+    return "; ".join(problems)
+
+
+def _profile_errors(name: str, exc: ValidationError) -> str:
+    return f"profile {quote(name)}: " + _problems(exc, lambda field: "")
 
 
 PASSWORD_FIELDS = ("password", "password_file", "password_command")
@@ -344,16 +353,7 @@ def _load(flags: Mapping[str, Any] | None = None) -> Settings:
     try:
         return Settings(**flags)
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            field = str(error["loc"][0]) if error["loc"] else ""
-            message = error["msg"].removeprefix("Value error, ")
-            if error["type"] == "extra_forbidden":
-                problems.append(f"unknown setting {field!r} in {_origin(field, flags)}")
-            elif field:
-                problems.append(f"{field} (from {_origin(field, flags)}): {message}")
-            else:
-                problems.append(message)
-        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+        problems = _problems(exc, lambda field: _origin(field, flags))
+        raise ConfigError("invalid configuration: " + problems) from None
     finally:
         _config_flag.reset(token)
