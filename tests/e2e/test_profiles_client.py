@@ -324,18 +324,18 @@ def test_one_httpx_client_sends_each_host_its_own_token(two, monkeypatch):
         assert work.counts["refresh"] == refreshes + 1
         assert client.get(f"{home.url}/1001/videos").status_code == 200
 
+    # No more revocations here: fresh tokens reported again and again within seconds are
+    # what makes the daemon back off (issue 9), and that is not what this test is about.
     async def both() -> list[int]:
         codes = []
         async with httpx.AsyncClient(auth=vm_token.VideoManagerAuth(socket=daemon.socket)) \
                 as client:
             for url in (f"{home.url}/1003/videos", f"{work.url}/2002/videos"):
                 codes.append((await client.get(url)).status_code)
-            work.revoke_access_tokens()
-            codes.append((await client.get(f"{work.url}/2001/videos")).status_code)
         return codes
 
-    assert trio.run(both) == [200, 200, 200]
-    assert asyncio.run(both()) == [200, 200, 200]
+    assert trio.run(both) == [200, 200]
+    assert asyncio.run(both()) == [200, 200]
     # profile= fixes one, whatever the host (last: the 401s it earns make work back off).
     fixed = vm_token.VideoManagerAuth(socket=daemon.socket, profile="work")
     with httpx.Client(auth=fixed, event_hooks={"request": [_hook(seen)]}) as client:
