@@ -182,10 +182,10 @@ class Dispatcher:
         if value is not None:
             if not isinstance(value, str) or not value or len(value) > MAX_PROFILE:
                 raise BadRequest("'profile' must be a profile name")
-            account = self.keeper.account(value)  # UnknownProfile
+            self.keeper.account(value)  # UnknownProfile
             if request.get("host") is not None:
                 # Named, and for git: the host must still be that profile's own.
-                self._git_profile(request, only=account.hosts)
+                return self._git_profile(request, named=value)
             return value
         if request.get("host") is not None:
             return self._git_profile(request)
@@ -196,10 +196,9 @@ class Dispatcher:
             return self.keeper.profile_for_host(prefer, "https")
         return None
 
-    def _git_profile(self, request: dict[str, Any],
-                     only: frozenset[str] | None = None) -> str:
-        """For git: the profile of `host`; refuse a host that is no profile's API host
-        (not `only`'s, when given), or plain http to a remote one."""
+    def _git_profile(self, request: dict[str, Any], named: str | None = None) -> str:
+        """For git: the profile of `host` (it must be `named`'s, when given); refuse a host
+        that is no such profile's API host, or plain http to a remote one."""
         host, scheme, user = request.get("host"), request.get("protocol", "https"), \
             request.get("user")
         if not isinstance(host, str) or not isinstance(scheme, str) \
@@ -207,12 +206,14 @@ class Dispatcher:
             raise BadRequest("'host', 'protocol' and 'user' must be strings")
         scheme = scheme.lower()
         name = normalize_host(host, scheme)
-        profile = self.keeper.profile_for_host(host, scheme, user)
-        if only is not None:
-            profile = "" if name in only else None
+        if named is not None:
+            hosts = self.keeper.accounts[named].hosts
+            profile = named if name in hosts else None
+        else:
+            hosts = frozenset(h for a in self.keeper.accounts.values() for h in a.hosts)
+            profile = self.keeper.profile_for_host(host, scheme, user)
         if profile is None:
-            allowed = sorted(only if only is not None else
-                             {h for a in self.keeper.accounts.values() for h in a.hosts})
+            allowed = sorted(hosts)
             raise UnknownHost(f"{quote(name)} is not the API's host; vm-tokend gives tokens "
                               "only for " + (", ".join(allowed) or "no host"))
         if scheme != "https" and not (scheme == "http" and host_is_loopback(name)):

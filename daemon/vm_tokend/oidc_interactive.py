@@ -24,7 +24,7 @@ from urllib.parse import urlencode
 
 import trio
 
-from .oidc import OidcApi, check_url, oauth_error
+from .oidc import CLIENT_ERRORS, OidcApi, check_url, oauth_error
 from .text import quote, shorten
 from .upstream import (
     ClientRejected,
@@ -48,8 +48,8 @@ SLOW_DOWN: Final = 5.0
 MAX_INTERVAL: Final = 60.0
 # How far our clock may be ahead of the provider's when we look at the ID token's exp.
 ID_TOKEN_SKEW: Final = 60.0
-CLIENT_ERRORS: Final = frozenset({"invalid_client", "unauthorized_client",
-                                  "unsupported_grant_type", "invalid_scope"})
+# The token endpoint's refusals of our client's settings (oidc.py), and of its scope.
+REFUSED_CLIENT: Final = CLIENT_ERRORS | {"invalid_scope"}
 
 
 class LoginFailed(UpstreamError):
@@ -64,7 +64,7 @@ def _refusal(api: OidcApi, response: Any, secrets_: tuple[str, ...], what: str) 
     """The exception for a refused exchange of `what` (a code, a device code)."""
     error, text = oauth_error(response, secrets_)
     said = f"{error} ({text})" if text else (error or "")
-    if error in CLIENT_ERRORS:
+    if error in REFUSED_CLIENT:
         return ClientRejected(f"the identity provider refused the client "
                               f"{quote(api.client_id)} (oidc_client_id): {said}")
     if error is not None and response.status_code < 500:
