@@ -9,7 +9,8 @@ The rules, from git-credential(1) "INPUT/OUTPUT FORMAT":
   hosts, user names and paths are UTF-8 (or percent-encoded) anyway;
 * keys ending in `[]` are lists: each line appends, an empty value clears the list;
   other keys keep their last value;
-* `url=` stands for its parts (protocol, username, host, path);
+* `url=` stands for its parts (protocol, username, host, path), and replaces them: its
+  authority ends at the first `/`, `?` or `#` (RFC 3986 §3.2, as git cuts it);
 * keys we do not know are ignored.
 
 Pure functions, no I/O: `parse` is fuzzed by the tests.
@@ -48,18 +49,31 @@ class Credential:
         return f"Credential(keys={sorted([*self.values, *self.lists])})"
 
 
+# Where an authority ends (RFC 3986 §3.2; git's credential_from_url cuts it the same way):
+# an `@` after any of them belongs to the path, query or fragment, never to a userinfo.
+_AUTHORITY_ENDS = "/?#"
+# What `url=` stands for: git clears these before it sets them from the URL.
+_URL_KEYS = ("protocol", "host", "username", "password", "path")
+
+
 def _split_url(credential: Credential, url: str) -> None:
     """Set protocol, username, host and path from a URL, as git does for `url=`."""
     scheme, sep, rest = url.partition("://")
     if not sep or not scheme:
         raise CredentialInputError("url= needs a scheme, like https://host/path")
-    credential.values["protocol"] = scheme.lower()
-    authority, _, path = rest.partition("/")
+    end = min((i for i in map(rest.find, _AUTHORITY_ENDS) if i >= 0), default=len(rest))
+    authority, path = rest[:end], rest[end:].strip("/")
+    # A userinfo has no `@` of its own (it would be %40); of several, the last one ends it,
+    # as urlsplit and urllib3 have it: the host is then the one they would connect to.
     userinfo, at, host = authority.rpartition("@")
+    if not host:
+        raise CredentialInputError("url= needs a host, like https://host/path")
+    for key in _URL_KEYS:
+        credential.values.pop(key, None)
+    credential.values["protocol"] = scheme.lower()
+    credential.values["host"] = host
     if at:
         credential.values["username"] = userinfo.partition(":")[0]
-    if host:
-        credential.values["host"] = host
     if path:
         credential.values["path"] = path
 
