@@ -185,7 +185,10 @@ class _Lease:
     def __init__(self, stream: _Stream, *, reused: bool) -> None:
         self.stream = stream
         self.reused = reused
-        self.healthy = False  # set once a reply came back: the stream can be reused
+        # Set once the whole reply came back: only then can the stream be reused. After an
+        # error or a cancellation its reply may still arrive, and would answer the next
+        # request (the protocol has no request ids): such a stream is closed.
+        self.healthy = False
 
 
 # -- the client -----------------------------------------------------------------------------

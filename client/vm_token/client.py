@@ -204,25 +204,30 @@ class Client:
         return _wire.check(reply)
 
     def _exchange(self, frame: bytes, deadline: float) -> dict[str, Any]:
-        if self._connection is not None:
-            try:
-                return self._connection.exchange(frame, deadline)
-            except _wire.DISCONNECTED:
-                # The daemon closes connections that sat idle for long, and a restarted
-                # daemon has none of the old ones: reconnect once. Every request is safe to
-                # repeat (a stale `invalidate` changes nothing).
-                self._drop()
-            except _wire.FAILURES as exc:
-                self._drop()
-                raise _wire.translate(exc, self.timeout) from exc
-        # Checks the daemon's uid (and /tmp directory) before anything is sent.
-        # msgpack's defaults are the protocol's (str keys and values, no bin as str).
-        self._connection = _wire.Connection(self.socket_path, deadline, msgpack.unpackb)
         try:
+            if self._connection is not None:
+                try:
+                    return self._connection.exchange(frame, deadline)
+                except _wire.DISCONNECTED:
+                    # The daemon closes connections that sat idle for long, and a restarted
+                    # daemon has none of the old ones: reconnect once. Every request is safe
+                    # to repeat (a stale `invalidate` changes nothing).
+                    self._drop()
+            # Checks the daemon's uid (and /tmp directory) before anything is sent.
+            # msgpack's defaults are the protocol's (str keys and values, no bin as str).
+            self._connection = _wire.Connection(self.socket_path, deadline, msgpack.unpackb)
             return self._connection.exchange(frame, deadline)
         except _wire.FAILURES as exc:
             self._drop()
             raise _wire.translate(exc, self.timeout) from exc
+        except BaseException:
+            # Interrupted between sending the request and reading all of its reply (Ctrl-C,
+            # a signal handler that raises, a timeout wrapper): the reply may still arrive,
+            # and the protocol has no request ids, so the next request on this connection
+            # would be answered with it — another VideoManager's token. Only a new
+            # connection is safe.
+            self._drop()
+            raise
 
     def _drop(self) -> None:
         if self._connection is not None:
