@@ -383,7 +383,7 @@ def content_type(response: httpx.Response, secrets: tuple[str, ...] = ()) -> str
         return "no content type"
     media = str(value).split(";")[0].strip().lower()
     if (len(media) <= 50 and _MEDIA_TYPE.fullmatch(media)
-            and not any(s and s.lower() in media for s in secrets)):
+            and not any(form.lower() in media for s in secrets for form in echo_forms(s))):
         return media
     return "an unexpected content type"
 
@@ -391,14 +391,60 @@ def content_type(response: httpx.Response, secrets: tuple[str, ...] = ()) -> str
 _MEDIA_TYPE: Final = re.compile(r"[a-z0-9][a-z0-9.+-]*/[a-z0-9][a-z0-9.+-]*")
 
 
+REDACTED: Final = "[redacted]"
+# How much of an upstream's text scrub() reads: far more than a message shows, so that
+# redactions, which may shorten it, leave enough; bounded, so that a 4 MiB error body
+# echoing a one-letter secret all over costs little. A guess.
+SCRUB_WINDOW: Final = 64 * 1024
+# A JSON string's escapes, read left to right (so `\\u0041` is a backslash, then text).
+_JSON_ESCAPE: Final = re.compile(r"\\u([0-9a-f]{4})|\\.")
+
+
+def _printable(text: str) -> str:
+    return "".join(ch if ch.isprintable() else " " for ch in text)
+
+
+def echo_forms(secret: str) -> set[str]:
+    """The ways an upstream may write `secret` back to us: as sent; URL- or form-encoded;
+    inside a JSON string, with non-ASCII escaped or not, its \\u escapes in lower-case hex
+    (Python, JavaScript) or upper-case (Java's Jackson, as Keycloak writes them). Made
+    printable, as scrub() looks for them in printable text."""
+    if not secret:
+        return set()
+    forms = {secret, urlquote(secret, safe=""), quote_plus(secret)}
+    for ascii_only in (True, False):
+        escaped = json.dumps(secret, ensure_ascii=ascii_only)[1:-1]
+        forms.add(escaped)
+        forms.add(_JSON_ESCAPE.sub(lambda m: "\\u" + m[1].upper() if m[1] else m[0],
+                                   escaped))
+    return {_printable(form) for form in forms}
+
+
 def scrub(text: str, secrets: tuple[str, ...]) -> str:
-    """`text` without any of `secrets` — as sent, and as a form or a URL encodes them —
-    printable and bounded."""
-    for secret in secrets:
-        if secret:
-            for form in {secret, urlquote(secret, safe=""), quote_plus(secret)}:
-                text = text.replace(form, "[redacted]")
-    text = "".join(ch if ch.isprintable() else " " for ch in text).strip()
+    """`text` without any of `secrets` in any of their echo_forms(), printable and bounded.
+
+    Occurrences are looked for in the text as it came, never in text a replacement made,
+    and overlapping ones make one mark: no piece left between the marks holds a whole
+    form of a secret, whatever characters the secret and the marks share."""
+    forms = {form for secret in secrets for form in echo_forms(secret)}
+    cut = len(text) > SCRUB_WINDOW
+    text = _printable(text[:SCRUB_WINDOW])
+    # A form the window cut off could still show its beginning: show nothing from where
+    # the first one could start.
+    shown = len(text) - (max(map(len, forms), default=1) - 1 if cut else 0)
+    spans = []
+    for form in forms:
+        start = text.find(form)
+        while start >= 0:
+            spans.append((start, start + len(form)))
+            start = text.find(form, start + len(form))
+    pieces, done = [], 0
+    for start, end in sorted(spans):
+        if start >= done:
+            pieces += [text[done:min(start, shown)], REDACTED]
+        done = max(done, end)
+    pieces.append(text[done:shown] + ("…" if cut else ""))
+    text = "".join(pieces).strip()
     return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 1] + "…"
 
 
