@@ -45,8 +45,8 @@ idle_timeout = 30
     assert customer.password is None and customer.credentials() is None
     assert customer.default_videomanager == "Marketing" and customer.idle_timeout == 120
     assert test.username == "me@example.com" and test.idle_timeout == 30
-    assert test.password is not None
-    assert test.password.get_secret_value() == "top-secret"  # the same user: inherited
+    # The same user at another API: the top level's password is not sent there.
+    assert test.password is None and test.credentials() is None
     assert profiles.valid["default"].api_url == "https://api.video-cdn.net/v1/vms"
     assert customer.git_hosts() == frozenset({"api.customer.example"})
 
@@ -152,8 +152,7 @@ def test_the_daemon_refuses_a_bad_profile_at_start(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_a_profile_with_its_own_user_or_password_source_inherits_no_password(tmp_path,
-                                                                            monkeypatch):
+def test_no_profile_inherits_a_password_source(tmp_path, monkeypatch):
     creds = tmp_path / "creds"
     creds.mkdir()
     (creds / "password").write_text("DEFAULT-SECRET\n")
@@ -176,4 +175,7 @@ api_url = "https://api.custom.example/v1/vms"
     work, cmd = profiles.valid["work"], profiles.valid["cmd"]
     assert work.password is None and work.password_file == secret_file
     assert cmd.password is None and cmd.password_command == "echo carolpw"
-    assert profiles.valid["custom-domain"].password is not None  # alice again: inherited
+    # alice at another API: not the top level's password (a systemd credential)
+    custom = profiles.valid["custom-domain"]
+    assert custom.username == "alice" and custom.credentials() is None
+    assert (custom.password, custom.password_file, custom.password_command) == (None,) * 3

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -34,6 +35,7 @@ __all__ = [
 ]
 
 DEFAULT_API_URL = "https://api.video-cdn.net/v1/vms"
+ENV_PREFIX = "VM_TOKEN_"
 # `pass`, gpg and the like may wait for a pinentry; a minute is generous, and bounded.
 PASSWORD_COMMAND_TIMEOUT = 60.0
 
@@ -278,6 +280,7 @@ async def _run_password_command(command: str) -> str:
                 capture_stdout=True,
                 capture_stderr=True,
                 check=False,
+                env=command_environment(),
             )
     except trio.TooSlowError:
         raise PasswordUnavailable(
@@ -295,3 +298,11 @@ async def _run_password_command(command: str) -> str:
     return text.splitlines()[0] if text else ""
 
 
+def command_environment() -> dict[str, str]:
+    """The environment a password command runs in: the daemon's, without any of our own
+    settings — VM_TOKEN_* variables may hold passwords and client secrets (of any profile;
+    the name in any case, as we read them) — and without CREDENTIALS_DIRECTORY, which
+    holds every profile's password. A command's own profile never takes its password from
+    there: a password there wins over the command, which then never runs."""
+    return {name: value for name, value in os.environ.items()
+            if not name.upper().startswith(ENV_PREFIX) and name != "CREDENTIALS_DIRECTORY"}

@@ -38,6 +38,7 @@ from vm_token import protocol
 
 from .profile import (
     DEFAULT_API_URL,
+    ENV_PREFIX,
     PROFILE_FIELDS,
     Credentials,
     PasswordUnavailable,
@@ -64,7 +65,6 @@ __all__ = [
     "resolve_profiles",
 ]
 
-ENV_PREFIX = "VM_TOKEN_"
 DEFAULT_PROFILE = "default"
 PROFILE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 
@@ -266,15 +266,17 @@ def _profile_errors(name: str, exc: ValidationError) -> str:
 PASSWORD_FIELDS = ("password", "password_file", "password_command")
 
 
-def _inherited(top: dict[str, Any], table: dict[str, Any]) -> dict[str, Any]:
-    """What a profile takes from the top level: everything it leaves out — but never the
-    top level's password when it names its own user or password source (that password
-    would go to another account, maybe another API), nor its client secret when it names
-    its own client or issuer."""
-    inherited = dict(top)
-    if any(field in table for field in ("username", *PASSWORD_FIELDS)):
-        for field in PASSWORD_FIELDS:
-            inherited[field] = None
+def _inherited(top: Profile, table: dict[str, Any]) -> dict[str, Any]:
+    """What a profile takes from the top level: everything it leaves out but the password
+    sources, which belong to the top level's user at the top level's server. A profile
+    naming another user has another password; one with another API, issuer or `auth`
+    would send it to another server; one with neither is the top level over again (an
+    error: the same API host and user). The username it does take: it is no secret, and
+    often the same on a customer's domain. Nor does it take the client secret when it
+    names its own client, issuer or API."""
+    inherited = {name: getattr(top, name) for name in PROFILE_FIELDS}
+    for field in PASSWORD_FIELDS:
+        inherited[field] = None
     if any(field in table for field in ("oidc_client_id", "oidc_issuer", "api_url")):
         inherited["oidc_client_secret"] = None
     return inherited
@@ -283,8 +285,8 @@ def _inherited(top: dict[str, Any], table: dict[str, Any]) -> dict[str, Any]:
 def resolve_profiles(settings: Settings) -> Profiles:
     """The profiles of `settings`: what a profile leaves out, it inherits from the top
     level; its password may come from `$CREDENTIALS_DIRECTORY/password.NAME`."""
-    top = {name: getattr(settings, name) for name in PROFILE_FIELDS}
-    valid = {DEFAULT_PROFILE: settings.profile()}
+    top = settings.profile()
+    valid = {DEFAULT_PROFILE: top}
     errors: dict[str, str] = {}
     directory = os.environ.get("CREDENTIALS_DIRECTORY")
     for name, table in sorted(settings.profiles.items()):
