@@ -114,9 +114,12 @@ def test_host_of_names_hosts_as_git_does(scheme, host, port, expected):
 
 def test_the_auth_picks_by_host_unless_given_a_profile():
     auth = vm_token.VideoManagerAuth()
-    assert auth._which("api.example:8443") == {"prefer_host": "api.example:8443"}
+    # git's fields: the daemon picks the profile by host, or refuses the host (issue 15).
+    assert auth._which("https", "api.example:8443") == {"host": "api.example:8443",
+                                                        "protocol": "https"}
     fixed = vm_token.RequestsAuth(profile="work")
-    assert fixed._which("api.example") == {"profile": "work"}
+    assert fixed._which("https", "api.example") == {"host": "api.example",
+                                                    "protocol": "https", "profile": "work"}
 
 
 def test_git_fields(monkeypatch):

@@ -2,12 +2,17 @@
 
     client = httpx.Client(auth=vm_token.VideoManagerAuth("Marketing"))
 
+Where a token goes: by git's helper's rule, which the daemon applies — only to a profile's
+API host or one of its `credential_hosts`, and only over https (plain http to loopback
+only). Any other request (an upload to the host the API names, anything else the client
+is used for) goes out exactly as the caller made it: no Authorization is added, one the
+caller set stays, and its 401 is returned as it is and reported to nobody.
+
 Which VideoManager: the one named, else the id in the request's path
 (`/v1/vms/{id}/...`), else the daemon's default — so one client can talk to several.
-Which profile (account) of the daemon: the one named (`profile=`), else the one whose API
-host is the request's host (the daemon picks it from `prefer_host`; no match: its default
-profile) — so one client can talk to several APIs. `$VM_TOKEN_PROFILE` is not consulted:
-the request's host says which.
+Which profile (account) of the daemon: the one named (`profile=`; then only its hosts get
+a token), else the one whose host is the request's — so one client can talk to several
+APIs. `$VM_TOKEN_PROFILE` is not consulted: the request's host says which.
 
 This module imports httpx; `import vm_token` does not import it (VideoManagerAuth is
 loaded on first use), and requests is imported only by RequestsAuth.
@@ -15,7 +20,7 @@ loaded on first use), and requests is imported only by RequestsAuth.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Generator
+from collections.abc import AsyncGenerator, Generator, Mapping
 from os import PathLike
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +30,7 @@ from . import protocol
 from .aio import AsyncClient
 from .client import Client, get_fields, invalidate_fields
 from .credential import videomanager_from_path
-from .errors import BadRequest
+from .errors import BadRequest, UnknownHost
 from .token import Token
 
 if TYPE_CHECKING:
@@ -73,34 +78,52 @@ class _TokenSource:
         """The one given, else the id in a `/v1/vms/{id}/...` path, else None (default)."""
         return self.videomanager or videomanager_from_path(path)
 
-    def _which(self, host: str) -> dict[str, Any]:
-        """The field that picks the profile: the one given, else the request's host."""
-        return {"profile": self.profile} if self.profile else {"prefer_host": host}
+    def _which(self, scheme: str, host: str) -> dict[str, Any]:
+        """The fields that choose the profile and let the daemon refuse a host: git's own
+        (`host`, `protocol`), and the profile if one was named."""
+        fields: dict[str, Any] = {"host": host, "protocol": scheme}
+        if self.profile:
+            fields["profile"] = self.profile
+        return fields
 
-    def token(self, vm: str | None, host: str) -> Token:
+    def token(self, vm: str | None, scheme: str, host: str) -> Token | None:
+        """A token for a request to `scheme://host`, None if none may go there."""
         # profile="": the daemon's choice by host, never $VM_TOKEN_PROFILE.
         with Client(self.socket, profile="") as client:
-            return _get(client, vm, self.min_ttl, self._which(host))
+            try:
+                return _get(client, vm, self.min_ttl, self._which(scheme, host))
+            except UnknownHost:
+                return None
 
-    def replace(self, rejected: Token, vm: str | None, host: str) -> Token:
-        """Report a token the API rejected; a new one."""
-        which = self._which(host)
+    def replace(self, rejected: Token, vm: str | None, scheme: str, host: str) -> Token | None:
+        """Report a token the API rejected; a new one (None if the host is no longer ours)."""
+        which = self._which(scheme, host)
         with Client(self.socket, profile="") as client:
-            client.request(protocol.INVALIDATE,
-                           **invalidate_fields(rejected, rejected.videomanager_id), **which)
-            return _get(client, vm, self.min_ttl, which)
+            try:
+                client.request(protocol.INVALIDATE,
+                               **invalidate_fields(rejected, rejected.videomanager_id), **which)
+                return _get(client, vm, self.min_ttl, which)
+            except UnknownHost:
+                return None
 
-    async def atoken(self, vm: str | None, host: str) -> Token:
+    async def atoken(self, vm: str | None, scheme: str, host: str) -> Token | None:
         async with AsyncClient(self.socket, max_connections=1, profile="") as client:
-            return await _aget(client, vm, self.min_ttl, self._which(host))
+            try:
+                return await _aget(client, vm, self.min_ttl, self._which(scheme, host))
+            except UnknownHost:
+                return None
 
-    async def areplace(self, rejected: Token, vm: str | None, host: str) -> Token:
-        which = self._which(host)
+    async def areplace(self, rejected: Token, vm: str | None, scheme: str,
+                       host: str) -> Token | None:
+        which = self._which(scheme, host)
         async with AsyncClient(self.socket, max_connections=1, profile="") as client:
-            await client.request(protocol.INVALIDATE,
-                                 **invalidate_fields(rejected, rejected.videomanager_id),
-                                 **which)
-            return await _aget(client, vm, self.min_ttl, which)
+            try:
+                await client.request(protocol.INVALIDATE,
+                                     **invalidate_fields(rejected, rejected.videomanager_id),
+                                     **which)
+                return await _aget(client, vm, self.min_ttl, which)
+            except UnknownHost:
+                return None
 
 
 def _get(client: Client, vm: str | None, min_ttl: float, which: dict[str, Any]) -> Token:
@@ -127,14 +150,22 @@ async def _aget(client: AsyncClient, vm: str | None, min_ttl: float,
                                                      **which))
 
 
-def _httpx_host(request: httpx.Request) -> str:
+def _httpx_origin(request: httpx.Request) -> tuple[str, str]:
+    """(scheme, host[:port]) of the request, the host as it is looked up (IDNA-encoded)."""
     url = request.url
-    return host_of(url.scheme, url.host, url.port)
+    return url.scheme, host_of(url.scheme, url.raw_host.decode("ascii"), url.port)
 
 
 def _replayable(request: httpx.Request) -> bool:
     # A body already in memory can be sent again; a streamed upload cannot.
     return isinstance(request.stream, httpx.ByteStream)
+
+
+def _carried(headers: Mapping[str, str], token: Token) -> bool:
+    """Whether a request with these headers carried `token`. A response is the last of the
+    redirects followed; after one to another host (httpx and requests drop the header
+    there) its 401 is that host's, and says nothing about the token."""
+    return headers.get("Authorization") == token.authorization
 
 
 class VideoManagerAuth(_TokenSource, httpx.Auth):
@@ -143,33 +174,46 @@ class VideoManagerAuth(_TokenSource, httpx.Auth):
         VideoManagerAuth(videomanager=None, *, min_ttl=30, socket=None, profile=None)
 
     Works with httpx.Client and httpx.AsyncClient, under trio and asyncio; the async flow
-    never blocks the event loop. On a 401 it reports the token to the daemon, gets a new
-    one and sends the request once more (bodies that were streamed cannot be re-sent: then
-    the 401 is returned).
+    never blocks the event loop. A token goes only to a profile's hosts, over https (see
+    the module's docstring); other requests go out untouched. On a 401 to a request that
+    carried a token it reports the token to the daemon, gets a new one and sends the
+    request once more (bodies that were streamed cannot be re-sent: then the 401 is
+    returned).
     """
 
     def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response]:
         vm = self.videomanager_for(request.url.path)
-        host = _httpx_host(request)
-        token = self.token(vm, host)
+        scheme, host = _httpx_origin(request)
+        token = self.token(vm, scheme, host)
+        if token is None:
+            yield request  # not ours to authorize: as the caller made it
+            return
         request.headers["Authorization"] = token.authorization
         response = yield request
-        if response.status_code == 401 and _replayable(request):
-            request.headers["Authorization"] = self.replace(token, vm, host).authorization
-            yield request
+        if (response.status_code == 401 and _replayable(request)
+                and _carried(response.request.headers, token)):
+            fresh = self.replace(token, vm, scheme, host)
+            if fresh is not None:
+                request.headers["Authorization"] = fresh.authorization
+                yield request
 
     async def async_auth_flow(
         self, request: httpx.Request
     ) -> AsyncGenerator[httpx.Request, httpx.Response]:
         vm = self.videomanager_for(request.url.path)
-        host = _httpx_host(request)
-        token = await self.atoken(vm, host)
+        scheme, host = _httpx_origin(request)
+        token = await self.atoken(vm, scheme, host)
+        if token is None:
+            yield request
+            return
         request.headers["Authorization"] = token.authorization
         response = yield request
-        if response.status_code == 401 and _replayable(request):
-            request.headers["Authorization"] = (
-                await self.areplace(token, vm, host)).authorization
-            yield request
+        if (response.status_code == 401 and _replayable(request)
+                and _carried(response.request.headers, token)):
+            fresh = await self.areplace(token, vm, scheme, host)
+            if fresh is not None:
+                request.headers["Authorization"] = fresh.authorization
+                yield request
 
 
 class RequestsAuth(_TokenSource):
@@ -183,23 +227,31 @@ class RequestsAuth(_TokenSource):
 
         url = urlsplit(request.url or "")
         vm = self.videomanager_for(url.path)
-        host = host_of(url.scheme, url.hostname or "", url.port)
-        token = self.token(vm, host)
+        scheme = url.scheme.lower()
+        host = host_of(scheme, url.hostname or "", url.port)
+        token = self.token(vm, scheme, host)
+        if token is None:
+            return request  # not ours to authorize: as the caller made it
         request.headers["Authorization"] = token.authorization
-        state = {"token": token, "vm": vm, "host": host, "retried": False}
+        state = {"token": token, "vm": vm, "scheme": scheme, "host": host, "retried": False}
         request.register_hook(  # type: ignore[no-untyped-call]
             "response", lambda r, **kw: self._on_response(r, state, **kw))
         return request
 
     def _on_response(self, response: requests.Response, state: dict[str, Any],
                      **kwargs: Any) -> requests.Response:
-        if response.status_code != 401 or state["retried"]:
+        # requests copies this hook into the requests of redirects it follows, to any host:
+        # only a 401 to a request that carried the token is about the token.
+        if (response.status_code != 401 or state["retried"]
+                or not _carried(response.request.headers, state["token"])):
             return response
         body = response.request.body
         if body is not None and not isinstance(body, bytes | str):
             return response  # a streamed upload cannot be sent again
         state["retried"] = True
-        token = self.replace(state["token"], state["vm"], state["host"])
+        token = self.replace(state["token"], state["vm"], state["scheme"], state["host"])
+        if token is None:
+            return response
         response.content  # noqa: B018 - read it, so the connection can be reused
         response.close()
         retry = response.request.copy()

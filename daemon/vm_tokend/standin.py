@@ -168,6 +168,9 @@ class StandIn:
         self._fault: Fault | None = None
         self.rewrite: Rewrite | None = None
         self.faults: FaultPicker | None = None
+        # Where `POST /{vm}/videos` sends the upload, as the real API does with a Location on
+        # asset-in.video-cdn.net carrying a token of its own; None: no Location.
+        self.upload_origin: str | None = None
         self._lock = threading.Lock()
         self._server = _Server((host, port), _Handler)
         self._server.standin = self
@@ -477,7 +480,12 @@ class StandIn:
                 self.counts["api_rejected"] += 1
             return _json(403, {"message": "Token not valid for this VideoManager"})
         if create:
-            return _json(201, {"id": secrets.token_hex(4)})
+            video = secrets.token_hex(4)
+            status, response_headers, body = _json(201, {"id": video})
+            if self.upload_origin is not None:
+                response_headers["Location"] = (f"{self.upload_origin}/upload/{video}"
+                                                f"?token={secrets.token_urlsafe(16)}")
+            return status, response_headers, body
         return _json(200, {"items": [{"id": f"v{n}", "title": f"Video {n}"} for n in range(3)]})
 
 
