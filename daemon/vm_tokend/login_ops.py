@@ -28,6 +28,7 @@ MAX_REDIRECT_URI: Final = 200
 MAX_CODE: Final = 4096  # authorization codes are opaque; Keycloak's are a few hundred bytes
 MAX_STATE: Final = 512
 MAX_FLOW_ID: Final = 64
+MAX_ISSUER: Final = 2048  # the longest URL the daemon takes from a provider (oidc.check_url)
 
 
 def _text(request: dict[str, Any], name: str, limit: int) -> str:
@@ -59,6 +60,10 @@ def login_ops(keeper: Keeper, profile: Callable[[dict[str, Any]], str | None]
     def logins(request: dict[str, Any]) -> InteractiveLogins:
         return keeper.account(profile(request)).interactive
 
+    def user(request: dict[str, Any]) -> str | None:
+        """The profile's username: a login as anybody else is refused."""
+        return keeper.account(profile(request)).user_hint
+
     async def done(request: dict[str, Any], username: str) -> dict[str, Any]:
         return {"ok": True, "username": username,
                 "videomanagers": len(keeper.list(profile(request)))}
@@ -82,8 +87,11 @@ def login_ops(keeper: Keeper, profile: Callable[[dict[str, Any]], str | None]
 
     async def finish(request: dict[str, Any]) -> dict[str, Any]:
         flow = _text(request, "flow", MAX_FLOW_ID)
-        username = await logins(request).finish_code(flow, _text(request, "code", MAX_CODE),
-                                                     _text(request, "state", MAX_STATE))
+        # RFC 9207: the redirect's `iss`, if it had one (nil or absent: it had none).
+        iss = _text(request, "iss", MAX_ISSUER) if request.get("iss") is not None else None
+        username = await logins(request).finish_code(
+            flow, _text(request, "code", MAX_CODE), _text(request, "state", MAX_STATE), iss,
+            user=user(request))
         return await done(request, username)
 
     async def wait(request: dict[str, Any]) -> dict[str, Any]:
@@ -91,7 +99,7 @@ def login_ops(keeper: Keeper, profile: Callable[[dict[str, Any]], str | None]
         if request.get("method") == "code":  # a browser login: until it ends
             await logins(request).watch(flow)
             return {"ok": True, "ended": True}
-        return await done(request, await logins(request).wait_device(flow))
+        return await done(request, await logins(request).wait_device(flow, user=user(request)))
 
     async def cancel(request: dict[str, Any]) -> dict[str, Any]:
         flow = request.get("flow")

@@ -193,6 +193,8 @@ class Provider:
     userinfo_endpoint: str | None
     code_challenge_methods: tuple[str, ...] | None  # None: the document does not say
     expires_at: float  # trio clock
+    # RFC 9207: the provider names itself (iss) in every authorization response.
+    iss_parameter_supported: bool = False
 
 
 def _same_issuer(a: str, b: str) -> bool:
@@ -283,6 +285,8 @@ class OidcApi:
             code_challenge_methods=tuple(m for m in methods if isinstance(m, str))
             if isinstance(methods, list) else None,
             expires_at=sent + max(MIN_DISCOVERY_CACHE, cache_seconds(response)),
+            iss_parameter_supported=data.get("authorization_response_iss_parameter_supported")
+            is True,
         )
         return provider
 

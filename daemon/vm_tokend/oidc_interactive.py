@@ -8,7 +8,10 @@
                   on another device while the daemon polls the token endpoint.
 
 Everything secret — the verifier, the device code, the code — stays in the daemon's memory
-and out of every repr and message.
+and out of every repr and message. An authorization response is taken only with this
+login's `state` and, when it names one (RFC 9207), our issuer's `iss`; an ID token only with
+our issuer, our client (`aud`, and `azp` when it is there or `aud` has several entries),
+this login's nonce.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from .upstream import (
     valid_token,
 )
 
-__all__ = ["CodeFlow", "DeviceFlow", "LoginFailed", "identity"]
+__all__ = ["CodeFlow", "DeviceFlow", "Identity", "LoginFailed", "identity"]
 
 DEVICE_GRANT: Final = "urn:ietf:params:oauth:grant-type:device_code"
 # RFC 8628 3.5: without an interval the client waits 5 s; slow_down adds 5 s.
@@ -46,6 +49,11 @@ DEFAULT_INTERVAL: Final = 5.0
 SLOW_DOWN: Final = 5.0
 # An interval beyond this is taken as this: polling stays responsive. A guess.
 MAX_INTERVAL: Final = 60.0
+# A device code lives at most this long, whatever the provider says: a code on a screen
+# nobody looks at any more should not stay good for logging this daemon in (issue 15).
+MAX_DEVICE_LIFETIME: Final = 900.0
+# Without expires_in (RFC 8628 says it is required), this: Keycloak's default.
+DEFAULT_DEVICE_LIFETIME: Final = 600.0
 # How far our clock may be ahead of the provider's when we look at the ID token's exp.
 ID_TOKEN_SKEW: Final = 60.0
 # The token endpoint's refusals of our client's settings (oidc.py), and of its scope.
@@ -72,7 +80,19 @@ def _refusal(api: OidcApi, response: Any, secrets_: tuple[str, ...], what: str) 
     return TransientError(f"the identity provider answered {describe(response, secrets_)}")
 
 
-async def identity(grant: Grant, api: OidcApi, nonce: str | None) -> str:
+@dataclass(frozen=True)
+class Identity:
+    """Who logged in: the name we show, and every name a profile's `username` may give
+    for them (preferred_username, email, sub; compared without case)."""
+
+    name: str
+    names: frozenset[str]
+
+    def is_user(self, username: str) -> bool:
+        return username.casefold() in self.names
+
+
+async def identity(grant: Grant, api: OidcApi, nonce: str | None) -> Identity:
     """Who logged in, from the ID token, checked: our issuer, our client, our nonce. A
     device login's answer may carry no ID token: then the provider's userinfo says.
 
@@ -84,9 +104,9 @@ async def identity(grant: Grant, api: OidcApi, nonce: str | None) -> str:
             raise LoginFailed("the identity provider sent no ID token: cannot check the "
                               "login's nonce")
         try:
-            return _name(await api.userinfo(grant.access_token))
+            return _identity(await api.userinfo(grant.access_token))
         except UpstreamError:
-            return "(unknown user)"
+            return _identity({})
     issuer = claims.get("iss")
     audience = claims.get("aud")
     audiences = audience if isinstance(audience, list) else [audience]
@@ -95,20 +115,29 @@ async def identity(grant: Grant, api: OidcApi, nonce: str | None) -> str:
                           f"{quote(api.issuer)}")
     if api.client_id not in audiences:
         raise LoginFailed("the ID token is not for this client (oidc_client_id)")
+    # OpenID Connect Core 3.1.3.7, 4 and 5: a token for several audiences must say which
+    # of them it was issued to, and that must be us; so must an azp that is there at all.
+    authorized = claims.get("azp")
+    if len(audiences) > 1 and authorized is None:
+        raise LoginFailed("the ID token is for several audiences and does not say which "
+                          "client it was issued to (no azp): refusing it")
+    if authorized is not None and authorized != api.client_id:
+        raise LoginFailed(f"the ID token was issued to the client {quote(str(authorized))} "
+                          f"(azp), not {quote(api.client_id)} (oidc_client_id)")
     if nonce is not None and not hmac.compare_digest(str(claims.get("nonce", "")), nonce):
         raise LoginFailed("the ID token does not carry this login's nonce: refusing it")
     expires = number(claims.get("exp"))
     if expires is not None and expires < time.time() - ID_TOKEN_SKEW:
         raise LoginFailed("the ID token has expired")
-    return _name(claims)
+    return _identity(claims)
 
 
-def _name(claims: dict[str, Any]) -> str:
-    for key in ("preferred_username", "email", "sub"):
-        value = claims.get(key)
-        if isinstance(value, str) and value.strip():
-            return shorten("".join(ch for ch in value if ch.isprintable()), 200)
-    return "(unknown user)"
+def _identity(claims: dict[str, Any]) -> Identity:
+    names = [value for key in ("preferred_username", "email", "sub")
+             if isinstance(value := claims.get(key), str) and value.strip()]
+    shown = shorten("".join(ch for ch in names[0] if ch.isprintable()), 200) if names \
+        else "(unknown user)"
+    return Identity(shown, frozenset(name.casefold() for name in names))
 
 
 @dataclass
@@ -120,6 +149,9 @@ class CodeFlow:
     state: str = field(repr=False)
     nonce: str = field(repr=False)
     verifier: str | None = field(repr=False)  # None: the provider does not do S256
+    # The provider's discovery said it names itself in every authorization response
+    # (RFC 9207): then an answer without `iss` is not its answer. Read once, at the start.
+    iss_required: bool = False
 
     @classmethod
     async def start(cls, api: OidcApi, redirect_uri: str) -> CodeFlow:
@@ -139,13 +171,29 @@ class CodeFlow:
             params["code_challenge_method"] = "S256"
         endpoint = provider.authorization_endpoint
         url = endpoint + ("&" if "?" in endpoint else "?") + urlencode(params)
-        return cls(redirect_uri, url, state, nonce, verifier)
+        return cls(redirect_uri, url, state, nonce, verifier,
+                   iss_required=provider.iss_parameter_supported)
 
-    async def finish(self, api: OidcApi, code: str, state: str) -> Grant:
-        """Exchange `code` if `state` is this flow's; LoginFailed otherwise."""
-        if not hmac.compare_digest(state.encode(), self.state.encode()):
+    def answers(self, state: str) -> bool:
+        """Whether a redirect carrying `state` is the answer to this login."""
+        return hmac.compare_digest(state.encode(), self.state.encode())
+
+    async def finish(self, api: OidcApi, code: str, state: str, iss: str | None) -> Grant:
+        """Exchange `code` if `state` is this flow's and `iss` (RFC 9207) our issuer;
+        LoginFailed otherwise."""
+        if not self.answers(state):
             raise LoginFailed("the login's state does not match: this is not the answer to "
                               "the login we started (nothing was exchanged)")
+        # RFC 9207 2.4. The issuer is compared as everywhere in this daemon (discovery, the
+        # ID token): a trailing slash aside, the very string.
+        if iss is not None and iss.rstrip("/") != api.issuer.rstrip("/"):
+            raise LoginFailed(f"the authorization response comes from the issuer "
+                              f"{quote(iss)} (its iss), not {quote(api.issuer)}: refusing it "
+                              "(nothing was exchanged)")
+        if iss is None and self.iss_required:
+            raise LoginFailed("the authorization response names no issuer (iss), which this "
+                              "identity provider always does (RFC 9207): refusing it "
+                              "(nothing was exchanged)")
         form = {"grant_type": "authorization_code", "code": code,
                 "redirect_uri": self.redirect_uri}
         hidden: tuple[str, ...] = (code,)
@@ -194,7 +242,8 @@ class DeviceFlow:
         except (ValueError, TypeError):
             raise TransientError("the identity provider's device authorization is not the "
                                  "expected JSON") from None
-        expires_in = number(data.get("expires_in")) or 600.0
+        expires_in = min(number(data.get("expires_in")) or DEFAULT_DEVICE_LIFETIME,
+                         MAX_DEVICE_LIFETIME)
         interval = number(data.get("interval")) or DEFAULT_INTERVAL
         return cls(
             user_code=shorten("".join(ch for ch in user_code if ch.isprintable()), 64),
@@ -209,7 +258,8 @@ class DeviceFlow:
     async def wait(self, api: OidcApi) -> Grant:
         """Poll until the user approved, denied, or the code expired (RFC 8628 3.5)."""
         while True:
-            await trio.sleep(self.interval)
+            # Not past the code's end: its expiry is said when it comes, not a poll later.
+            await trio.sleep_until(min(trio.current_time() + self.interval, self.expires_at))
             if trio.current_time() >= self.expires_at:
                 raise LoginFailed("the device code expired before the login was approved: "
                                   "start again")

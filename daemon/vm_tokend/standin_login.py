@@ -197,7 +197,7 @@ class InteractiveLogins:
         except _Redirect as error:
             return _redirect(redirect_uri, {"error": error.error,
                                             "error_description": error.description,
-                                            "state": state})
+                                            "state": state, "iss": self.provider.issuer})
         request_id = secrets.token_urlsafe(24)
         with self.standin._lock:
             self._requests[request_id] = LoginRequest(
@@ -242,7 +242,7 @@ class InteractiveLogins:
                 self.standin.counts["authorize_denied"] += 1
             return _redirect(request.redirect_uri, {
                 "error": "access_denied", "error_description": "The user denied the request",
-                "state": request.state})
+                "state": request.state, "iss": self.provider.issuer})
         if not self._credentials_ok(form):
             self.standin._count("authorize_failed")
             return self._login_page(request_id, request.client_id,

@@ -313,6 +313,8 @@ class OidcProvider:
             "subject_types_supported": ["public"],
             "id_token_signing_alg_values_supported": ["RS256"],
             "code_challenge_methods_supported": ["S256"],
+            # RFC 9207, as Keycloak: every authorization response names its issuer.
+            "authorization_response_iss_parameter_supported": True,
             "scopes_supported": list(SCOPES),
             "token_endpoint_auth_methods_supported": ["client_secret_basic",
                                                       "client_secret_post"],

@@ -4,6 +4,10 @@
 login_start / login_finish / login_wait / login_cancel; the flow's secrets (state, nonce,
 PKCE verifier, device code) never leave the daemon. A new flow cancels the one before it:
 two terminals racing to log in end with the later one's login.
+
+A redirect that is not this login's answer (another `state`) is refused and the flow goes
+on: whoever sends one cannot end it. A login that comes back as somebody other than the
+profile's `username` changes nothing: the session in place stays.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, TypeVar
 
 import trio
 
@@ -28,6 +32,8 @@ from ..upstream import Grant
 __all__ = ["Flow", "InteractiveLogins"]
 
 log = logging.getLogger("vm_tokend.keeper")
+
+T = TypeVar("T")
 
 # How long a browser login may take from start to finish (vm-token waits 5 minutes by
 # default; a little more here so the daemon is never the first to give up).
@@ -72,36 +78,38 @@ class InteractiveLogins:
 
     async def start_code(self, redirect_uri: str) -> tuple[Flow, CodeFlow]:
         api = await self._begin()
-        code = await CodeFlow.start(api, redirect_uri)
+        code = await _starting(CodeFlow.start(api, redirect_uri))
         flow = self._new(code=code, expires_at=trio.current_time() + CODE_FLOW_LIFETIME)
         log.info("browser login started (redirect to %s)", redirect_uri)
         return flow, code
 
     async def start_device(self) -> tuple[Flow, DeviceFlow]:
         api = await self._begin()
-        device = await DeviceFlow.start(api)
+        device = await _starting(DeviceFlow.start(api))
         flow = self._new(device=device, expires_at=device.expires_at)
         log.info("device login started; waiting for the user to enter the code")
         return flow, device
 
-    async def finish_code(self, flow_id: str, code: str, state: str) -> str:
-        """Exchange the code the browser brought; the username logged in."""
-        flow = self._take(flow_id, "code")
+    async def finish_code(self, flow_id: str, code: str, state: str, iss: str | None = None,
+                          *, user: str | None = None) -> str:
+        """Exchange the code the browser brought; the username logged in. `iss` is the
+        redirect's (RFC 9207), `user` the profile's username (None: anybody)."""
+        flow = self._take(flow_id, "code", state)
         assert flow.code is not None
         try:
             grant = await self._until_cancelled(flow, flow.code.finish(self._api_(), code,
-                                                                        state))
-            return await self._complete(flow, grant, flow.code.nonce, "browser")
+                                                                        state, iss))
+            return await self._complete(flow, grant, flow.code.nonce, "browser", user)
         finally:
             self._end(flow)
 
-    async def wait_device(self, flow_id: str) -> str:
+    async def wait_device(self, flow_id: str, *, user: str | None = None) -> str:
         """Poll until the user approved the device code; the username logged in."""
         flow = self._take(flow_id, "device")
         assert flow.device is not None
         try:
             grant = await self._until_cancelled(flow, flow.device.wait(self._api_()))
-            return await self._complete(flow, grant, None, "device")
+            return await self._complete(flow, grant, None, "device", user)
         finally:
             self._end(flow)
 
@@ -121,7 +129,7 @@ class InteractiveLogins:
         self._flow = flow
         return flow
 
-    def _take(self, flow_id: str, kind: str) -> Flow:
+    def _take(self, flow_id: str, kind: str, state: str | None = None) -> Flow:
         flow = self._flow
         if flow is None or flow.id != flow_id or flow.busy:
             raise LoginFailed("no such login in progress (it ended, or a newer one replaced "
@@ -131,6 +139,11 @@ class InteractiveLogins:
         if trio.current_time() >= flow.expires_at:
             self._end(flow)
             raise LoginFailed("the login took too long: start again")
+        if flow.code is not None and state is not None and not flow.code.answers(state):
+            # Not this login's answer: whoever sent it (a stale tab, another local
+            # process) must not be able to end the login the user is in.
+            raise BadRequest("the state does not match this login's: this is not the answer "
+                             "to it (nothing was exchanged; the login goes on)")
         flow.busy = True
         return flow
 
@@ -168,15 +181,34 @@ class InteractiveLogins:
         # Only a cancelled scope gets here.
         raise LoginFailed("the login was cancelled (by Ctrl-C, or a newer login)")
 
-    async def _complete(self, flow: Flow, grant: Grant, nonce: str | None, how: str) -> str:
+    async def _complete(self, flow: Flow, grant: Grant, nonce: str | None, how: str,
+                        user: str | None) -> str:
         api = self._api_()
         try:
-            username = await identity(grant, api, nonce)
+            who = await identity(grant, api, nonce)
         except FlowFailed as exc:
             raise LoginFailed(str(exc)) from None
         if flow.cancelled:
             raise LoginFailed("the login was cancelled (by Ctrl-C, or a newer login)")
-        await self._done(grant, username, api, how)
-        log.info("logged in interactively as %s", quote(username))
-        return username
+        if user is not None and not who.is_user(user):
+            # Somebody else's account (a shared browser, a wrong tab, a forged redirect
+            # that got this far): the session in place, if any, stays as it is.
+            log.warning("an interactive login came back as %s, not %s: refused",
+                        quote(who.name), quote(user))
+            raise LoginFailed(f"logged in as {quote(who.name)}, but this profile is for "
+                              f"{quote(user)}: nothing changed; log in as {quote(user)}")
+        await self._done(grant, who.name, api, how)
+        log.info("logged in interactively as %s", quote(who.name))
+        return who.name
+
+
+async def _starting(work: Awaitable[T]) -> T:
+    """`work`, the start of a flow: the provider's refusals and failures become what the
+    client is told (login_failed, upstream_unavailable), not an internal error."""
+    try:
+        return await work
+    except (FlowFailed, upstream.ClientRejected) as exc:
+        raise LoginFailed(str(exc)) from None
+    except upstream.UpstreamError as exc:
+        raise UpstreamUnavailable(f"the login could not start: {exc}") from None
 

@@ -1,0 +1,75 @@
+"""The ID token of an interactive login, checked before anyone is logged in (issue 15,
+point 2): `azp` when `aud` has several entries (OpenID Connect Core 3.1.3.7), and who it
+names, for a profile's `username`."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import Any
+
+import pytest
+
+from vm_tokend.oidc_interactive import LoginFailed, identity
+from vm_tokend.upstream import Grant
+
+ISSUER = "https://login.example/realms/platform"
+CLIENT = "vm-token"
+
+
+class Api:
+    """What identity() asks of the OIDC backend."""
+
+    issuer = ISSUER
+    client_id = CLIENT
+
+    async def userinfo(self, access_token: str) -> dict[str, Any]:
+        return {}
+
+
+def id_token(**claims: Any) -> str:
+    body = {"iss": ISSUER, "aud": CLIENT, "sub": "f0e1", "nonce": "n",
+            "exp": int(time.time()) + 300, "preferred_username": "demo", **claims}
+    body = {k: v for k, v in body.items() if v is not None}
+
+    def part(data: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+    return f"{part({'alg': 'RS256'})}.{part(body)}.signature"
+
+
+def grant(token: str) -> Grant:
+    return Grant(access_token="at", refresh_token="rt", videomanagers=(), valid_for=None,
+                 lifetime=300, refresh_lifetime=None, requested_at=0.0, id_token=token)
+
+
+async def who(**claims: Any) -> str:
+    found = await identity(grant(id_token(**claims)), Api(), "n")  # type: ignore[arg-type]
+    return found.name
+
+
+async def test_one_audience_without_azp_is_fine():
+    assert await who() == "demo"
+    assert await who(aud=[CLIENT]) == "demo"
+
+
+async def test_several_audiences_need_azp_naming_us():
+    assert await who(aud=[CLIENT, "account"], azp=CLIENT) == "demo"
+    with pytest.raises(LoginFailed, match="several audiences.*no azp"):
+        await who(aud=[CLIENT, "account"])
+    with pytest.raises(LoginFailed, match="issued to the client 'other'"):
+        await who(aud=[CLIENT, "account"], azp="other")
+
+
+async def test_an_azp_that_is_there_must_be_us():
+    with pytest.raises(LoginFailed, match=r"issued to the client 'other' \(azp\)"):
+        await who(azp="other")
+    assert await who(azp=CLIENT) == "demo"
+
+
+async def test_a_profile_username_matches_any_of_the_names_without_case():
+    found = await identity(grant(id_token(email="Demo@Example.com")), Api(), "n")  # type: ignore[arg-type]
+    assert found.is_user("DEMO") and found.is_user("demo@example.com")
+    assert not found.is_user("mallory")
+    nobody = await identity(grant(id_token(preferred_username=None, sub=None)), Api(), "n")  # type: ignore[arg-type]
+    assert nobody.name == "(unknown user)" and not nobody.is_user("demo")
