@@ -311,14 +311,14 @@ def _interactive_login(client: Client, args: argparse.Namespace,
                        hello: dict[str, object]) -> int:
     from ._login import LoginAborted, browser_login, device_login
 
-    timeout = args.timeout or LOGIN_TIMEOUT
     port = hello.get("redirect_port")
     try:
-        if args.device:
-            username = device_login(client, timeout=timeout)
+        if args.device:  # by default, as long as the code is valid
+            username = device_login(client, timeout=args.timeout)
         else:
             username = browser_login(client, port=port if isinstance(port, int) else 0,
-                                     open_browser=not args.no_browser, timeout=timeout)
+                                     open_browser=not args.no_browser,
+                                     timeout=args.timeout or LOGIN_TIMEOUT)
     except LoginAborted as exc:
         fail(f"login failed: {exc}")
         return EXIT_REFUSED
@@ -448,11 +448,13 @@ def _parser() -> ArgumentParser:
                      help="print the address to open in any browser, then read the address "
                           "it ends up at from stdin (over SSH, in containers)")
     how.add_argument("--device", action="store_true",
-                     help="print a code to enter on another device's browser")
+                     help="print a code to enter on another device's browser (waits as long "
+                          "as the code is valid, at most 15 minutes, unless --timeout)")
     login.add_argument("--username", metavar="NAME")
     login.add_argument("--password-stdin", action="store_true",
                        help="read the password from the first line of stdin")
-    login.set_defaults(timeout=None)  # interactive: 5 minutes unless given
+    # interactive: 5 minutes (a device login: the code's lifetime) unless given
+    login.set_defaults(timeout=None)
     add("logout", _cmd_logout, "make the daemon forget the credentials and every token",
         "vm-token logout")
     for operation in GIT_OPERATIONS:

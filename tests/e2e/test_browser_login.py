@@ -53,6 +53,17 @@ def dot_env(peer, client_id: str) -> dict[str, str]:
             "VM_TOKEN_OIDC_CLIENT_ID": client_id}
 
 
+# What $BROWSER is given: vm-token's listener and a one-time random path, no query.
+ONE_TIME_ADDRESS = re.compile(r"http://127\.0\.0\.1:\d+/[A-Za-z0-9_-]{43}")
+
+
+def addresses_of(page) -> list[str]:
+    """Every address `page` requests from now on, in order (redirects included)."""
+    seen: list[str] = []
+    page.on("request", lambda request: seen.append(request.url))
+    return seen
+
+
 # Who DOT says logged in: its ID tokens name the user by `sub` alone, the user's primary key
 # (no preferred_username or email claim without a custom validator), and the peer has one user.
 DOT_USER = "1"
@@ -77,8 +88,8 @@ def dot_tokens(peer) -> list[str]:
 def assert_login_kept_its_secrets(daemon, login: Login, authorize_url: str, callback_url: str,
                                   tokens: list[str]) -> None:
     """No code, state, nonce, PKCE challenge or token in the daemon's log or in vm-token's
-    output — except the authorization URL vm-token prints on purpose (it carries state,
-    nonce and the challenge, never the verifier)."""
+    output — except the authorization URL `--no-browser` prints on purpose (it carries
+    state, nonce and the challenge, never the verifier)."""
     sent, came_back = query(authorize_url), query(callback_url)
     code, state = came_back["code"], came_back["state"]
     assert state == sent["state"]
@@ -99,12 +110,14 @@ def test_browser_login_against_django_oauth_toolkit(oidc_peer, start_daemon, chr
     opener = BrowserOpener(tmp_path)
     login = Login(daemon, "--browser", env=opener.env)
     try:
-        url = opener.wait_for_url(login)
-        assert url.startswith(peer.authorization_endpoint), url
-        assert query(url)["client_id"] == "vm-token-code"
-        login.stderr_line(re.escape(url))  # printed too, for a browser that did not open
+        local = opener.wait_for_url(login)
+        assert ONE_TIME_ADDRESS.fullmatch(local), local  # the state is in no argv
+        login.stderr_line(re.escape(local))  # printed too, for a browser that did not open
         page = chromium.new_page()
-        page.goto(url)
+        addresses = addresses_of(page)
+        page.goto(local)  # the listener sends the browser on to the provider
+        [url] = [a for a in addresses if a.startswith(peer.authorization_endpoint)]
+        assert query(url)["client_id"] == "vm-token-code"
         dot_log_in(page, peer)  # no consent page: straight back to vm-token's listener
         shown = wait_for_text(page, "body", "Logged in")
         callback = page.url
@@ -130,10 +143,12 @@ def test_browser_login_against_the_standin(make_standin, start_daemon, chromium,
     # no --browser: login_method = "browser" makes it the default
     login = Login(daemon, env=opener.env)
     try:
-        url = opener.wait_for_url(login)
-        assert url.startswith(standin.issuer), url
+        local = opener.wait_for_url(login)
+        assert ONE_TIME_ADDRESS.fullmatch(local), local
         page = chromium.new_page()
-        page.goto(url)
+        addresses = addresses_of(page)
+        page.goto(local)
+        [url] = [a for a in addresses if a.startswith(standin.issuer)]
         assert page.title() == "Sign in to VideoManager Pro"
         standin_log_in(page, standin)
         shown = wait_for_text(page, "body", "Logged in")
