@@ -73,3 +73,24 @@ async def test_a_profile_username_matches_any_of_the_names_without_case():
     assert not found.is_user("mallory")
     nobody = await identity(grant(id_token(preferred_username=None, sub=None)), Api(), "n")  # type: ignore[arg-type]
     assert nobody.name == "(unknown user)" and not nobody.is_user("demo")
+
+
+class ApiWithUserinfo(Api):
+    def __init__(self, info: dict[str, Any]) -> None:
+        self.info = info
+
+    async def userinfo(self, access_token: str) -> dict[str, Any]:
+        return self.info
+
+
+async def test_userinfo_adds_names_of_the_same_subject_only():
+    """An ID token without email; the profile's username is the email: userinfo says it,
+    but only for the very subject the ID token names."""
+    found = await identity(grant(id_token()), Api(), "n")  # type: ignore[arg-type]
+    assert not found.is_user("demo@example.com")
+    same = ApiWithUserinfo({"sub": "f0e1", "email": "demo@example.com"})
+    assert (await found.with_userinfo(grant(id_token()), same)).is_user(  # type: ignore[arg-type]
+        "demo@example.com")
+    other = ApiWithUserinfo({"sub": "someone-else", "email": "demo@example.com"})
+    assert not (await found.with_userinfo(grant(id_token()), other)).is_user(  # type: ignore[arg-type]
+        "demo@example.com")

@@ -53,6 +53,9 @@ CANCEL_TIMEOUT = 5.0
 DEVICE_SLACK = 15.0
 # The watcher's request outlives the login's deadline by this: the deadline ends it.
 WATCH_SLACK = 60.0
+# How long the listener waits for the request of a connection it will refuse (another
+# user's): long enough to answer 403 to a client that sends at once. A guess.
+REFUSED_TIMEOUT = 1.0
 
 Event = tuple[str, Any]  # what ended a wait: (kind, payload); see _next
 
@@ -141,11 +144,20 @@ class _Listener(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: _Listener
     timeout = 10  # a connection that sends nothing is dropped, not waited for
+    refused = False
+
+    def setup(self) -> None:
+        super().setup()
+        # Who it is, as soon as it connected (the kernel's table lists it while it is
+        # connected); another user is not waited for: their connections cannot pile up.
+        self.refused = not _loopback.serves_peer(self.connection)
+        if self.refused:
+            self.connection.settimeout(REFUSED_TIMEOUT)
 
     def parse_request(self) -> bool:
         if not super().parse_request():
             return False
-        if not _loopback.serves_peer(self.connection):
+        if self.refused:
             # Another user of this machine: nothing they send is looked at.
             self._send(403, _page("Forbidden", "This login belongs to another user."))
             return False

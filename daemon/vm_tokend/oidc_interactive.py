@@ -87,9 +87,21 @@ class Identity:
 
     name: str
     names: frozenset[str]
+    subject: str | None = None
 
     def is_user(self, username: str) -> bool:
         return username.casefold() in self.names
+
+    async def with_userinfo(self, grant: Grant, api: OidcApi) -> Identity:
+        """Also the names the provider's userinfo gives for the same subject: an ID token
+        may carry fewer (no email claim without the email scope)."""
+        try:
+            more = _identity(await api.userinfo(grant.access_token))
+        except UpstreamError:
+            return self
+        if self.subject is None or more.subject != self.subject:  # OIDC Core 5.3.2
+            return self
+        return Identity(self.name, self.names | more.names, self.subject)
 
 
 async def identity(grant: Grant, api: OidcApi, nonce: str | None) -> Identity:
@@ -137,7 +149,9 @@ def _identity(claims: dict[str, Any]) -> Identity:
              if isinstance(value := claims.get(key), str) and value.strip()]
     shown = shorten("".join(ch for ch in names[0] if ch.isprintable()), 200) if names \
         else "(unknown user)"
-    return Identity(shown, frozenset(name.casefold() for name in names))
+    subject = claims.get("sub")
+    return Identity(shown, frozenset(name.casefold() for name in names),
+                    subject if isinstance(subject, str) else None)
 
 
 @dataclass

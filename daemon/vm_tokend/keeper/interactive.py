@@ -191,6 +191,8 @@ class InteractiveLogins:
         if flow.cancelled:
             raise LoginFailed("the login was cancelled (by Ctrl-C, or a newer login)")
         if user is not None and not who.is_user(user):
+            who = await who.with_userinfo(grant, api)
+        if user is not None and not who.is_user(user):
             # Somebody else's account (a shared browser, a wrong tab, a forged redirect
             # that got this far): the session in place, if any, stays as it is.
             log.warning("an interactive login came back as %s, not %s: refused",
