@@ -7,6 +7,7 @@ import os
 import stat
 import struct
 from contextlib import asynccontextmanager
+from typing import Any
 
 import msgpack
 import pytest
@@ -125,12 +126,10 @@ async def test_requests_answered_and_status_has_no_token(private_dir, connect):
             await stream.aclose()
 
 
-async def test_stalled_frame_and_idle_connection_are_dropped(private_dir, monkeypatch, connect):
-    monkeypatch.setattr(server_module, "FRAME_TIMEOUT", 0.3)
-    monkeypatch.setattr(server_module, "IDLE_TIMEOUT", 0.6)
-    monkeypatch.setattr(server_module, "SWEEP_INTERVAL", 0.02)
+async def test_stalled_frame_and_idle_connection_are_dropped(private_dir, connect):
     with trio.fail_after(5):
-        async with serving(private_dir) as (server, path, keeper):
+        async with serving(private_dir, frame_timeout=0.3, idle_timeout=0.6) as (
+                server, path, keeper):
             stalled = await connect(path)
             await stalled.send_all(struct.pack(">I", 100) + b"\x80")
             idle = await connect(path)
@@ -207,8 +206,9 @@ def fits(reply: dict) -> bool:
     {"v": 1, "op": "get", "host": "127.0.0.1", "protocol": "\x01" * 16384},
     {"v": 1, "op": "login", "username": "\x01" * 16384, "password": "p"},
     {"v": 1, "op": "\x01" * 16384},
+    {"v": 1, "op": {"login_wait": 1}},
 ], ids=["get", "get-emoji", "invalidate", "invalidate-long-token", "host", "scheme",
-        "login", "op"])
+        "login", "op", "op-map"])
 async def test_replies_repeat_little_of_what_the_client_sent(private_dir, connect, request_):
     with trio.fail_after(5):
         async with serving(private_dir) as (server, path, keeper):
@@ -323,3 +323,114 @@ async def test_the_fast_path_answers_exactly_what_the_full_one_would(private_dir
             assert gone["error"]["code"] == "not_logged_in"
             gc.collect()
             assert len(server._handle._frames) == 0
+
+
+@asynccontextmanager
+async def waiting_server(private_dir, **options):
+    """A server whose `wait` requests wait until `released` is set, and that counts the
+    waits that ended early (cancelled) and those answered."""
+    state: dict[str, Any] = {"released": trio.Event(), "cancelled": 0, "answered": 0,
+                             "started": 0}
+
+    async def handle(request):
+        if request["op"] in ("wait", protocol.LOGIN_WAIT):
+            state["started"] += 1
+            try:
+                await state["released"].wait()
+            except trio.Cancelled:
+                state["cancelled"] += 1
+                raise
+            state["answered"] += 1
+            return {"ok": True, "waited": True}
+        if request["op"] == "big":
+            return {"ok": True, "blob": "x" * 60_000}
+        return {"ok": True}
+
+    async with trio.open_nursery() as nursery:
+        server = Server(bind_unix_socket(private_dir / "vm-token" / "socket"), handle,
+                        **options)
+        await nursery.start(server.serve)
+        yield server, private_dir / "vm-token" / "socket", state
+        server.stop()
+
+
+async def until(predicate) -> None:
+    while not predicate():  # noqa: ASYNC110 - polling the server's state, in a test
+        await trio.sleep(0.01)
+
+
+async def test_a_client_that_hangs_up_ends_its_request_and_frees_its_slot(private_dir,
+                                                                           connect):
+    with trio.fail_after(5):
+        async with waiting_server(private_dir, max_connections=2) as (server, path, state):
+            first = await connect(path)
+            await first.send_all(protocol.encode_frame({"v": 1, "op": "wait"}))
+            await until(lambda: state["started"] == 1)
+            await first.aclose()
+            await until(lambda: server.open_connections == 0)
+            assert state == {**state, "cancelled": 1, "answered": 0}
+            # Both slots free: two clients are served without waiting for an eviction.
+            second, third = await connect(path), await connect(path)
+            assert (await ask(second, {"v": 1, "op": "hello"}))["ok"]
+            assert (await ask(third, {"v": 1, "op": "hello"}))["ok"]
+
+
+async def test_a_client_done_sending_still_gets_the_reply_it_waits_for(private_dir, connect):
+    """shutdown(SHUT_WR) after the request is not hanging up (`socat`, `nc -N` do it)."""
+    with trio.fail_after(5):
+        async with waiting_server(private_dir) as (server, path, state):
+            stream = await connect(path)
+            await stream.send_all(protocol.encode_frame({"v": 1, "op": "wait"}))
+            await stream.send_eof()
+            await until(lambda: state["started"] == 1)
+            await trio.sleep(0.05)  # the daemon has seen the end of the input
+            state["released"].set()
+            assert await receive(stream, 1) == [{"ok": True, "waited": True}]
+            assert await closed(stream)
+
+
+async def test_requests_sent_while_one_waits_are_kept_and_answered_in_order(private_dir,
+                                                                            connect):
+    with trio.fail_after(5):
+        async with waiting_server(private_dir) as (server, path, state):
+            stream = await connect(path)
+            await stream.send_all(protocol.encode_frame({"v": 1, "op": "wait"}))
+            await until(lambda: state["started"] == 1)
+            await stream.send_all(protocol.encode_frame({"v": 1, "op": "hello"})
+                                  + protocol.encode_frame({"v": 1, "op": "big"}))
+            await trio.sleep(0.05)  # read by the daemon meanwhile
+            state["released"].set()
+            waited, hello, big = await receive(stream, 3)
+            assert waited["waited"] and hello == {"ok": True} and len(big["blob"]) == 60_000
+
+
+async def test_long_waits_have_their_own_cap(private_dir, connect):
+    with trio.fail_after(5):
+        async with waiting_server(private_dir, max_long_waits=2) as (server, path, state):
+            waiters = [await connect(path) for _ in range(3)]
+            for waiter in waiters:
+                await waiter.send_all(protocol.encode_frame({"v": 1, "op": "login_wait"}))
+            refused = (await receive(waiters[2], 1))[0]
+            assert refused["error"]["code"] == "login_failed"
+            assert "at most 2" in refused["error"]["message"]
+            assert state["started"] == 2
+            await waiters[0].aclose()  # its place is free at once
+            await until(lambda: server.open_connections == 2)
+            await waiters[2].send_all(protocol.encode_frame({"v": 1, "op": "login_wait"}))
+            await until(lambda: state["started"] == 3)
+            state["released"].set()
+            for waiter in waiters[1:]:
+                assert await receive(waiter, 1) == [{"ok": True, "waited": True}]
+            # Other requests never count against the cap.
+            assert (await ask(waiters[1], {"v": 1, "op": "hello"}))["ok"]
+
+
+async def test_a_client_that_does_not_read_its_replies_is_dropped(private_dir, connect):
+    with trio.fail_after(5):
+        async with waiting_server(private_dir, send_timeout=0.3) as (server, path, state):
+            stream = await connect(path)
+            # Replies of 60 KB each, never read: the socket's buffer fills up.
+            requests = protocol.encode_frame({"v": 1, "op": "big"}) * 64
+            with trio.move_on_after(1):
+                await stream.send_all(requests)
+            await until(lambda: server.open_connections == 0)
