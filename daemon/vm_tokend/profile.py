@@ -205,6 +205,11 @@ class Profile(BaseModel):
             raise ValueError("a password is configured but no username")
         return self
 
+    def destination(self) -> tuple[str, str | None, str]:
+        """Where the profile's password goes: the API, the issuer it names, and the way of
+        logging in (`auth`). A password given for one destination is not sent to another."""
+        return self.api_url, self.oidc_issuer, self.auth
+
     @property
     def has_password_source(self) -> bool:
         return any(

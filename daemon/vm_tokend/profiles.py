@@ -2,9 +2,13 @@
 its account in the keeper — made at start, and changed, added or removed by a reload.
 
 A reload touches a profile only as much as its settings changed: an unchanged one keeps
-its session and tokens and makes no upstream call; changed soft settings (default and
-kept-warm VideoManagers, idle timeout) apply in place; a new API, way of logging in or
-credentials start a new session.
+its session and tokens and makes no upstream call, however it logged in; changed soft
+settings (default and kept-warm VideoManagers, idle timeout) apply in place; a new API or
+way of logging in starts a new session, and so do new credentials — for a session made
+from the configured ones. A session a person made (a browser or device login, or
+`vm-token login` with a password) outlives a change of the configured credentials: they
+are used when the profile next logs in from the configuration (on a reload once that
+session was refused or logged out, or at a restart).
 """
 
 from __future__ import annotations
@@ -52,7 +56,8 @@ class Runtime:
     account: Account
     connector: Connector
     # Whether the session's credentials came from the configuration (a reload may then
-    # change them) or from a client's `login` (a reload leaves those alone).
+    # change them) or from a client's `login` (a reload leaves those alone). A browser or
+    # device login leaves it as it was: Account.logged_in_interactively tells of those.
     configured: bool = False
     calls: Counter[str] = field(default_factory=Counter)
 
@@ -133,18 +138,38 @@ class Runtimes:
         account.configure(default_videomanager=new.default_videomanager,
                           videomanagers=new.videomanagers, idle_timeout=new.idle_timeout,
                           max_backoff=self.max_backoff)
-        credentials = new.credentials()
-        from_config = credentials is not None
-        if credentials is None and not runtime.configured:
-            credentials = account.credentials  # given by `vm-token login` (or none): kept
-        # A refused session is worth a new one only with credentials to try: an
-        # interactive session's login_required stays until a person logs in.
-        rejected = account.rejected and credentials is not None
-        if method_changed or rejected or await _changed(account, credentials):
-            log.info("starting a new login session after the reload%s",
-                     "" if name == "default" else f" (profile {quote(name)})")
-            runtime.configured = from_config
-            await account.start(credentials)
+        where = "" if name == "default" else f" (profile {quote(name)})"
+        configured = new.credentials()
+        given = None if runtime.configured else account.credentials  # by `vm-token login`
+        if method_changed:
+            # The session's tokens are for the old API or way of logging in. A password a
+            # client gave goes along only where it went before.
+            if given is not None and new.destination() != old.destination():
+                given = None
+            await self._restart(runtime, configured or given, configured is not None, where)
+        elif given is not None or account.logged_in_interactively:
+            # A person logged in: only a refusal makes this session worth replacing, and
+            # only with credentials to try (an interactive one waits for a person).
+            if account.rejected and (configured or given) is not None:
+                await self._restart(runtime, configured or given, configured is not None,
+                                    where)
+            elif configured is not None and configured != old.credentials():
+                log.info("reload%s: the configured credentials changed, but a person "
+                         "logged in: session kept (the new credentials are for the next "
+                         "login from the configuration)", where)
+            else:
+                log.debug("reload%s: nothing changed for the session; session kept", where)
+        elif (account.rejected and configured is not None) \
+                or await _changed(account, configured):
+            await self._restart(runtime, configured, configured is not None, where)
+        else:
+            log.debug("reload%s: nothing changed for the session; session kept", where)
+
+    async def _restart(self, runtime: Runtime, credentials: Credentials | None,
+                       configured: bool, where: str) -> None:
+        log.info("starting a new login session after the reload%s", where)
+        runtime.configured = configured
+        await runtime.account.start(credentials)
 
 
 async def _changed(account: Account, credentials: Credentials | None) -> bool:

@@ -223,6 +223,11 @@ class Account:
         return source.credentials if source else None
 
     @property
+    def logged_in_interactively(self) -> bool:
+        """Whether the session came from a browser or device login (it has no password)."""
+        return self.session is not None and self.session.source is None
+
+    @property
     def username(self) -> str | None:
         """Who the session is (or will be) logged in as."""
         if self.session is not None:
