@@ -6,6 +6,7 @@ sees the daemon's secrets in its environment.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import threading
 from collections.abc import Iterator
@@ -135,4 +136,24 @@ async def test_a_password_command_sees_none_of_the_daemons_secrets(standin, star
     assert "CREDENTIALS_DIRECTORY" not in seen
     for secret in [*SECRETS.values(), "credential-file-secret"]:
         assert secret not in dumped.read_text()
+    assert daemon.stop() == 0
+
+
+async def test_a_password_a_client_gave_does_not_follow_a_reload_to_another_api(
+        standin, recorder, start_daemon, private_dir: Path):
+    config = private_dir / "config" / "vm-token" / "config.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text(f'api_url = "{standin.url}"\n')
+    daemon = start_daemon(None)  # no password configured: a client gives one
+    with trio.fail_after(30), vm_token.Client(daemon.socket, timeout=10) as client:
+        await in_thread(client.login, standin.username, standin.password)
+        config.write_text(f'api_url = "{recorder.url}"\n')  # the API moved
+        daemon.signal(signal.SIGHUP)
+        while True:  # until the reload has dealt with the profile
+            if "new login session" in daemon.log():
+                break
+            await trio.sleep(0.05)
+        with pytest.raises(vm_token.NotLoggedIn):  # log in again, for the new API
+            await in_thread(client.get_token)
+    assert standin.password not in recorder.seen()
     assert daemon.stop() == 0
