@@ -153,6 +153,10 @@ class Runtimes:
             if account.rejected and (configured or given) is not None:
                 await self._restart(runtime, configured or given, configured is not None,
                                     where)
+            elif new.username != old.username and new.username is not None \
+                    and (account.username or "").casefold() != new.username.casefold():
+                # The profile is someone else's now: not this person's session.
+                await self._restart(runtime, configured, configured is not None, where)
             elif configured is not None and configured != old.credentials():
                 log.info("reload%s: the configured credentials changed, but a person "
                          "logged in: session kept (the new credentials are for the next "

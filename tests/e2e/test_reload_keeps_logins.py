@@ -89,3 +89,23 @@ async def test_a_reload_keeps_the_session_a_person_logged_in(how, change, make_s
             assert result.returncode == 1 and "rejected" in result.stderr, result
             assert standin.counts["oidc_login"] == logins["oidc_login"] + 1
     assert daemon.stop() == 0
+
+
+async def test_a_reload_that_names_another_user_ends_a_persons_session(make_standin,
+                                                                      start_daemon,
+                                                                      private_dir):
+    """The profile names a user now, and the device login was somebody else's."""
+    standin = make_standin(legacy_only=False)
+    standin.device_interval = 1
+    daemon = start_daemon(None, env={"VM_TOKEN_API_URL": standin.url,
+                                     "VM_TOKEN_LOGIN_METHOD": "browser"})
+    config = private_dir / "config" / "vm-token" / "config.toml"
+    config.parent.mkdir(parents=True)
+    with trio.fail_after(60):
+        await trio.to_thread.run_sync(device_login, daemon, standin)
+        await trio.to_thread.run_sync(token, daemon)
+        config.write_text('username = "somebody-else"\n')
+        await trio.to_thread.run_sync(reload, daemon)
+        result = await trio.to_thread.run_sync(daemon.cli, "token")
+    assert result.returncode == 1 and "login" in result.stderr, result
+    assert daemon.stop() == 0
