@@ -12,6 +12,7 @@ from bench import (
     burst,
     coldstart,
     harness,
+    idle,
     memory,
     profiles,
     roundtrip,
@@ -35,7 +36,7 @@ def main() -> int:
     rows: list[Row] = []
     with harness.daemon() as running:
         idle_rss = memory.idle_rss(running.process.pid)
-        print("1/7 start-up ...", file=sys.stderr)
+        print("1/8 start-up ...", file=sys.stderr)
         times = startup.measure(running)
         base, ours = times["python -I -c pass"], times["vm-token token"]
         git = times.get("git credential-cache get")
@@ -48,7 +49,7 @@ def main() -> int:
             f"{ours / base:.2f} × interpreter (≤ {startup.TARGET})",
             ours / base <= startup.TARGET,
         ))
-        print("2/7 library round trip ...", file=sys.stderr)
+        print("2/8 library round trip ...", file=sys.stderr)
         reply = roundtrip.canned_reply(running.socket)
         with harness.bare_server(reply) as bare:
             single, floor = roundtrip.single_process(running.socket, bare)
@@ -57,14 +58,14 @@ def main() -> int:
                 f"{single:,.0f}/s", f"bare trio + msgpack server {floor:,.0f}/s",
                 f"{single / floor:.2f} (≥ 0.8)", single / floor >= 0.8,
             ))
-            print("2b/7 library against a raw client ...", file=sys.stderr)
+            print("2b/8 library against a raw client ...", file=sys.stderr)
             ours, raw, ratio = roundtrip.against_raw_client(running.socket)
             rows.append((
                 "2b. `Client.get_token()` vs raw socket+msgpack client, same daemon",
                 f"{ours:,.0f}/s", f"blocking `socket` + C msgpack {raw:,.0f}/s",
                 f"{ratio:.2f} (≥ {roundtrip.RAW_FLOOR})", ratio >= roundtrip.RAW_FLOOR,
             ))
-            print("2c/7 the same with three profiles configured ...", file=sys.stderr)
+            print("2c/8 the same with three profiles configured ...", file=sys.stderr)
             compared = profiles.compare(running)
             slower = compared["time_three"] / compared["time_one"]
             rows.append((
@@ -81,7 +82,7 @@ def main() -> int:
                 f"{kept:.2f} (≥ {1 - profiles.NOISE:.2f}: no slower)",
                 kept >= 1 - profiles.NOISE,
             ))
-            print("3/7 four client processes ...", file=sys.stderr)
+            print("3/8 four client processes ...", file=sys.stderr)
             multi = roundtrip.multi_process(running.socket, bare)
             ratio = multi["ours"] / multi["floor"]
             rows.append((
@@ -91,7 +92,7 @@ def main() -> int:
                 f"bare server {multi['floor']:,.0f}/s",
                 f"{ratio:.2f} (≥ 0.7)", ratio >= 0.7,
             ))
-            print("4/7 1,000 connections at once ...", file=sys.stderr)
+            print("4/8 1,000 connections at once ...", file=sys.stderr)
             results, floors = [], []
             for _ in range(3):
                 results.append(burst.burst(running.socket))
@@ -107,7 +108,7 @@ def main() -> int:
                 f"{failed} failed; p99 ≤ 100 ms",
                 failed == 0 and worst["p99"] <= 0.1,
             ))
-        print("5/7 memory ...", file=sys.stderr)
+        print("5/8 memory ...", file=sys.stderr)
         mem = memory.measure(running.process.pid, running.socket)
         growth = mem["end_rss"] - mem["half_rss"]
         rows.append((
@@ -119,13 +120,13 @@ def main() -> int:
             "≤ 60 MiB, flat (< 1 MiB growth)",
             mem["peak_rss"] <= 60 and growth < 1.0,
         ))
-    print("6/7 cold start ...", file=sys.stderr)
+    print("6/8 cold start ...", file=sys.stderr)
     cold = coldstart.measure()
     rows.append((
         f"6. cold start to the first token (median of {coldstart.RUNS})",
         _ms(cold), "—", "≤ 1.5 s", cold <= 1.5,
     ))
-    print("7/7 upstream load, one simulated hour ...", file=sys.stderr)
+    print("7/8 upstream load, one simulated hour ...", file=sys.stderr)
     for rate in (1, 1000):
         sim = upstream_load.simulate(rate)
         rows.append((
@@ -145,6 +146,19 @@ def main() -> int:
             f"a script logging in per run: {rate * 3600:,}",
             "≤ 19, none reused", sim["token_calls"] <= 19 and sim["reused"] == 0,
         ))
+
+    print(f"8/8 wake-ups at rest, {idle.WINDOW:.0f} s ...", file=sys.stderr)
+    woke = idle.measure()
+    rows.append((
+        "8. wake-ups per minute at rest, logged in (no watchdog; with systemd's 30 s "
+        "watchdog)",
+        f"{woke.quiet:.0f}/min; {woke.watchdog:.0f}/min for {woke.pings:.0f} pings and "
+        f"{woke.other_messages:.0f} other messages",
+        f"`ssh-agent -D` {woke.ssh_agent:.0f}/min" if woke.ssh_agent is not None
+        else "ssh-agent (0/min) is not installed here",
+        "≤ 2/min; with the watchdog, its 4 pings and nothing else",
+        woke.quiet <= 2 and woke.watchdog <= woke.pings + 2 and woke.other_messages == 0,
+    ))
 
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}, {platform.platform()}\n")

@@ -29,10 +29,6 @@ __all__ = ["App"]
 
 log = logging.getLogger(__name__)
 
-# How often STATUS= is recomputed (and sent, if it changed).
-STATUS_INTERVAL = 1.0
-
-
 class App:
     """The whole daemon, for `__main__` and for tests that run it in-process."""
 
@@ -106,9 +102,15 @@ class App:
             await trio.sleep(interval)
 
     async def _report_status(self) -> None:
+        """STATUS= whenever what it says changes — and only then: at rest the daemon
+        sleeps until its next refresh."""
+        assert self.keeper is not None
         while True:
+            changed = self.keeper.changes.next()
             self.notifier.status(self.summary())
-            await trio.sleep(STATUS_INTERVAL)
+            # A token that runs out changes "N tokens held" without any event.
+            with trio.move_on_at(self.keeper.next_expiry()):
+                await changed.wait()
 
     def summary(self) -> str:
         """One line on the daemon's state, for systemctl status (never a secret); with

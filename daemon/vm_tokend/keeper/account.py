@@ -42,16 +42,18 @@ Connect: TypeAlias = Callable[[], Awaitable[Backend]]
 class _Connecting:
     """A session not made yet: finding out how to log in."""
 
-    def __init__(self, source: PasswordSource) -> None:
+    def __init__(self, source: PasswordSource, on_change: Callable[[], None]) -> None:
         self.source = source
         self.last_error: str | None = None
         self.retry_at: float | None = None
         self.blocked: Refused | None = None
         self.changed = trio.Event()
+        self.on_change = on_change  # what status shows changed
 
     def notify(self) -> None:
         self.changed.set()
         self.changed = trio.Event()
+        self.on_change()
 
 
 class Account:
@@ -120,7 +122,9 @@ class Account:
         if credentials is None:
             return
         assert self._nursery is not None, "Account.run() is not running"
-        connecting = self._connecting = _Connecting(PasswordSource(credentials))
+        connecting = self._connecting = _Connecting(PasswordSource(credentials),
+                                                    self.config.changes.note)
+        connecting.notify()  # logging in, now
         self._scope = trio.CancelScope()
         await self._nursery.start(self._connect_and_run, connecting, self._scope)
 

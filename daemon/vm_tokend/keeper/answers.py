@@ -6,6 +6,7 @@ a new token wakes the slot's task and waits for its attempt (see slot.py).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -20,7 +21,24 @@ from .slot import Slot, TokenInfo
 from .timing import seconds
 from .videomanagers import VideoManagers
 
-__all__ = ["Answers", "LoginRequired", "SessionEnded"]
+__all__ = ["Answers", "Changes", "LoginRequired", "SessionEnded"]
+
+
+class Changes:
+    """Something `status` shows changed: a login, a token, an error. Whoever shows the
+    state (systemd's STATUS= line) waits for the next change instead of looking again
+    and again."""
+
+    def __init__(self) -> None:
+        self._next = trio.Event()
+
+    def note(self) -> None:
+        self._next.set()
+        self._next = trio.Event()  # trio's Events cannot be cleared: one per change
+
+    def next(self) -> trio.Event:
+        """An Event set at the next change (take it before looking at the state)."""
+        return self._next
 
 
 class SessionEnded(Exception):
@@ -123,6 +141,14 @@ class Answers:
                         else {"expires_at": None, "refreshed_at": None, "last_error": None})
             result.append(item)
         return result
+
+    def next_expiry(self) -> float:
+        """When the first token still valid expires (trio's clock; inf: none is). What `list`
+        shows changes then without any event: a token is refreshed well before, unless
+        the API is down."""
+        now = trio.current_time()
+        return min((slot.expires_at for slot in self.slots()
+                    if slot.token is not None and slot.expires_at > now), default=math.inf)
 
     def state(self) -> dict[str, Any]:
         """The session's state for `status`. No secrets."""

@@ -7,6 +7,7 @@ its session, tokens, backoff and failures never delay another's clients.
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -19,6 +20,7 @@ from vm_token.errors import UnknownProfile
 from ..settings import DEFAULT_PROFILE, Credentials, normalize_host
 from ..text import quote
 from .account import Account, Backend, Connect
+from .answers import Changes
 from .slot import TokenInfo
 from .timing import BACKOFF_CAP
 
@@ -43,11 +45,13 @@ class Keeper:
         self.default_profile = DEFAULT_PROFILE
         self._nursery: trio.Nursery | None = None
         self._pending: list[Callable[[], Awaitable[None]]] = []
+        self.changes = Changes()  # of every account: what `status` shows changed
         if connect is not None:
-            self.accounts[DEFAULT_PROFILE] = Account(
+            account = self.accounts[DEFAULT_PROFILE] = Account(
                 connect, default_videomanager=default_videomanager,
                 videomanagers=videomanagers, idle_timeout=idle_timeout,
                 max_backoff=max_backoff, rng=rng, calls=calls)
+            account.config.changes = self.changes
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run every account's tasks until cancelled."""
@@ -65,6 +69,7 @@ class Keeper:
                   prepare: Callable[[], Awaitable[None]] | None = None) -> None:
         """A new profile's account, running from now on; `prepare` (starting its session)
         runs before clients can see it, so none meets an account without one."""
+        account.config.changes = self.changes
         if self._nursery is not None:
             await self._nursery.start(account.run)
             if prepare is not None:
@@ -80,6 +85,7 @@ class Keeper:
         account = self.accounts.pop(name, None)
         if account is not None:
             account.stop()
+            self.changes.note()
 
     def account(self, profile: str | None = None) -> Account:
         """The account of `profile` (None: the default one); UnknownProfile if none."""
@@ -157,3 +163,9 @@ class Keeper:
     def state(self, profile: str | None = None) -> dict[str, Any]:
         """The profile's state for `status`. No secrets."""
         return self.account(profile).state()
+
+    def next_expiry(self) -> float:
+        """When the first token held, of any profile, expires (inf: none held); see
+        `changes` for every other change `status` shows."""
+        return min((account.session.next_expiry() for account in self.accounts.values()
+                    if account.session is not None), default=math.inf)

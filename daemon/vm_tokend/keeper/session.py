@@ -34,7 +34,7 @@ from .. import upstream
 from ..settings import PasswordUnavailable
 from ..text import quote
 from ..upstream import Grant
-from .answers import Answers, LoginRequired, SessionEnded
+from .answers import Answers, Changes, LoginRequired, SessionEnded
 from .credentials import PasswordSource
 from .slot import Paused, Slot, Superseded
 from .timing import Timing, seconds
@@ -59,6 +59,7 @@ class AccountConfig:
     videomanagers: Sequence[str] = ()
     idle_timeout: float = 3600.0
     calls: Counter[str] = field(default_factory=Counter)  # upstream calls, for status
+    changes: Changes = field(default_factory=Changes)  # the keeper's, once it has the account
 
 
 async def contained(call: Awaitable[T]) -> T:
@@ -114,6 +115,7 @@ class Session(Answers):
     def notify(self) -> None:
         self.changed.set()
         self.changed = trio.Event()
+        self.config.changes.note()
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -161,6 +163,7 @@ class Session(Answers):
     def start_slot(self, slot: Slot) -> Slot:
         """Run `slot`'s task in the session (it ends with the session, or when idle)."""
         assert self.nursery is not None, "the session is not running"
+        slot.on_change = self.config.changes.note
         self.nursery.start_soon(self._run_slot, slot)
         return slot
 

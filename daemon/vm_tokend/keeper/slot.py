@@ -98,6 +98,7 @@ class Slot:
         self._infos: dict[str, TokenInfo] = {}  # per VideoManager, made once per token
         self.wake = trio.Event()
         self.changed = trio.Event()
+        self.on_change: Callable[[], None] | None = None  # what status shows changed
 
     # -- what clients see -------------------------------------------------------------
 
@@ -200,6 +201,8 @@ class Slot:
         """Wake every client waiting on this slot (a fresh Event for the next round)."""
         self.changed.set()
         self.changed = trio.Event()
+        if self.on_change is not None:
+            self.on_change()
 
     @property
     def in_good_standing(self) -> bool:
