@@ -434,3 +434,28 @@ async def test_a_client_that_does_not_read_its_replies_is_dropped(private_dir, c
             with trio.move_on_after(1):
                 await stream.send_all(requests)
             await until(lambda: server.open_connections == 0)
+
+
+async def test_list_and_status_wait_for_the_login_in_flight(private_dir, connect):
+    with trio.fail_after(5):
+        async with serving(private_dir, FakeBackend(delay=0.3)) as (server, path, keeper):
+            stream = await connect(path)
+            bad = await ask(stream, {"v": 1, "op": "list", "wait": "yes"})
+            assert bad["error"]["code"] == "bad_request" and "'wait'" in bad["error"]["message"]
+            assert (await ask(stream, {"v": 1, "op": "list"}))["total"] == 0  # in flight
+            assert (await ask(stream, {"v": 1, "op": "status", "wait": False}))["state"] \
+                == "logging_in"
+            status = await ask(stream, {"v": 1, "op": "status", "wait": True})
+            assert status["state"] == "logged_in" and status["videomanagers_total"] == 4
+            listing = await ask(stream, {"v": 1, "op": "list", "wait": True})
+            assert listing["total"] == 4 and "failed" not in listing
+
+
+async def test_list_waiting_names_the_profile_whose_login_failed(private_dir, connect):
+    with trio.fail_after(5):
+        async with serving(private_dir, FakeBackend(delay=0.3, password="other")) as (
+                server, path, keeper):
+            stream = await connect(path)
+            refused = await ask(stream, {"v": 1, "op": "list", "wait": True})
+            assert refused["error"]["code"] == "credentials_rejected"
+            assert "rejected the credentials" in refused["error"]["message"]

@@ -22,7 +22,7 @@ from .cli import (
     exit_code,
     fail,
 )
-from .client import Client, VideoManager, videomanagers_from_reply
+from .client import Client, VideoManager, next_page, videomanagers_from_reply
 
 
 class _Usage(Exception):
@@ -123,10 +123,25 @@ def _several_profiles(client: Client) -> bool:
     return isinstance(profiles, list) and len(profiles) > 1
 
 
+def _listing(client: Client) -> tuple[list[VideoManager], list[dict[str, Any]]]:
+    """Every VideoManager, once the logins in flight have ended (`wait`: right after the
+    daemon started, the first command finds its login in progress), and the profiles
+    whose login failed. A profile asked for that failed is the daemon's error reply."""
+    reply = client.request(protocol.LIST, wait=True)
+    videomanagers = videomanagers_from_reply(reply)
+    offset = next_page(reply, 0)
+    while offset is not None:
+        page = client.request(protocol.LIST, offset=offset)
+        videomanagers += videomanagers_from_reply(page)
+        offset = next_page(page, offset)
+    failed = [item for item in reply.get("failed") or [] if isinstance(item, dict)]
+    return videomanagers, failed
+
+
 def _cmd_list(client: Client, args: argparse.Namespace) -> int:
     import json
 
-    videomanagers = client.list_videomanagers()
+    videomanagers, failed = _listing(client)
     several = _several_profiles(client)
     if args.json:
         print(json.dumps([{
@@ -136,13 +151,14 @@ def _cmd_list(client: Client, args: argparse.Namespace) -> int:
             "refreshed_at": _iso(vm.refreshed_at.timestamp()) if vm.refreshed_at else None,
             "last_error": vm.last_error,
         } for vm in videomanagers], indent=2))
-        return EXIT_OK
-    if not videomanagers:
-        print("no VideoManagers (not logged in yet?)")
-        return EXIT_OK
-    for line in _vm_lines(videomanagers, refreshed=False, profiles=several):
-        print(line)
-    return EXIT_OK
+    elif not videomanagers and not failed:
+        print("no VideoManagers (not logged in yet?)")  # a daemon that does not wait
+    else:
+        for line in _vm_lines(videomanagers, refreshed=False, profiles=several):
+            print(line)
+    for item in failed:
+        fail(f"profile {item.get('profile')}: {item.get('message')} ({item.get('code')})")
+    return EXIT_REFUSED if failed else EXIT_OK
 
 
 def _vm_lines(videomanagers: list[VideoManager], *, refreshed: bool,
@@ -172,7 +188,7 @@ def _vm_lines(videomanagers: list[VideoManager], *, refreshed: bool,
 def _cmd_status(client: Client, args: argparse.Namespace) -> int:
     import json
 
-    status = client.status()
+    status = client.request(protocol.STATUS, wait=True)  # for a login in flight
     status.pop("ok", None)
     if args.json:
         for key in ("logged_in_at",):

@@ -277,9 +277,28 @@ class Dispatcher:
         self.requests += 1
         return frame
 
+    async def _settled(self, request: dict[str, Any], names: list[str]
+                       ) -> list[tuple[str, Refused]]:
+        """With `wait`: once the logins in flight of `names` have ended, which failed and
+        why (`vm-token list` right after the daemon started finds them in flight)."""
+        wait = request.get("wait", False)
+        if not isinstance(wait, bool):
+            raise BadRequest("'wait' must be true or false")
+        failed = []
+        if wait:
+            for name in names:
+                try:
+                    await self.keeper.wait_logged_in(name)
+                except Refused as exc:
+                    failed.append((name, exc))
+        return failed
+
     async def _list(self, request: dict[str, Any]) -> dict[str, Any]:
         profile = self.profile(request)
         names = [profile] if profile is not None else list(self.keeper.accounts)
+        failed = await self._settled(request, names)
+        if failed and len(names) == 1:
+            raise failed[0][1]  # as `get` would answer
         items = [{**item, "profile": name} for name in names
                  for item in self.keeper.list(name)]
         page, following = _page(items, _offset(request), LIST_ROOM)
@@ -287,10 +306,15 @@ class Dispatcher:
                                  "auth": self.keeper.state(profile).get("auth")}
         if following is not None:
             reply["next"] = following
+        if failed:
+            reply["failed"] = [{"profile": name, "code": exc.code, "message": exc.message}
+                               for name, exc in failed]
         return reply
 
     async def _status(self, request: dict[str, Any]) -> dict[str, Any]:
         profile = self.profile(request)
+        await self._settled(request, [profile] if profile is not None
+                            else list(self.keeper.accounts))
         items = self.keeper.list(profile)
         described = self._describe(profile)
         apis = described.pop("profile_apis", {})
