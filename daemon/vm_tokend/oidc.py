@@ -37,6 +37,7 @@ from .upstream import (
     RefreshRejected,
     TransientError,
     VideoManagerRef,
+    check_count,
     content_type,
     describe,
     loads,
@@ -444,6 +445,7 @@ class OidcApi:
             data = loads(response.content)
             if not isinstance(data, list):
                 raise TypeError
+            check_count(data)
             listed = tuple(parse_videomanager(item) for item in data)
         except (ValueError, TypeError):
             raise TransientError("the API listed VideoManagers in a body that is not the "

@@ -77,6 +77,9 @@ MAX_NAME: Final = 200
 # The largest answer we read: a VideoManager list of a few thousand is well under it, and
 # a proxy streaming a gigabyte must not fill our memory.
 MAX_RESPONSE: Final = 4 * 1024 * 1024
+# A VideoManager list longer than this is refused: far beyond any account, and a hostile
+# one of 146,000 (4 MiB) cost half a second to parse and a tenth of one per `status`.
+MAX_VIDEOMANAGERS: Final = 10_000
 # A lifetime beyond this is treated as this (a token claiming to live for years would
 # never be refreshed); a day is far beyond the API's five minutes. A guess.
 MAX_LIFETIME: Final = 86400.0
@@ -287,6 +290,8 @@ class VideoManagerApi:
             listed = data.get("videoManagerList") if expect is None else None
             if expect is None and (listed is None or refresh is None):
                 raise TypeError
+            if isinstance(listed, list):
+                check_count(listed)
             vms = tuple(parse_videomanager(item) for item in listed or ())
             valid_for = parse_id(data.get("validForVideoManager", expect))
         except (ValueError, TypeError, KeyError):
@@ -326,6 +331,15 @@ def parse_id(value: Any) -> str:
     if not text or len(text) > MAX_ID or not text.isprintable():
         raise TypeError
     return text
+
+
+def check_count(listed: list[Any]) -> None:
+    """Refuse a VideoManager list longer than MAX_VIDEOMANAGERS, before parsing it. No
+    passing fault: the next attempt waits as long as a Retry-After may make it, so the
+    log says it once, not once a minute."""
+    if len(listed) > MAX_VIDEOMANAGERS:
+        raise TransientError(f"the API listed {len(listed):,} VideoManagers; vm-tokend takes "
+                             f"at most {MAX_VIDEOMANAGERS:,}", retry_after=MAX_RETRY_AFTER)
 
 
 def parse_videomanager(item: Any) -> VideoManagerRef:
