@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, Final
 
 from vm_token import protocol
@@ -42,18 +42,29 @@ LIST_ROOM: Final = protocol.MAX_FRAME - 8 * 1024
 
 
 
-def _page(items: list[dict[str, Any]], offset: int, room: int) -> tuple[list[Any], int | None]:
-    """The items from `offset` on that fit in `room` bytes of msgpack (at least one), and
-    the offset of the next page (None after the last)."""
+def _page(items: Iterable[dict[str, Any]], offset: int, room: int
+          ) -> tuple[list[Any], int | None]:
+    """Of `items` (those from `offset` on), the first that fit in `room` bytes of msgpack
+    (at least one), and the offset of the next page (None after the last)."""
     page: list[Any] = []
     used = 0
-    for index in range(offset, len(items)):
-        size = len(protocol.packb(items[index]))
+    for index, item in enumerate(items, offset):
+        size = len(protocol.packb(item))
         if page and used + size > room:
             return page, index
-        page.append(items[index])
+        page.append(item)
         used += size
     return page, None
+
+
+def _tagged(lists: list[tuple[str, list[dict[str, Any]]]], offset: int
+            ) -> Iterator[dict[str, Any]]:
+    """The items of several profiles' lists one after the other, from `offset` on, each
+    naming its profile (copied as they are read: a page is a few hundred of thousands)."""
+    for name, items in lists:
+        for index in range(offset, len(items)):
+            yield {**items[index], "profile": name}
+        offset = max(0, offset - len(items))
 
 
 def _opt_ref(request: dict[str, Any], name: str) -> str | None:
@@ -141,6 +152,8 @@ class Dispatcher:
         # Weak: a token's reply goes when the keeper lets go of the token (replaced,
         # invalidated, logged out) — no copy of it outlives the keeper's.
         self._frames: weakref.WeakKeyDictionary[TokenInfo, bytes] = weakref.WeakKeyDictionary()
+        # A VideoManager list, and the first page of it `status` showed.
+        self._shown: tuple[list[dict[str, Any]], list[Any]] | None = None
         self._ops: dict[str, Op] = {
             protocol.HELLO: self._hello,
             protocol.GET: self._get,
@@ -299,10 +312,11 @@ class Dispatcher:
         failed = await self._settled(request, names)
         if failed and len(names) == 1:
             raise failed[0][1]  # as `get` would answer
-        items = [{**item, "profile": name} for name in names
-                 for item in self.keeper.list(name)]
-        page, following = _page(items, _offset(request), LIST_ROOM)
-        reply: dict[str, Any] = {"ok": True, "videomanagers": page, "total": len(items),
+        lists = [(name, self.keeper.list(name)) for name in names]
+        offset = _offset(request)
+        page, following = _page(_tagged(lists, offset), offset, LIST_ROOM)
+        reply: dict[str, Any] = {"ok": True, "videomanagers": page,
+                                 "total": sum(len(items) for _, items in lists),
                                  "auth": self.keeper.state(profile).get("auth")}
         if following is not None:
             reply["next"] = following
@@ -325,10 +339,17 @@ class Dispatcher:
             "profile": profile if profile is not None else self.keeper.default_profile,
             "requests": self.requests,
             "upstream_calls": dict(self.keeper.calls),
-            "videomanagers": _page(items, 0, LIST_ROOM)[0],
+            "videomanagers": self._first_page(items),
             "videomanagers_total": len(items),
             "profiles": self._profiles(apis),
         }
+
+    def _first_page(self, items: list[dict[str, Any]]) -> list[Any]:
+        """What `status` shows of a VideoManager list: its first page, measured again only
+        when the list is another (the keeper makes a new one when something changed)."""
+        if self._shown is None or self._shown[0] is not items:
+            self._shown = (items, _page(items, 0, LIST_ROOM)[0])
+        return self._shown[1]
 
     def _profiles(self, apis: dict[str, str]) -> list[dict[str, Any]]:
         """A line of each profile for `status`, `default` first."""

@@ -41,6 +41,10 @@ class Changes:
         return self._next
 
 
+# What `list` answers of each VideoManager (a map per VideoManager).
+Listing = list[dict[str, Any]]
+
+
 class SessionEnded(Exception):
     """The session was replaced or ended while a client was waiting on it."""
 
@@ -64,6 +68,8 @@ class Answers:
     kind: str
 
     identity: str | None
+    # (what it was made of, until when it holds, the list): see list()
+    _listed: tuple[tuple[object, ...], float, Listing] | None = None
 
     @property
     def username(self) -> str | None:
@@ -128,13 +134,27 @@ class Answers:
         return any(slot.invalidate(token) for slot in candidates)
 
     def list(self) -> list[dict[str, Any]]:
-        """Every VideoManager of the user, with what we hold for it. No tokens."""
+        """Every VideoManager of the user, with what we hold for it. No tokens. Not to be
+        changed: the same list is answered until something in it changes — `status` and
+        `list` ask for it on every request, and it may be 10,000 long."""
         if self.vms is None:
             return []
         now = trio.current_time()
-        default = self.vms.default
+        # What the list is made of, besides time: the VideoManagers, the default, and what
+        # each slot holds (a slot is made, replaced or let go with its token).
+        key = (self.vms, self.vms.default, tuple(
+            (slot, slot.token, slot.refreshed_at_wall, slot.last_error)
+            for slot in self.slots()))
+        if self._listed is not None and self._listed[0] == key and now < self._listed[1]:
+            return self._listed[2]
+        listed = self._render(self.vms, now)
+        self._listed = (key, self.next_expiry(), listed)  # a token running out changes it
+        return listed
+
+    def _render(self, vms: VideoManagers, now: float) -> Listing:
+        default = vms.default
         result = []
-        for vm in self.vms.listed:
+        for vm in vms.listed:
             slot = self.slot_of(vm)
             item: dict[str, Any] = {"id": vm.id, "name": vm.name, "default": vm == default}
             item.update(slot.describe(now) if slot is not None
