@@ -51,8 +51,8 @@ def test_a_connection_of_our_own_is_our_uid(family):
         with accepted:
             assert _loopback.peer_uid(accepted) == os.getuid()
             assert _loopback.serves_peer(accepted)
-        # and the client's side sees the server's owner: us too
-        assert _loopback.peer_uid(client) == os.getuid()
+            # and the client's side sees the server's owner: us too
+            assert _loopback.peer_uid(client) == os.getuid()
 
 
 @pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
@@ -98,10 +98,30 @@ def test_the_table_format():
         "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid",
         f"   0: {v4}:1F90 {v4}:D431 01 00000000:00000000 00:00000000 00000000  1000 0 1 1",
         f"   1: {v6_loopback}:0050 {mapped}:0051 06 00000000:00000000 00:00000000 00000000 "
-        "0 0 0 1",
+        "0 0 7 1",
+        # an orphan (its process closed it): inode 0, uid 0 — nobody's, not root's
+        f"   2: {v4}:1F91 {v4}:D432 05 00000000:00000000 00:00000000 00000000     0 0 0 1",
     ]
     [first, second] = _loopback.parse_table(lines)
     assert str(first[0][0]) == "127.0.0.1" and first[0][1] == 8080
     assert first[1][1] == 0xD431 and first[2] == 1 and first[3] == 1000
     assert str(second[0][0]) == "::1" and str(second[1][0]) == "127.0.0.1"
     assert second[2] == 6
+
+
+def test_a_peer_that_sent_and_closed_is_nobody_not_root():
+    """Another uid connects, sends, closes before we accept: its end is an orphan that the
+    table lists as uid 0. Taken for root, a root vm-token (CI, containers) would serve it."""
+    need_other_uid()
+    with listener() as server:
+        host, port = server.getsockname()[:2]
+        subprocess.run(
+            ["setpriv", f"--reuid={OTHER_UID}", f"--regid={OTHER_UID}", "--clear-groups",
+             sys.executable, "-c",
+             "import socket, sys; s = socket.create_connection((sys.argv[1], int(sys.argv[2])));"
+             " s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); s.close()", host, str(port)],
+            check=True, timeout=10)
+        accepted, _ = server.accept()
+        with accepted:
+            assert _loopback.peer_uid(accepted) is None
+            assert not _loopback.serves_peer(accepted)

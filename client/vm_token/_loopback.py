@@ -50,13 +50,17 @@ def _plain(address: ipaddress.IPv4Address | ipaddress.IPv6Address
 
 def parse_table(lines: Iterable[str]) -> list[tuple[Address, Address, int, int]]:
     """The entries of a /proc/net/tcp{,6} table: (local, remote, state, uid) each. Lines
-    that do not parse (the header) are skipped."""
+    that do not parse (the header) are skipped, and so are orphans: a socket whose process
+    closed it (FIN_WAIT2 after a send-and-close, TIME_WAIT) has inode 0 and lists uid 0,
+    which would pass for root's."""
     entries = []
     for line in lines:
         fields = line.split()
-        if len(fields) < 8 or not fields[0].endswith(":"):
+        if len(fields) < 10 or not fields[0].endswith(":"):
             continue
         try:
+            if int(fields[9]) == 0:
+                continue
             entries.append((_address(fields[1]), _address(fields[2]), int(fields[3], 16),
                             int(fields[7])))
         except ValueError:
