@@ -68,7 +68,8 @@ async def test_an_azp_that_is_there_must_be_us():
 
 
 async def test_a_profile_username_matches_any_of_the_names_without_case():
-    found = await identity(grant(id_token(email="Demo@Example.com")), Api(), "n")  # type: ignore[arg-type]
+    found = await identity(grant(id_token(email="Demo@Example.com", email_verified=True)),
+                           Api(), "n")  # type: ignore[arg-type]
     assert found.is_user("DEMO") and found.is_user("demo@example.com")
     assert not found.is_user("mallory")
     nobody = await identity(grant(id_token(preferred_username=None, sub=None)), Api(), "n")  # type: ignore[arg-type]
@@ -88,9 +89,25 @@ async def test_userinfo_adds_names_of_the_same_subject_only():
     but only for the very subject the ID token names."""
     found = await identity(grant(id_token()), Api(), "n")  # type: ignore[arg-type]
     assert not found.is_user("demo@example.com")
-    same = ApiWithUserinfo({"sub": "f0e1", "email": "demo@example.com"})
+    same = ApiWithUserinfo({"sub": "f0e1", "email": "demo@example.com", "email_verified": True})
     assert (await found.with_userinfo(grant(id_token()), same)).is_user(  # type: ignore[arg-type]
         "demo@example.com")
-    other = ApiWithUserinfo({"sub": "someone-else", "email": "demo@example.com"})
+    other = ApiWithUserinfo({"sub": "someone-else", "email": "demo@example.com",
+                             "email_verified": True})
     assert not (await found.with_userinfo(grant(id_token()), other)).is_user(  # type: ignore[arg-type]
+        "demo@example.com")
+
+
+async def test_an_unverified_email_proves_no_username():
+    """Anyone may type the victim's address into their own profile: unverified, it is shown
+    but never matched against the profile's username."""
+    for verified in (None, False, "true"):
+        claims = {"email": "demo@example.com", "preferred_username": "mallory"}
+        if verified is not None:
+            claims["email_verified"] = verified
+        found = await identity(grant(id_token(**claims)), Api(), "n")  # type: ignore[arg-type]
+        assert not found.is_user("demo@example.com") and found.is_user("mallory")
+    unverified = ApiWithUserinfo({"sub": "f0e1", "email": "demo@example.com"})
+    found = await identity(grant(id_token()), Api(), "n")  # type: ignore[arg-type]
+    assert not (await found.with_userinfo(grant(id_token()), unverified)).is_user(  # type: ignore[arg-type]
         "demo@example.com")

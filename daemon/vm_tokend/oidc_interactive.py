@@ -149,8 +149,12 @@ def _identity(claims: dict[str, Any]) -> Identity:
              if isinstance(value := claims.get(key), str) and value.strip()]
     shown = shorten("".join(ch for ch in names[0] if ch.isprintable()), 200) if names \
         else "(unknown user)"
+    # An address the provider has not verified is whatever the user typed into their
+    # profile (Keycloak lets users edit it): it names nobody, so it proves no username.
+    proof = [name for name in names
+             if name != claims.get("email") or claims.get("email_verified") is True]
     subject = claims.get("sub")
-    return Identity(shown, frozenset(name.casefold() for name in names),
+    return Identity(shown, frozenset(name.casefold() for name in proof),
                     subject if isinstance(subject, str) else None)
 
 
