@@ -102,7 +102,7 @@ async def test_an_unverified_email_proves_no_username():
     """Anyone may type the victim's address into their own profile: unverified, it is shown
     but never matched against the profile's username."""
     for verified in (None, False, "true"):
-        claims = {"email": "demo@example.com", "preferred_username": "mallory"}
+        claims: dict[str, Any] = {"email": "demo@example.com", "preferred_username": "mallory"}
         if verified is not None:
             claims["email_verified"] = verified
         found = await identity(grant(id_token(**claims)), Api(), "n")  # type: ignore[arg-type]
