@@ -159,7 +159,13 @@ class _Handler(BaseHTTPRequestHandler):
             return False
         if self.refused:
             # Another user of this machine: nothing they send is looked at.
-            self._send(403, _page("Forbidden", "This login belongs to another user."))
+            # A browser of our own user can look like another one when a relay owned by
+            # root or another uid carries it here (WSL2's localhost, a published container
+            # port): the page says what to do then.
+            self._send(403, _page("Forbidden", "This login belongs to another user of this "
+                                  "machine. If it is yours and your browser reaches this "
+                                  "machine through a relay (WSL, a container's port), run "
+                                  "vm-token login --no-browser instead."))
             return False
         return True
 
