@@ -12,7 +12,7 @@ import re
 from urllib.parse import quote, quote_plus
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from vm_tokend import upstream
@@ -51,6 +51,12 @@ def basic(client_id: str, secret: str) -> str:
 def leaked(scrubbed: str, secrets: tuple[str, ...]) -> list[str]:
     """The forms of `secrets` found in `scrubbed` outside the [redacted] marks (the marks
     themselves are ours, not the upstream's: a secret like `d]` is not leaked by them)."""
+    if scrubbed.endswith("…"):
+        # a message cut to its limit may end in a mark cut short ("[redacte…"): ours too
+        body = scrubbed[:-1]
+        cut = next((k for k in range(len(REDACTED) - 1, 0, -1)
+                    if body.endswith(REDACTED[:k])), 0)
+        scrubbed = body[:len(body) - cut]
     found = []
     for piece in scrubbed.split(REDACTED):
         for secret in secrets:
@@ -89,6 +95,7 @@ def test_no_form_of_a_client_secret_or_its_basic_value_survives(secret, how, bef
 
 @settings(max_examples=200, deadline=None)
 @given(secret=secret_text, before=around, between=around, after=around)
+@example(secret="[", before="1111111111[", between="1111111111[", after="11111111111[")
 def test_every_echo_in_one_message_is_scrubbed(secret, before, between, after):
     text = before + between.join(forms(secret).values()) + after
     scrubbed = upstream.scrub(text[:upstream.MAX_MESSAGE], (secret,))
