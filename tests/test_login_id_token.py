@@ -111,3 +111,10 @@ async def test_an_unverified_email_proves_no_username():
     found = await identity(grant(id_token()), Api(), "n")  # type: ignore[arg-type]
     assert not (await found.with_userinfo(grant(id_token()), unverified)).is_user(  # type: ignore[arg-type]
         "demo@example.com")
+
+
+async def test_a_username_that_is_an_address_still_counts_when_the_email_is_unverified():
+    """Keycloak's "email as username": preferred_username is the address, and it proves."""
+    found = await identity(grant(id_token(preferred_username="demo@example.com",
+                                          email="demo@example.com")), Api(), "n")  # type: ignore[arg-type]
+    assert found.is_user("demo@example.com")

@@ -151,8 +151,9 @@ def _identity(claims: dict[str, Any]) -> Identity:
         else "(unknown user)"
     # An address the provider has not verified is whatever the user typed into their
     # profile (Keycloak lets users edit it): it names nobody, so it proves no username.
-    proof = [name for name in names
-             if name != claims.get("email") or claims.get("email_verified") is True]
+    proof = [value for key in ("preferred_username", "email", "sub")
+             if (key != "email" or claims.get("email_verified") is True)
+             and isinstance(value := claims.get(key), str) and value.strip()]
     subject = claims.get("sub")
     return Identity(shown, frozenset(name.casefold() for name in proof),
                     subject if isinstance(subject, str) else None)
