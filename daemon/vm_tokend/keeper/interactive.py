@@ -78,14 +78,14 @@ class InteractiveLogins:
 
     async def start_code(self, redirect_uri: str) -> tuple[Flow, CodeFlow]:
         api = await self._begin()
-        code = await _starting(CodeFlow.start(api, redirect_uri))
+        code = await _told(CodeFlow.start(api, redirect_uri), "start")
         flow = self._new(code=code, expires_at=trio.current_time() + CODE_FLOW_LIFETIME)
         log.info("browser login started (redirect to %s)", redirect_uri)
         return flow, code
 
     async def start_device(self) -> tuple[Flow, DeviceFlow]:
         api = await self._begin()
-        device = await _starting(DeviceFlow.start(api))
+        device = await _told(DeviceFlow.start(api), "start")
         flow = self._new(device=device, expires_at=device.expires_at)
         log.info("device login started; waiting for the user to enter the code")
         return flow, device
@@ -172,12 +172,7 @@ class InteractiveLogins:
         """`work`'s grant, unless the flow is cancelled first; upstream failures become
         what the client is told."""
         with flow.scope:
-            try:
-                return await work
-            except (FlowFailed, upstream.ClientRejected) as exc:
-                raise LoginFailed(str(exc)) from None
-            except upstream.UpstreamError as exc:
-                raise UpstreamUnavailable(f"the login could not finish: {exc}") from None
+            return await _told(work, "finish")
         # Only a cancelled scope gets here.
         raise LoginFailed("the login was cancelled (by Ctrl-C, or a newer login)")
 
@@ -204,13 +199,14 @@ class InteractiveLogins:
         return who.name
 
 
-async def _starting(work: Awaitable[T]) -> T:
-    """`work`, the start of a flow: the provider's refusals and failures become what the
-    client is told (login_failed, upstream_unavailable), not an internal error."""
+async def _told(work: Awaitable[T], step: str) -> T:
+    """`work`, one step of a flow ("start", "finish"): the provider's refusals and failures
+    become what the client is told (login_failed, upstream_unavailable), not an internal
+    error."""
     try:
         return await work
     except (FlowFailed, upstream.ClientRejected) as exc:
         raise LoginFailed(str(exc)) from None
     except upstream.UpstreamError as exc:
-        raise UpstreamUnavailable(f"the login could not start: {exc}") from None
+        raise UpstreamUnavailable(f"the login could not {step}: {exc}") from None
 
