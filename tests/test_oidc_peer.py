@@ -171,7 +171,7 @@ def test_api_stand_in_accepts_tokens_and_refuses_garbage(peer: OidcPeer) -> None
     assert httpx.get(f"{peer.api_url}/1001/videos").status_code == 401
 
 
-def test_revoke_refresh_tokens_through_the_orm(peer: OidcPeer) -> None:
+def test_revoke_refresh_tokens(peer: OidcPeer) -> None:
     token = peer.password_grant().json()
     assert peer.revoke_refresh_tokens() >= 1
     refused = peer.refresh_grant(token["refresh_token"])

@@ -158,7 +158,7 @@ async def test_a_revoked_refresh_token_leads_to_exactly_one_relogin(oidc_peer_fa
 
         async def revoke_soon() -> None:
             await trio.sleep(0.3)
-            # Through Django's ORM, in a process of its own (~1 s); access tokens live on.
+            # Between two token requests (the peer serializes them); access tokens live on.
             revoked.append(await in_thread(peer.revoke_refresh_tokens))
 
         async with trio.open_nursery() as nursery:

@@ -1,7 +1,6 @@
-"""Serve the OIDC peer on 127.0.0.1, or act on its database from another process.
+"""Serve the OIDC peer on 127.0.0.1, or migrate a database for it.
 
     python -m tests.oidc_peer.runner serve --user NAME --password-env VAR [--ready-file F]
-    python -m tests.oidc_peer.runner revoke-refresh-tokens
     python -m tests.oidc_peer.runner migrate
 
 ``migrate`` alone makes a database that the fixture copies for each server, so that each
@@ -106,15 +105,6 @@ def serve(args: argparse.Namespace) -> None:
     httpd.serve_forever()
 
 
-def revoke_refresh_tokens(_args: argparse.Namespace) -> None:
-    """Delete every refresh token (their access tokens stay valid until they expire)."""
-    _setup_django()
-    from oauth2_provider.models import get_refresh_token_model
-
-    deleted, _ = get_refresh_token_model().objects.all().delete()
-    print(deleted, flush=True)
-
-
 def migrate(_args: argparse.Namespace) -> None:
     _setup_django()
     from django.core.management import call_command
@@ -133,8 +123,6 @@ def main(argv: list[str] | None = None) -> None:
                          help="a redirect URI of the code-flow application (repeatable)")
     p_serve.add_argument("--ready-file")
     p_serve.set_defaults(func=serve)
-    p_revoke = sub.add_parser("revoke-refresh-tokens")
-    p_revoke.set_defaults(func=revoke_refresh_tokens)
     sub.add_parser("migrate").set_defaults(func=migrate)
     args = parser.parse_args(argv)
     args.func(args)

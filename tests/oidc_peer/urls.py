@@ -6,6 +6,7 @@
 - ``/accounts/login/``: Django's login page (username, password, submit).
 - ``/v1/vms``, ``/v1/vms/<id>/videos``: the API's stand-in, protected by DOT access tokens.
 - ``/_peer/counts``: test-only counters (GET; DELETE resets).
+- ``/_peer/revoke-refresh-tokens``: test-only (POST): every refresh token is deleted.
 """
 
 from __future__ import annotations
@@ -26,4 +27,5 @@ urlpatterns = [
     path("v1/vms", views.vms),
     path("v1/vms/<str:vm_id>/videos", views.videos),
     path("_peer/counts", counting.counts_view),
+    path("_peer/revoke-refresh-tokens", counting.revoke_refresh_tokens_view),
 ]
