@@ -11,7 +11,7 @@ from pathlib import Path
 
 import vm_token
 from bench.harness import BIN, daemon_env
-from vm_tokend.standin import StandIn
+from standin.server import StandIn
 
 RUNS = 5
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import vm_token
-from vm_tokend.standin import StandIn
+from standin.server import StandIn
 
 BIN = Path(sys.executable).parent
 

@@ -13,7 +13,7 @@ from contextlib import ExitStack, contextmanager
 
 from bench import roundtrip, startup
 from bench.harness import BIN, Running, daemon
-from vm_tokend.standin import StandIn
+from standin.server import StandIn
 
 ROUNDS = 9
 # Same-run ratios of two identical measurements vary by a few per cent on these shared

@@ -15,10 +15,10 @@ import trio
 import trio.testing
 from pydantic import SecretStr
 
-from vm_tokend import upstream
+from vm_tokend.config.settings import Credentials
 from vm_tokend.keeper import Keeper
-from vm_tokend.settings import Credentials
-from vm_tokend.upstream import Grant, VideoManagerRef
+from vm_tokend.upstream import base as upstream
+from vm_tokend.upstream.base import Grant, VideoManagerRef
 
 HOUR = 3600.0
 ACCESS_LIFETIME = 300.0

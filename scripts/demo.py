@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def step(title: str) -> None:
@@ -90,7 +91,8 @@ def main() -> int:
     try:
         step("Start the stand-in VideoManager API on loopback")
         standin = subprocess.Popen(
-            [sys.executable, "-m", "vm_tokend.standin"], stdout=subprocess.PIPE, text=True,
+            # the stand-in is not installed (not in the wheel): it runs from the checkout
+            [sys.executable, "-m", "standin"], stdout=subprocess.PIPE, text=True, cwd=ROOT,
         )
         assert standin.stdout is not None
         api_url = standin.stdout.readline().strip()

@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 
 import vm_token
+from standin.server import StandIn
 from tests.oidc_peer.fixture import (  # noqa: F401  (fixtures: the real OIDC provider)
     oidc_peer,
     oidc_peer_factory,
     oidc_peer_template,
 )
-from vm_tokend.standin import StandIn
 
 BIN = Path(sys.executable).parent
 STARTUP_TIMEOUT = 15.0

@@ -18,9 +18,9 @@ import trio
 from pydantic import SecretStr
 
 from vm_tokend import upstream
+from vm_tokend.config.settings import Credentials
 from vm_tokend.keeper import Keeper
-from vm_tokend.settings import Credentials
-from vm_tokend.upstream import Grant, VideoManagerRef
+from vm_tokend.upstream.base import Grant, VideoManagerRef
 
 VMS = (VideoManagerRef("1", "Marketing"), VideoManagerRef("2", "Sales"),
        VideoManagerRef("3", "Support"), VideoManagerRef("4", "Legal"))

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from vm_tokend.standin import StandIn
-from vm_tokend.standin_jose import RsaKey
+from standin.jose import RsaKey
+from standin.server import StandIn
 
 # Every httpx client of these tests shares one TLS context: making one per client reads
 # the CA bundle each time (~30 ms), and the stand-ins speak plain http on loopback anyway.

@@ -8,10 +8,10 @@ import pytest
 
 import vm_token
 from vm_token import cli, protocol
-from vm_token._cli_full import _parser
+from vm_token._cli.commands import _parser
+from vm_token._git_credential import parse
 from vm_token.auth import host_of
 from vm_token.client import resolve_profile
-from vm_token.credential import parse
 
 
 def body(frame: bytes) -> dict[str, Any]:

@@ -9,21 +9,20 @@ from typing import Any
 import httpx
 import pytest
 
-from vm_tokend import upstream
-from vm_tokend.connect import Connector
-from vm_tokend.oidc import OidcApi
-from vm_tokend.settings import Settings
-from vm_tokend.standin import OidcClient, StandIn
-from vm_tokend.upstream import VideoManagerApi
-
-from .quick_standin import (  # noqa: F401 (fixtures)
+from standin.server import OidcClient, StandIn
+from tests.quick_standin import (  # noqa: F401 (fixtures)
     TLS,
     make_standin_fixture,
     one_key_fixture,
     standin_fixture,
     stopping_standins_fixture,
 )
-from .test_settings import isolated  # noqa: F401 (an autouse fixture: no VM_TOKEN_* leaks in)
+from tests.test_settings import isolated  # noqa: F401 (an autouse fixture: no VM_TOKEN_* leaks in)
+from vm_tokend import upstream
+from vm_tokend.config.settings import Settings
+from vm_tokend.upstream.base import VideoManagerApi
+from vm_tokend.upstream.connect import Connector
+from vm_tokend.upstream.oidc import OidcApi
 
 
 @pytest.fixture

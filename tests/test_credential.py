@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vm_token.credential import (
+from vm_token._git_credential import (
     MAX_LINE,
     CredentialInputError,
     format_answer,

@@ -8,6 +8,7 @@ import pytest
 import trio
 import trio.testing
 
+from tests.fakes import FakeBackend, credentials, running_keeper
 from vm_tokend import keeper as keeper_module
 from vm_tokend import upstream
 from vm_tokend.keeper import (
@@ -18,8 +19,6 @@ from vm_tokend.keeper import (
     UnknownVideoManager,
     UpstreamUnavailable,
 )
-
-from .fakes import FakeBackend, credentials, running_keeper
 
 
 async def settle() -> None:

@@ -7,12 +7,11 @@ import pytest
 import trio
 import trio.testing
 
-from vm_tokend import upstream
+from tests.fakes import VMS, FakeOidc, running_keeper
 from vm_tokend.keeper import CredentialsRejected, UnknownVideoManager
-from vm_tokend.oidc import TokenRejected
-from vm_tokend.upstream import VideoManagerRef
-
-from .fakes import VMS, FakeOidc, running_keeper
+from vm_tokend.upstream import base as upstream
+from vm_tokend.upstream.base import VideoManagerRef
+from vm_tokend.upstream.oidc import TokenRejected
 
 
 async def settle() -> None:

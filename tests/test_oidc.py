@@ -14,17 +14,16 @@ import httpx
 import pytest
 import trio
 
-from vm_tokend import upstream
-from vm_tokend.oidc import IssuerLink, OidcApi, TokenRejected, WebFinger, api_root
-from vm_tokend.standin import OidcClient, StandIn
-
-from .quick_standin import (  # noqa: F401 (fixtures)
+from standin.server import OidcClient, StandIn
+from tests.quick_standin import (  # noqa: F401 (fixtures)
     TLS,
     make_standin_fixture,
     one_key_fixture,
     standin_fixture,
     stopping_standins_fixture,
 )
+from vm_tokend.upstream import base as upstream
+from vm_tokend.upstream.oidc import IssuerLink, OidcApi, TokenRejected, WebFinger, api_root
 
 ISSUER_REL = "http://openid.net/specs/connect/1.0/issuer"
 
@@ -708,7 +707,7 @@ async def test_videomanager_list_failures_are_transient(make_standin, http):
 
 
 def test_a_url_with_spaces_or_control_characters_is_refused():
-    from vm_tokend.oidc import check_url
+    from vm_tokend.upstream.oidc import check_url
     for bad in ("https://login.example/x\nvm-tokend ERROR forged", "https://a b/x",
                 "https://login.example/\x00"):
         with pytest.raises(upstream.ClientRejected, match="is not a URL"):
@@ -716,7 +715,7 @@ def test_a_url_with_spaces_or_control_characters_is_refused():
 
 
 def test_a_very_short_expires_in_stays_short():
-    from vm_tokend.oidc import IssuerLink, OidcApi
+    from vm_tokend.upstream.oidc import IssuerLink, OidcApi
     api = OidcApi(httpx.AsyncClient(), "https://api.example/v1/vms",
                   IssuerLink("https://login.example/.well-known/openid-configuration",
                              "https://login.example"))
@@ -728,7 +727,7 @@ def test_a_very_short_expires_in_stays_short():
 
 async def test_no_cache_discovery_is_read_at_most_once_a_minute_and_kept_when_it_fails(
         autojump_clock):
-    from vm_tokend import oidc
+    from vm_tokend.upstream import oidc
     seen: Counter[str] = Counter()
     down: list[bool] = []
 

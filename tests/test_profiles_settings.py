@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from vm_tokend.settings import ConfigError, load_config, load_settings
-
-from .test_settings import isolated, write_config  # noqa: F401 (isolated: autouse fixture)
+from tests.test_settings import isolated, write_config  # noqa: F401 (isolated: autouse fixture)
+from vm_tokend.config.settings import ConfigError, load_config, load_settings
 
 
 def test_a_single_profile_configuration_is_the_default_profile(tmp_path):

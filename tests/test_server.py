@@ -15,12 +15,12 @@ import trio
 
 from tests.fakes import VMS, FakeBackend, credentials, running_keeper
 from vm_token import protocol
-from vm_tokend import server as server_module
-from vm_tokend.dispatch import Dispatcher
 from vm_tokend.keeper.account import Account
 from vm_tokend.keeper.answers import Answers
-from vm_tokend.server import Server, bind_unix_socket
-from vm_tokend.upstream import VideoManagerRef
+from vm_tokend.server import connections as server_module
+from vm_tokend.server.connections import Server, bind_unix_socket
+from vm_tokend.server.dispatch import Dispatcher
+from vm_tokend.upstream.base import VideoManagerRef
 
 
 @asynccontextmanager

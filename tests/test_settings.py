@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vm_tokend.settings import ConfigError, PasswordUnavailable, load_settings
+from vm_tokend.config.settings import ConfigError, PasswordUnavailable, load_settings
 
 
 @pytest.fixture(autouse=True)

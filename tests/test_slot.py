@@ -14,13 +14,12 @@ import pytest
 import trio
 import trio.testing
 
+from tests.fakes import PinnedRandom
 from vm_token.errors import BadRequest, CredentialsRejected, Forbidden, UpstreamUnavailable
 from vm_tokend import upstream
 from vm_tokend.keeper.slot import Paused, Slot, Superseded
 from vm_tokend.keeper.timing import Timing
-from vm_tokend.upstream import Grant, VideoManagerRef
-
-from .fakes import PinnedRandom
+from vm_tokend.upstream.base import Grant, VideoManagerRef
 
 VM = VideoManagerRef("1001", "Marketing")
 

@@ -13,13 +13,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 import httpx
 import pytest
 
-from vm_tokend.standin import Fault, OidcClient, StandIn
-from vm_tokend.standin_jose import RsaKey
+from standin.jose import RsaKey
+from standin.server import Fault, OidcClient, StandIn
 
 FORM = "application/x-www-form-urlencoded"
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
@@ -806,9 +807,10 @@ def test_device_authorization_errors(make_standin, http):
 
 @pytest.mark.parametrize("legacy_only", [False, True])
 def test_python_m_standin_prints_its_url(legacy_only):
-    argv = [sys.executable, "-m", "vm_tokend.standin", "--device-interval", "1"]
+    argv = [sys.executable, "-m", "standin", "--device-interval", "1"]
     proc = subprocess.Popen(argv + (["--legacy-only"] if legacy_only else []),
-                            stdout=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
     try:
         assert proc.stdout is not None
         url = proc.stdout.readline().strip()

@@ -11,8 +11,8 @@ import httpx
 import pytest
 import trio
 
-from vm_tokend import upstream
-from vm_tokend.upstream import VideoManagerApi, parse_retry_after, token_lifetime
+from vm_tokend.upstream import base as upstream
+from vm_tokend.upstream.base import VideoManagerApi, parse_retry_after, token_lifetime
 
 
 def jwt(claims: dict) -> str:

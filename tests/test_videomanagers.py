@@ -9,7 +9,7 @@ import pytest
 
 from vm_token.errors import UnknownVideoManager
 from vm_tokend.keeper.videomanagers import VideoManagers
-from vm_tokend.upstream import VideoManagerRef
+from vm_tokend.upstream.base import VideoManagerRef
 
 MARKETING = VideoManagerRef("1001", "Marketing")
 SALES = VideoManagerRef("1002", "Sales")

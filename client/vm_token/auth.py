@@ -27,9 +27,10 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from . import protocol
+from ._git_credential import videomanager_from_path
 from .aio import AsyncClient
 from .client import Client, get_fields, invalidate_fields
-from .credential import videomanager_from_path
+from ._git_credential import videomanager_from_path
 from .errors import BadRequest, UnknownHost
 from .token import Token
 

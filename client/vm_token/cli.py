@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from typing import Any
 
-    from .credential import Credential
+    from ._git_credential import Credential
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -126,7 +126,7 @@ def _fast_get_token(args: list[str], header: bool) -> int | None:
 
 def _read_credential() -> Credential:
     """Read git's description up to a blank line or EOF (a caller may keep stdin open)."""
-    from .credential import MAX_LINE, CredentialInputError, parse
+    from ._git_credential import MAX_LINE, CredentialInputError, parse
 
     lines = []
     total = 0
@@ -159,7 +159,7 @@ def _git_fields(credential: Credential, options: dict[str, str]) -> dict[str, An
 
 
 def _git_get(options: dict[str, str], timeout: float) -> int:
-    from .credential import format_answer, videomanager_from_path
+    from ._git_credential import format_answer, videomanager_from_path
 
     credential = _read_credential()
     fields = _git_fields(credential, options)
@@ -247,7 +247,7 @@ def _fast(args: list[str]) -> int | None:
     timeout = _number(options.get("--timeout") if options else None, DEFAULT_TIMEOUT)
     if options is None or not timeout:
         return None
-    from .credential import CredentialInputError
+    from ._git_credential import CredentialInputError
 
     try:
         return operation(options, timeout)
@@ -261,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = _fast(args)
         if code is None:
-            from ._cli_full import run
+            from ._cli.commands import run
 
             code = run(args)
         return code

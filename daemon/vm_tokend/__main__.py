@@ -11,7 +11,7 @@ import sys
 from typing import Any
 
 from vm_token import __version__
-from vm_token._argparse import ArgumentParser
+from vm_token._cli.parser import ArgumentParser
 
 EXIT_OK = 0
 EXIT_ALREADY_RUNNING = 1
@@ -120,8 +120,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import systemd
     from .app import App
-    from .server import BoundSocket, SocketAlreadyServed, SocketSetupError, bind_unix_socket
-    from .settings import ConfigError, load_config
+    from .config.settings import ConfigError, load_config
+    from .server.connections import (
+        BoundSocket,
+        SocketAlreadyServed,
+        SocketSetupError,
+        bind_unix_socket,
+    )
 
     setup_logging("info", journal=systemd.stderr_is_journal(os.environ))
     systemd.harden_process()

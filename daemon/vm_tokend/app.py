@@ -18,11 +18,11 @@ import trio
 
 from vm_token import __version__
 
-from .dispatch import Dispatcher
+from .config.settings import ConfigError, Profiles, Settings, load_config, resolve_profiles
 from .keeper import Keeper
-from .profiles import Runtimes
-from .server import BoundSocket, Server
-from .settings import ConfigError, Profiles, Settings, load_config, resolve_profiles
+from .runtimes import Runtimes
+from .server.connections import BoundSocket, Server
+from .server.dispatch import Dispatcher
 from .systemd import Notifier
 
 __all__ = ["App"]

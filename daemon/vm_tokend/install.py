@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
 
-from .settings import config_home
+from .config.settings import config_home
 
 __all__ = ["UNITS", "daemon_command", "install_units", "render", "user_unit_dir"]
 
@@ -45,7 +45,7 @@ def profile_credentials(environ: Mapping[str, str]) -> str:
     profile's way (see the unit file): `password.NAME` and `oidc_client_secret.NAME` from
     $XDG_CONFIG_HOME/vm-token, each with an empty fallback so that the unit starts when a
     profile keeps its secret elsewhere. Empty without profiles (or a readable config)."""
-    from .settings import CREDENTIAL_FILES, ConfigError, load_config
+    from .config.settings import CREDENTIAL_FILES, ConfigError, load_config
 
     try:
         _, profiles = load_config(strict=False)

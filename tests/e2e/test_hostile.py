@@ -19,10 +19,10 @@ import pytest
 import trio
 
 import vm_token
+from standin.server import Fault
 from tests.conftest import BIN
 from tests.e2e import rawwire
 from vm_token import protocol
-from vm_tokend.standin import Fault
 
 pytestmark = pytest.mark.timeout(120)
 

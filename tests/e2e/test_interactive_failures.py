@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 import vm_token
+from standin.server import Fault
 from tests.e2e import browser
 from tests.e2e.browser import (
     BrowserOpener,
@@ -27,7 +28,6 @@ from tests.e2e.browser import (
 )
 from tests.e2e.test_browser_login import standin_env
 from tests.e2e.test_git_and_scripts import describe, git_credential
-from vm_tokend.standin import Fault
 
 # the fixtures, under the names the tests ask for
 chromium_browser = browser.chromium_browser

@@ -20,7 +20,7 @@ import pytest
 import trio
 
 import vm_token
-from vm_tokend.upstream import CLOCK_SLACK
+from vm_tokend.upstream.base import CLOCK_SLACK
 
 pytestmark = pytest.mark.timeout(90)
 

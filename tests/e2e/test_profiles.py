@@ -11,9 +11,8 @@ import pytest
 import trio
 
 import vm_token
+from tests.e2e.test_hostile import in_thread
 from vm_token import protocol
-
-from .test_hostile import in_thread
 
 
 def write_config(private_dir: Path, text: str) -> None:

@@ -19,13 +19,13 @@ from vm_token.errors import DaemonError as Refused
 from vm_token.errors import LoginFailed, NotLoggedIn, UpstreamUnavailable
 
 from .. import upstream
-from ..oidc import OidcApi
-from ..settings import Credentials
-from ..upstream import Grant
-from .credentials import PasswordSource
+from ..config.settings import Credentials
+from ..upstream.base import Grant
+from ..upstream.oidc import OidcApi
 from .interactive import InteractiveLogins
-from .legacy import LegacySession
-from .oidc import OidcBackend, OidcSession
+from .legacy_session import LegacySession
+from .oidc_session import OidcBackend, OidcSession
+from .passwords import PasswordSource
 from .session import AccountConfig, Session, SessionEnded, failure
 from .slot import TokenInfo
 from .timing import BACKOFF_CAP, Timing, seconds

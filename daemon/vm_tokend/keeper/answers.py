@@ -15,8 +15,8 @@ import trio
 from vm_token.errors import CredentialsRejected, NotLoggedIn, UpstreamUnavailable
 from vm_token.errors import DaemonError as Refused
 
-from ..upstream import VideoManagerRef
-from .credentials import PasswordSource
+from ..upstream.base import VideoManagerRef
+from .passwords import PasswordSource
 from .slot import Slot, TokenInfo
 from .timing import seconds
 from .videomanagers import VideoManagers

@@ -23,11 +23,11 @@ import trio
 from vm_token.errors import BadRequest, LoginFailed, UpstreamUnavailable
 
 from .. import upstream
-from ..oidc import OidcApi
-from ..oidc_interactive import CodeFlow, DeviceFlow, identity
-from ..oidc_interactive import LoginFailed as FlowFailed
 from ..text import quote
-from ..upstream import Grant
+from ..upstream.base import Grant
+from ..upstream.interactive import CodeFlow, DeviceFlow, identity
+from ..upstream.interactive import LoginFailed as FlowFailed
+from ..upstream.oidc import OidcApi
 
 __all__ = ["Flow", "InteractiveLogins"]
 

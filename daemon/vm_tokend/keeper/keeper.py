@@ -17,7 +17,7 @@ import trio
 
 from vm_token.errors import UnknownProfile
 
-from ..settings import DEFAULT_PROFILE, Credentials, normalize_host
+from ..config.settings import DEFAULT_PROFILE, Credentials, normalize_host
 from ..text import quote
 from .account import Account, Backend, Connect
 from .answers import Changes

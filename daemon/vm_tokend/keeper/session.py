@@ -31,11 +31,11 @@ from vm_token.errors import CredentialsRejected, NotLoggedIn
 from vm_token.errors import DaemonError as Refused
 
 from .. import upstream
-from ..settings import PasswordUnavailable
+from ..config.settings import PasswordUnavailable
 from ..text import quote
-from ..upstream import Grant
+from ..upstream.base import Grant
 from .answers import Answers, Changes, LoginRequired, SessionEnded
-from .credentials import PasswordSource
+from .passwords import PasswordSource
 from .slot import Paused, Slot, Superseded
 from .timing import Timing, seconds
 from .videomanagers import VideoManagers

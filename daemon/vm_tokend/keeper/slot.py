@@ -23,7 +23,7 @@ from vm_token.errors import BadRequest, Forbidden, UpstreamUnavailable
 from vm_token.errors import DaemonError as Refused
 
 from .. import upstream
-from ..upstream import Grant, VideoManagerRef
+from ..upstream.base import Grant, VideoManagerRef
 from .timing import Timing, seconds
 
 __all__ = ["Paused", "Slot", "Superseded", "TokenInfo"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 from typing import Final
 
-from ..upstream import Grant
+from ..upstream.base import Grant
 
 REFRESH_AT: Final = 2 / 3
 REFRESH_JITTER: Final = 0.05  # of the lifetime, either way

@@ -10,7 +10,7 @@ from typing import Final
 from vm_token.errors import UnknownVideoManager
 
 from ..text import quote
-from ..upstream import VideoManagerRef
+from ..upstream.base import VideoManagerRef
 
 __all__ = ["VideoManagers"]
 

@@ -13,8 +13,8 @@ import math
 from collections.abc import Iterable
 
 from .. import upstream
-from ..upstream import Grant, LegacyBackend, VideoManagerRef
-from .credentials import PasswordSource
+from ..upstream.base import Grant, LegacyBackend, VideoManagerRef
+from .passwords import PasswordSource
 from .session import REFRESH_TOKEN_MARGIN, AccountConfig, Session
 from .slot import Slot
 from .timing import REFRESH_AT, REFRESH_JITTER, Timing

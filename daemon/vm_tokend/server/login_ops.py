@@ -16,9 +16,9 @@ import trio
 from vm_token import protocol
 from vm_token.errors import BadRequest
 
-from .keeper import Keeper
-from .keeper.interactive import InteractiveLogins
-from .text import quote
+from ..keeper import Keeper
+from ..keeper.interactive import InteractiveLogins
+from ..text import quote
 
 __all__ = ["login_ops"]
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
-from vm_tokend.standin_jose import b64url
-from vm_tokend.standin_oidc import (
+from standin.jose import b64url
+from standin.oidc import (
     AUTH_PATH,
     DEVICE_AUTH_PATH,
     DEVICE_GRANT,
@@ -36,7 +36,7 @@ from vm_tokend.standin_oidc import (
 )
 
 if TYPE_CHECKING:
-    from vm_tokend.standin_oidc import OidcProvider
+    from standin.oidc import OidcProvider
 
 # How long a login form stays usable (Keycloak's "Login timeout" is 30 minutes).
 LOGIN_REQUEST_LIFETIME = 1800

@@ -26,9 +26,9 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import trio
 
-from .settings import host_is_loopback
-from .text import quote, shorten
-from .upstream import (
+from ..config.settings import host_is_loopback
+from ..text import quote, shorten
+from .base import (
     CLOCK_SLACK,
     MAX_LIFETIME,
     ClientRejected,

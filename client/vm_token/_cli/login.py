@@ -36,8 +36,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from . import _loopback, errors, protocol
-from .client import Client
+from .. import _loopback, errors, protocol
+from ..client import Client
 
 __all__ = ["browser_login", "device_login"]
 

@@ -15,11 +15,11 @@ from typing import Any
 
 import httpx
 
-from .keeper.account import Backend
-from .keeper.oidc import OidcBackend
+from ..config.profile import Profile
+from ..keeper.account import Backend
+from ..keeper.oidc_session import OidcBackend
+from .base import ClientRejected, TransientError, VideoManagerApi
 from .oidc import WELL_KNOWN, IssuerLink, OidcApi, WebFinger, check_url
-from .profile import Profile
-from .upstream import ClientRejected, TransientError, VideoManagerApi
 
 __all__ = ["Connector"]
 

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote_plus
 
-from vm_tokend.standin_jose import RsaKey, b64url, decode_jwt, encode_jwt
+from standin.jose import RsaKey, b64url, decode_jwt, encode_jwt
 
 if TYPE_CHECKING:
-    from vm_tokend.standin import StandIn
-    from vm_tokend.standin_login import InteractiveLogins
+    from standin.login import InteractiveLogins
+    from standin.server import StandIn
 
 Response = tuple[int, dict[str, str], bytes]
 
@@ -129,7 +129,7 @@ class OidcProvider:
         self._hmac_key = secrets.token_bytes(32)  # refresh tokens: HS256, as Keycloak's
         self._rsa: RsaKey | None = None
         self._rsa_lock = threading.Lock()
-        from vm_tokend.standin_login import InteractiveLogins  # it builds on this module
+        from standin.login import InteractiveLogins  # it builds on this module
 
         self.logins: InteractiveLogins = InteractiveLogins(self)
 

@@ -23,12 +23,12 @@ from pydantic import SecretStr
 
 from vm_token import __version__
 
-from .connect import Connector
+from .config.profile import Credentials, PasswordUnavailable, Profile
 from .keeper import Keeper
 from .keeper.account import Account
-from .profile import Credentials, PasswordUnavailable, Profile
 from .text import quote
-from .upstream import CONNECT_TIMEOUT, TOTAL_TIMEOUT
+from .upstream.base import CONNECT_TIMEOUT, TOTAL_TIMEOUT
+from .upstream.connect import Connector
 
 __all__ = ["Runtime", "Runtimes"]
 

@@ -53,7 +53,7 @@ above: `fail(endpoints=("token",))` hits every grant, `("oidc_refresh",)` only r
         ...  # point vm-tokend at api.url, log in as api.username / api.password
         assert api.counts["refresh"] == 1
 
-Run it alone with `python -m vm_tokend.standin [--legacy-only]` (it prints its URL).
+Run it alone with `python -m standin [--legacy-only]` (it prints its URL).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ from types import TracebackType
 from typing import Any, Literal
 from urllib.parse import quote
 
-from vm_tokend.standin_oidc import DISCOVERY_PATH, WEBFINGER_PATH, OidcClient, OidcProvider
+from standin.oidc import DISCOVERY_PATH, WEBFINGER_PATH, OidcClient, OidcProvider
 
 __all__ = ["Fault", "OidcClient", "StandIn"]
 
@@ -555,7 +555,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m vm_tokend.standin",
+        prog="python -m standin",
         description="Run the stand-in VideoManager Pro API on loopback until interrupted.",
     )
     parser.add_argument("--port", type=int, default=0, help="TCP port (default: any free one)")
@@ -588,6 +588,3 @@ def main(argv: list[str] | None = None) -> int:
         stop.wait()
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -27,9 +27,8 @@ from urllib.parse import urlencode
 
 import trio
 
-from .oidc import CLIENT_ERRORS, OidcApi, check_url, oauth_error
-from .text import quote, shorten
-from .upstream import (
+from ..text import quote, shorten
+from .base import (
     ClientRejected,
     Grant,
     TransientError,
@@ -40,6 +39,7 @@ from .upstream import (
     number,
     valid_token,
 )
+from .oidc import CLIENT_ERRORS, OidcApi, check_url, oauth_error
 
 __all__ = ["CodeFlow", "DeviceFlow", "Identity", "LoginFailed", "identity"]
 

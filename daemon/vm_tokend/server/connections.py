@@ -31,7 +31,7 @@ import trio
 
 from vm_token import protocol
 
-from .text import quote
+from ..text import quote
 
 __all__ = [
     "Server",

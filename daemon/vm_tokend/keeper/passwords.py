@@ -6,7 +6,7 @@ import hashlib
 import hmac
 import secrets
 
-from ..settings import Credentials
+from ..config.settings import Credentials
 
 __all__ = ["PasswordSource"]
 

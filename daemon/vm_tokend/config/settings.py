@@ -36,6 +36,7 @@ from pydantic_settings import (
 
 from vm_token import protocol
 
+from ..text import quote
 from .profile import (
     DEFAULT_API_URL,
     ENV_PREFIX,
@@ -46,7 +47,6 @@ from .profile import (
     host_is_loopback,
     normalize_host,
 )
-from .text import quote
 
 __all__ = [
     "DEFAULT_API_URL",

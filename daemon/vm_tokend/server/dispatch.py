@@ -18,11 +18,11 @@ from typing import Any, Final
 from vm_token import protocol
 from vm_token.errors import UnknownHost
 
-from .keeper import BadRequest, Keeper, Refused, TokenInfo
+from ..config.settings import host_is_loopback, normalize_host
+from ..keeper import BadRequest, Keeper, Refused, TokenInfo
+from ..text import quote
+from .connections import error_reply
 from .login_ops import login_ops
-from .server import error_reply
-from .settings import host_is_loopback, normalize_host
-from .text import quote
 
 __all__ = ["Dispatcher"]
 

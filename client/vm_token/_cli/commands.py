@@ -10,9 +10,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import errors, protocol
-from ._argparse import ArgumentParser
-from .cli import (
+from .. import errors, protocol
+from ..cli import (
     DEFAULT_TIMEOUT,
     EXIT_CODES_HELP,
     EXIT_OK,
@@ -22,7 +21,8 @@ from .cli import (
     exit_code,
     fail,
 )
-from .client import Client, VideoManager, next_page, videomanagers_from_reply
+from ..client import Client, VideoManager, next_page, videomanagers_from_reply
+from .parser import ArgumentParser
 
 
 class _Usage(Exception):
@@ -77,8 +77,8 @@ def _cmd_exec(client: Client, args: argparse.Namespace) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise _Usage("exec needs a command after --, e.g. vm-token exec -- ./upload.sh")
-    from .client import get_fields
-    from .token import Token
+    from ..client import get_fields
+    from ..token import Token
 
     reply = client.request(protocol.GET, **get_fields(args.vm, args.min_ttl))
     token = Token.from_reply(reply)
@@ -325,7 +325,7 @@ def _cmd_login(client: Client, args: argparse.Namespace) -> int:
 
 def _interactive_login(client: Client, args: argparse.Namespace,
                        hello: dict[str, object]) -> int:
-    from ._login import LoginAborted, browser_login, device_login
+    from .login import LoginAborted, browser_login, device_login
 
     port = hello.get("redirect_port")
     try:
@@ -379,7 +379,7 @@ def _cmd_git(client: Client, args: argparse.Namespace) -> int:
 
 
 def _parser() -> ArgumentParser:
-    from ._version import __version__
+    from .._version import __version__
 
     def common() -> ArgumentParser:
         # A fresh parent for each parser: argparse shares a parent's Action objects, so

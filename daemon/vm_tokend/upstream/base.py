@@ -39,7 +39,7 @@ from urllib.parse import quote_plus
 import httpx
 import trio
 
-from .text import quote
+from ..text import quote
 
 __all__ = [
     "ClientRejected",

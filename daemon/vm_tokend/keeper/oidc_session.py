@@ -20,9 +20,9 @@ import trio
 from vm_token.errors import UnknownVideoManager
 
 from .. import upstream
-from ..oidc import TokenRejected
-from ..upstream import Grant, VideoManagerRef
-from .credentials import PasswordSource
+from ..upstream.base import Grant, VideoManagerRef
+from ..upstream.oidc import TokenRejected
+from .passwords import PasswordSource
 from .session import AccountConfig, Session, contained
 from .slot import QUICK_INVALIDATION, Slot
 from .timing import Timing

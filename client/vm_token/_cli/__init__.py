@@ -1,0 +1,1 @@
+"""The `vm-token` command beyond its fast path (`vm_token.cli`): argparse, help, login."""

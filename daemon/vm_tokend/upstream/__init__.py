@@ -1,0 +1,39 @@
+"""upstream: HTTP to the API and its identity provider — the daemon's only network side.
+
+    base.py         what every way of logging in shares: the errors, Grant, reading answers
+                    defensively, scrubbing; VideoManagerApi, the API's own (legacy) login
+    oidc.py         WebFinger, Keycloak's discovery document, the password and refresh grants
+    interactive.py  the interactive grants: authorization code + PKCE, device code
+    connect.py      choosing the way to log in from a profile's settings
+
+Everything here faces a hostile upstream: answers are read with limits, and no message
+carries a secret we sent.
+"""
+
+from .base import (
+    ClientRejected,
+    CredentialsRejected,
+    Forbidden,
+    Grant,
+    LegacyBackend,
+    RefreshRejected,
+    TransientError,
+    UpstreamError,
+    VideoManagerApi,
+    VideoManagerRef,
+    jwt_claims,
+)
+
+__all__ = [
+    "ClientRejected",
+    "CredentialsRejected",
+    "Forbidden",
+    "Grant",
+    "LegacyBackend",
+    "RefreshRejected",
+    "TransientError",
+    "UpstreamError",
+    "VideoManagerApi",
+    "VideoManagerRef",
+    "jwt_claims",
+]
