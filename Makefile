@@ -24,6 +24,7 @@ install: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 # Four workers on two cores: most tests wait (on daemons, servers, token lifetimes), they
 # do not compute; one worker took 4 min 16 s, four 1 min 48 s.

@@ -3,12 +3,14 @@
     keeper.py         Keeper, the request API `server` uses
     account.py        Account: settings, credentials, finding how to log in, the session
     session.py        Session: one login's life cycle, lock, pauses, refresh token
-    legacy.py         LegacySession: a token per VideoManager (the API's own login)
-    oidc.py           OidcSession: one token for every VideoManager (OpenID Connect)
+    answers.py        Answers: what a session tells clients (tokens, state, the list)
+    legacy_session.py LegacySession: a token per VideoManager (the API's own login)
+    oidc_session.py   OidcSession: one token for every VideoManager (OpenID Connect)
+    interactive.py    InteractiveLogins: the browser or device login in progress
     slot.py           Slot: one token's refresh/backoff/idle state machine; TokenInfo
     timing.py         refresh times and backoff
     videomanagers.py  the user's VideoManagers, the default and kept-warm ones
-    credentials.py    where the password comes from, and whether it changed
+    passwords.py      PasswordReader: reads the password, knows whether it changed
 
 A refusal is the very exception the client will raise: one class per wire error code.
 """

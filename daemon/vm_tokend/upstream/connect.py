@@ -16,8 +16,6 @@ from typing import Any
 import httpx
 
 from ..config.profile import Profile
-from ..keeper.account import Backend
-from ..keeper.oidc_session import OidcBackend
 from .base import ClientRejected, TransientError, VideoManagerApi
 from .oidc import WELL_KNOWN, IssuerLink, OidcApi, WebFinger, check_url
 
@@ -31,7 +29,8 @@ def _link(issuer: str) -> IssuerLink:
 
 
 class Connector:
-    """The keeper's `connect`: a backend for the current settings."""
+    """The keeper's `connect`: a backend for the current settings (the keeper's
+    LegacyBackend or OidcBackend, which these two classes are)."""
 
     def __init__(self, http: httpx.AsyncClient, settings: Callable[[], Profile],
                  calls: Counter[str]) -> None:
@@ -48,7 +47,7 @@ class Connector:
                 secret.get_secret_value() if secret else None, settings.oidc_scope,
                 settings.default_token_lifetime)
 
-    async def __call__(self) -> Backend:
+    async def __call__(self) -> VideoManagerApi | OidcApi:
         settings = self._settings()
         if settings.auth == "legacy":
             return self._legacy(settings)
@@ -61,13 +60,12 @@ class Connector:
                      "API's own endpoints", settings.api_url)
             return self._legacy(settings)
         secret = settings.oidc_client_secret
-        api: OidcBackend = OidcApi(self._http, settings.api_url, link,
+        return OidcApi(self._http, settings.api_url, link,
                        client_id=settings.oidc_client_id,
                        client_secret=secret.get_secret_value() if secret else None,
                        scope=settings.oidc_scope,
                        default_token_lifetime=settings.default_token_lifetime,
                        calls=self._calls)
-        return api
 
     async def issuer(self, settings: Profile) -> IssuerLink | None:
         """The issuer to log in with: the configured one, else what WebFinger says."""
