@@ -83,8 +83,7 @@ def setup_logging(level: str, journal: bool = False) -> None:
 
 
 def _install_units(argv: list[str]) -> int:
-    import os
-
+    from .config.environment import process_environment
     from .install import install_units
 
     parser = ArgumentParser(
@@ -100,7 +99,7 @@ def _install_units(argv: list[str]) -> int:
                              "enable --now vm-tokend.socket")
     args = parser.parse_args(argv)
     try:
-        return install_units(os.environ, enable=args.enable)
+        return install_units(process_environment(), enable=args.enable)
     except OSError as exc:
         print(f"vm-tokend: cannot write the units: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -114,12 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     flags: dict[str, Any] = {k: v for k, v in vars(args).items() if v is not None}
 
     # Imported here so that `--help` and `--version` stay quick.
-    import os
-
     import trio
 
     from . import systemd
     from .app import App
+    from .config.environment import process_environment
     from .config.settings import ConfigError, load_config
     from .server.connections import (
         BoundSocket,
@@ -128,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         bind_unix_socket,
     )
 
-    setup_logging("info", journal=systemd.stderr_is_journal(os.environ))
+    environ = process_environment()
+    setup_logging("info", journal=systemd.stderr_is_journal(environ))
     systemd.harden_process()
     try:
         settings, profiles = load_config(flags)
@@ -136,9 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vm-tokend: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     logging.getLogger("vm_tokend").setLevel(settings.log_level.upper())
-    notifier = systemd.Notifier(os.environ)
+    notifier = systemd.Notifier(environ)
     try:
-        activated = systemd.activated_socket(os.environ)
+        activated = systemd.activated_socket(environ)
         if activated is not None:
             bound = BoundSocket(activated, path=None)  # systemd's: never ours to remove
         else:
@@ -150,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vm-tokend: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     app = App(settings, bound, profiles=profiles, flags=flags, notifier=notifier,
-              watchdog_interval=systemd.watchdog_interval(os.environ))
+              watchdog_interval=systemd.watchdog_interval(environ))
     try:
         trio.run(app.run)
     finally:
