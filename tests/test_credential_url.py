@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vm_token.credential import CredentialInputError, parse
+from vm_token._git_credential import CredentialInputError, parse
 
 
 def parts(url: str) -> dict[str, str]:

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from vm_tokend.oidc_interactive import LoginFailed, identity
-from vm_tokend.upstream import Grant
+from vm_tokend.upstream.base import Grant
+from vm_tokend.upstream.interactive import LoginFailed, identity
 
 ISSUER = "https://login.example/realms/platform"
 CLIENT = "vm-token"

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from vm_tokend.profile import Credentials
-from vm_tokend.settings import load_config
+from vm_tokend.config.profile import Credentials
+from vm_tokend.config.settings import load_config
 
 from .test_settings import isolated, write_config  # noqa: F401 (isolated: autouse fixture)
 

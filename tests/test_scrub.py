@@ -15,7 +15,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from vm_tokend import upstream
+from vm_tokend.upstream import base as upstream
 
 REDACTED = "[redacted]"
 # Characters that JSON, URLs and forms each write in their own way.

@@ -30,7 +30,6 @@ from . import protocol
 from ._git_credential import videomanager_from_path
 from .aio import AsyncClient
 from .client import Client, get_fields, invalidate_fields
-from ._git_credential import videomanager_from_path
 from .errors import BadRequest, UnknownHost
 from .token import Token
 

@@ -15,7 +15,7 @@ import pytest
 import vm_token
 from tests.e2e import rawwire
 from tests.e2e.test_browser_login import standin_env
-from vm_tokend import server
+from vm_tokend.server import connections as server
 
 pytestmark = pytest.mark.timeout(60)
 

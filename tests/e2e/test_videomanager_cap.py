@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 import vm_token
-from vm_tokend.upstream import MAX_VIDEOMANAGERS
+from vm_tokend.upstream.base import MAX_VIDEOMANAGERS
 
 pytestmark = pytest.mark.timeout(90)
 
