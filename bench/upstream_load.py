@@ -15,7 +15,7 @@ import trio
 import trio.testing
 from pydantic import SecretStr
 
-from vm_tokend.config.settings import Credentials
+from vm_tokend.config.settings import PasswordSource
 from vm_tokend.keeper import Keeper
 from vm_tokend.upstream import base as upstream
 from vm_tokend.upstream.base import Grant, VideoManagerRef
@@ -118,7 +118,7 @@ async def _simulate(rate: float, oidc: bool) -> dict[str, Any]:
     async with trio.open_nursery() as nursery:
         keeper = Keeper(api, rng=random.Random(7))  # noqa: S311 - jitter, not crypto
         await nursery.start(keeper.run)
-        await keeper.start_session(Credentials("bench", SecretStr("pw")))
+        await keeper.start_session(PasswordSource("bench", SecretStr("pw")))
         started = trio.current_time()
         per_batch = rate * BATCH
         owed = 0.0

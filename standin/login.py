@@ -7,7 +7,8 @@
     GET  {issuer}/device[?user_code=…]                   the page where a user enters the code,
     POST {issuer}/device                                 logs in, and approves or denies
 
-The token endpoint (standin_oidc) hands the authorization_code and device_code grants here.
+The token endpoint (`oidc`) hands the authorization_code and device_code grants here.
+`StandIn` composes the two: this module builds on `oidc`, never the other way round.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from standin.jose import b64url
@@ -28,15 +29,13 @@ from standin.oidc import (
     DEVICE_AUTH_PATH,
     DEVICE_GRANT,
     DEVICE_PAGE_PATH,
+    KeycloakSession,
     OAuthError,
     OidcClient,
+    OidcProvider,
     Response,
-    Session,
     parse_form,
 )
-
-if TYPE_CHECKING:
-    from standin.oidc import OidcProvider
 
 # How long a login form stays usable (Keycloak's "Login timeout" is 30 minutes).
 LOGIN_REQUEST_LIFETIME = 1800
@@ -62,7 +61,7 @@ class Code:
     client_id: str
     redirect_uri: str
     challenge: str | None
-    session: Session
+    session: KeycloakSession
     expires: float
     used: bool = False
 
@@ -76,7 +75,7 @@ class DeviceRequest:
     interval: float
     last_poll: float | None = None
     status: str = "pending"  # → approved / denied; done once answered for good
-    session: Session | None = None
+    session: KeycloakSession | None = None
     done: bool = False
 
 
@@ -114,7 +113,7 @@ def _normal_user_code(text: str) -> str:
     return "".join(c for c in text.upper() if c.isalnum())
 
 
-class InteractiveLogins:
+class InteractiveGrants:
     """Login requests, authorization codes and device codes of one realm."""
 
     def __init__(self, provider: OidcProvider) -> None:

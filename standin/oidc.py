@@ -2,8 +2,9 @@
 
 WebFinger, the discovery document, the JWK Set, userinfo and the token endpoint with the
 password and refresh grants, Keycloak's sessions and its refresh-token reuse detection. The
-interactive grants (authorization code, device code) live in standin_login. Everything
-public is reached through `StandIn` (standin.py); this module holds the state and the rules.
+interactive grants (authorization code, device code) live in `login`, which builds on this
+module: `StandIn` (server.py) hands them to the provider as its `interactive` part. Everything
+public is reached through `StandIn`; this module holds the realm's state and rules.
 """
 
 from __future__ import annotations
@@ -18,13 +19,12 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs, unquote_plus
 
 from standin.jose import RsaKey, b64url, decode_jwt, encode_jwt
 
 if TYPE_CHECKING:
-    from standin.login import InteractiveLogins
     from standin.server import StandIn
 
 Response = tuple[int, dict[str, str], bytes]
@@ -71,7 +71,7 @@ class OidcClient:
 
 
 @dataclass
-class Session:
+class KeycloakSession:
     """One login (Keycloak's user session): every token of it ends with it."""
 
     sid: str
@@ -115,8 +115,21 @@ def parse_form(body: bytes) -> dict[str, str]:
     return {name: values[0] for name, values in pairs.items()}
 
 
+class InteractiveGrantHandler(Protocol):
+    """The interactive half of the realm (`login.InteractiveGrants`): its pages and endpoints,
+    and the two grants the token endpoint hands it."""
+
+    def handle(self, method: str, path: str, query: str, headers: dict[str, str],
+               body: bytes) -> Response | None: ...
+
+    def code_grant(self, client: OidcClient, form: dict[str, str]) -> dict[str, Any]: ...
+
+    def device_grant(self, client: OidcClient, form: dict[str, str]) -> dict[str, Any]: ...
+
+
 class OidcProvider:
-    """The realm: keys, clients, sessions, and the non-interactive endpoints."""
+    """The realm: keys, clients, sessions, and the non-interactive endpoints; the interactive
+    ones are its `interactive` part, set by whoever composes the two (StandIn)."""
 
     def __init__(self, standin: StandIn, clients: tuple[OidcClient, ...]) -> None:
         self.standin = standin
@@ -124,14 +137,12 @@ class OidcProvider:
         self.subject = str(uuid.uuid5(uuid.NAMESPACE_URL, f"vm-token-standin:{standin.username}"))
         self.token_path = TOKEN_PATH
         self.moved_token_paths: set[str] = set()
-        self.sessions: dict[str, Session] = {}
+        self.sessions: dict[str, KeycloakSession] = {}
         self._used_refresh: set[str] = set()  # jti, with rotation
         self._hmac_key = secrets.token_bytes(32)  # refresh tokens: HS256, as Keycloak's
         self._rsa: RsaKey | None = None
         self._rsa_lock = threading.Lock()
-        from standin.login import InteractiveLogins  # it builds on this module
-
-        self.logins: InteractiveLogins = InteractiveLogins(self)
+        self.interactive: InteractiveGrantHandler | None = None
 
     # -- addresses ------------------------------------------------------------------------
 
@@ -176,8 +187,8 @@ class OidcProvider:
 
     # -- sessions -------------------------------------------------------------------------
 
-    def new_session(self, client_id: str, scope: str, nonce: str | None = None) -> Session:
-        session = Session(str(uuid.uuid4()), client_id, scope,
+    def new_session(self, client_id: str, scope: str, nonce: str | None = None) -> KeycloakSession:
+        session = KeycloakSession(str(uuid.uuid4()), client_id, scope,
                           offline="offline_access" in scope.split()
                           or self.standin.refresh_expires_mode == "zero", nonce=nonce)
         with self.standin._lock:
@@ -194,7 +205,7 @@ class OidcProvider:
             self.standin.counts["sessions_ended"] += len(ended)
         return len(ended)
 
-    def tokens(self, session: Session, client: OidcClient) -> dict[str, Any]:
+    def tokens(self, session: KeycloakSession, client: OidcClient) -> dict[str, Any]:
         """A token answer for `session`, as Keycloak's."""
         standin = self.standin
         now = int(time.time())
@@ -261,7 +272,9 @@ class OidcProvider:
             return json_response(404, {"error": "RESTEASY003210: Could not find resource"})
         if path == USERINFO_PATH and method in ("GET", "POST"):
             return self._userinfo(headers)
-        return self.logins.handle(method, path, query, headers, body)
+        if self.interactive is None:
+            return None
+        return self.interactive.handle(method, path, query, headers, body)
 
     def _document(self, endpoint: str, make: Callable[[], dict[str, Any]],
                   cache_control: str | None) -> Response:
@@ -398,10 +411,12 @@ class OidcProvider:
                 answer = self._password_grant(client, form)
             elif grant == "refresh_token":
                 answer = self._refresh_grant(client, form)
+            elif self.interactive is None:
+                raise OAuthError(400, "unsupported_grant_type", "Unsupported grant_type")
             elif grant == "authorization_code":
-                answer = self.logins.code_grant(client, form)
+                answer = self.interactive.code_grant(client, form)
             else:
-                answer = self.logins.device_grant(client, form)
+                answer = self.interactive.device_grant(client, form)
         except OAuthError as error:
             return error.response()
         self.standin._count(f"{name}_ok")

@@ -76,6 +76,7 @@ from types import TracebackType
 from typing import Any, Literal
 from urllib.parse import quote
 
+from standin.login import InteractiveGrants
 from standin.oidc import DISCOVERY_PATH, WEBFINGER_PATH, OidcClient, OidcProvider
 
 __all__ = ["Fault", "OidcClient", "StandIn"]
@@ -176,6 +177,8 @@ class StandIn:
         self._server.standin = self
         self._thread: threading.Thread | None = None
         self.oidc = OidcProvider(self, tuple(clients))
+        self.grants = InteractiveGrants(self.oidc)  # the realm's interactive half
+        self.oidc.interactive = self.grants
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -282,7 +285,7 @@ class StandIn:
 
     def approve_device(self, user_code: str, *, approve: bool = True) -> bool:
         """Play the user on the device page: approve (or deny) a pending device login."""
-        return self.oidc.logins.decide_device(user_code, approve=approve)
+        return self.grants.decide_device(user_code, approve=approve)
 
     def token_valid(self, token: str, videomanager_id: str | None = None) -> bool:
         """Whether the API would accept `token` (for `videomanager_id`, if given) now."""

@@ -18,7 +18,7 @@ import trio
 from pydantic import SecretStr
 
 from vm_tokend import upstream
-from vm_tokend.config.settings import Credentials
+from vm_tokend.config.settings import PasswordSource
 from vm_tokend.keeper import Keeper
 from vm_tokend.upstream.base import Grant, VideoManagerRef
 
@@ -222,8 +222,8 @@ class PinnedRandom(random.Random):
         return a + (b - a) * self.pick
 
 
-def credentials(password: str = "right") -> Credentials:
-    return Credentials(username="someone@example.com", password=SecretStr(password))
+def credentials(password: str = "right") -> PasswordSource:
+    return PasswordSource(username="someone@example.com", password=SecretStr(password))
 
 
 @asynccontextmanager

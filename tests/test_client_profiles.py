@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 
 import vm_token
-from vm_token import cli, protocol
+from vm_token import protocol
+from vm_token._cli import git, shared
 from vm_token._cli.commands import _parser
 from vm_token._git_credential import parse
 from vm_token.auth import host_of
@@ -124,17 +125,17 @@ def test_the_auth_picks_by_host_unless_given_a_profile():
 
 def test_git_fields(monkeypatch):
     described = parse(b"protocol=https\nhost=api.example\nusername=me@example.com\n\n")
-    assert cli._git_fields(described, {}) == {
+    assert git.git_fields(described, {}) == {
         "host": "api.example", "protocol": "https", "user": "me@example.com"}
-    assert (cli._git_fields(described, {"--profile": "work"}) or {})["profile"] == "work"
+    assert (git.git_fields(described, {"--profile": "work"}) or {})["profile"] == "work"
     # The shell's profile is not git's: the host chooses.
     monkeypatch.setenv("VM_TOKEN_PROFILE", "work")
-    assert "profile" not in (cli._git_fields(parse(b"host=api.example\n\n"), {}) or {"profile": 1})
-    assert cli._git_fields(parse(b"protocol=https\n\n"), {}) is None
+    assert "profile" not in (git.git_fields(parse(b"host=api.example\n\n"), {}) or {"profile": 1})
+    assert git.git_fields(parse(b"protocol=https\n\n"), {}) is None
     # ... while token and header take it.
-    assert cli._profile({}, environment=True) == {"profile": "work"}
-    assert cli._profile({"--profile": ""}, environment=True) == {}
-    assert cli._profile({"--profile": "x"}, environment=True) == {"profile": "x"}
+    assert shared.profile_field({}, environment=True) == {"profile": "work"}
+    assert shared.profile_field({"--profile": ""}, environment=True) == {}
+    assert shared.profile_field({"--profile": "x"}, environment=True) == {"profile": "x"}
 
 
 def test_argparse_takes_profile_before_and_after_the_subcommand():

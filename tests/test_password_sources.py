@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from vm_tokend.config.profile import Credentials
+from vm_tokend.config.passwords import PasswordSource
 from vm_tokend.config.settings import load_config
 
 from .test_settings import isolated, write_config  # noqa: F401 (isolated: autouse fixture)
@@ -39,13 +39,13 @@ auth = "oidc"
 login_method = "password"
 ''')
     _, profiles = load_config(strict=False)
-    assert profiles.valid["default"].credentials() is not None
+    assert profiles.valid["default"].password_source() is not None
     for name in ("api", "issuer"):
         profile = profiles.valid[name]
         assert profile.username == "me@example.com"  # no secret: taken
         assert (profile.password, profile.password_file, profile.password_command) == \
             (None, None, None), name
-        assert profile.credentials() is None, name
+        assert profile.password_source() is None, name
     # The same API host and user is the top level over again (whatever its issuer or
     # `auth`): an error, not a second session with the same password.
     assert "same API host and user" in profiles.errors["robot"]
@@ -66,7 +66,7 @@ async def test_a_password_command_runs_without_the_daemons_secrets(tmp_path, mon
     script = tmp_path / "dump.py"
     script.write_text(f"import json, os\njson.dump(dict(os.environ), open({str(dumped)!r}, "
                       "'w'))\n")
-    credentials = Credentials("me", password_command=f"{sys.executable} {script} && echo pw")
+    credentials = PasswordSource("me", password_command=f"{sys.executable} {script} && echo pw")
     assert await credentials.read_password() == "pw"
     seen = json.loads(dumped.read_text())
     assert seen["UNRELATED"] == "kept" and seen["PATH"]

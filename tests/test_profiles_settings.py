@@ -41,11 +41,11 @@ idle_timeout = 30
     assert customer.api_url == "https://api.customer.example/v1/vms"
     assert customer.username == "agency@example.com"
     # Another user: the top level's password is not theirs to send.
-    assert customer.password is None and customer.credentials() is None
+    assert customer.password is None and customer.password_source() is None
     assert customer.default_videomanager == "Marketing" and customer.idle_timeout == 120
     assert test.username == "me@example.com" and test.idle_timeout == 30
     # The same user at another API: the top level's password is not sent there.
-    assert test.password is None and test.credentials() is None
+    assert test.password is None and test.password_source() is None
     assert profiles.valid["default"].api_url == "https://api.video-cdn.net/v1/vms"
     assert customer.git_hosts() == frozenset({"api.customer.example"})
 
@@ -176,5 +176,5 @@ api_url = "https://api.custom.example/v1/vms"
     assert cmd.password is None and cmd.password_command == "echo carolpw"
     # alice at another API: not the top level's password (a systemd credential)
     custom = profiles.valid["custom-domain"]
-    assert custom.username == "alice" and custom.credentials() is None
+    assert custom.username == "alice" and custom.password_source() is None
     assert (custom.password, custom.password_file, custom.password_command) == (None,) * 3

@@ -34,7 +34,7 @@ def test_defaults(tmp_path):
     assert settings.api_url == "https://api.video-cdn.net/v1/vms"
     assert settings.idle_timeout == 3600 and settings.default_token_lifetime == 300
     assert settings.socket_path == tmp_path / "run" / "vm-token" / "socket"
-    assert settings.credentials() is None
+    assert settings.password_source() is None
 
 
 def test_priority_flags_then_env_then_credentials_then_toml(tmp_path, monkeypatch):
@@ -115,13 +115,13 @@ def test_bad_toml_and_missing_explicit_config(tmp_path, monkeypatch):
 async def test_password_file_and_command(tmp_path):
     secret = tmp_path / "pw"
     secret.write_text("from-file\nignored second line\n")
-    creds = load_settings({"username": "u", "password_file": str(secret)}).credentials()
+    creds = load_settings({"username": "u", "password_file": str(secret)}).password_source()
     assert creds is not None and await creds.read_password() == "from-file"
     creds = load_settings({"username": "u",
-                           "password_command": "printf 'from-command\\nmore'"}).credentials()
+                           "password_command": "printf 'from-command\\nmore'"}).password_source()
     assert creds is not None and await creds.read_password() == "from-command"
     creds = load_settings({"username": "u", "password_command": "echo leaked >&2; exit 3"}
-                          ).credentials()
+                          ).password_source()
     assert creds is not None
     with pytest.raises(PasswordUnavailable, match="exit code 3") as info:
         await creds.read_password()

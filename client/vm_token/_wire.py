@@ -17,7 +17,7 @@ import os
 import sys
 from time import monotonic, sleep
 
-from . import _minipack, protocol
+from . import _frames, _minipack
 from .errors import DaemonNotRunning, Error, ProtocolError, UntrustedDaemon, error_for_code
 
 TYPE_CHECKING = False
@@ -29,19 +29,23 @@ class Closed(Exception):
     """The daemon closed the connection."""
 
 
+# How long a client waits for the daemon unless told otherwise: the fast path, Client and
+# AsyncClient alike.
+DEFAULT_TIMEOUT = 5.0
+
 # A connection the daemon closed: worth one reconnect when it was an idle, reused one.
 DISCONNECTED = (Closed, ConnectionResetError, BrokenPipeError)
 # Everything `exchange` raises; `translate` turns each into a vm_token error.
-FAILURES = (Closed, OSError, protocol.MalformedFrame, protocol.FrameTooLarge)
+FAILURES = (Closed, OSError, _frames.MalformedFrame, _frames.FrameTooLarge)
 
 # Linux's struct ucred is three native ints: pid, uid, gid.
 _UCRED_SIZE = 12
 _INT = 4
 # Linux's struct timeval (for SO_RCVTIMEO/SO_SNDTIMEO) is two C longs: seconds, microseconds.
 _LONG = 8 if sys.maxsize > 2**32 else 4
-_HEADER_SIZE = protocol.HEADER_SIZE
+_HEADER_SIZE = _frames.HEADER_SIZE
 # The largest frame fits the receive buffer, so a reply that has arrived takes one call.
-_RECEIVE_SIZE = protocol.HEADER_SIZE + protocol.MAX_FRAME
+_RECEIVE_SIZE = _frames.HEADER_SIZE + _frames.MAX_FRAME
 _S_IFMT, _S_IFDIR = 0o170000, 0o040000
 
 
@@ -56,7 +60,7 @@ def check_directory(path: str) -> None:
     """Refuse a socket in the fallback directory `/tmp/vm-token-<uid>/` unless that directory
     is ours and closed to others. (`$XDG_RUNTIME_DIR` is private by definition; a path the
     user names is theirs to vouch for.)"""
-    directory = protocol.fallback_directory()
+    directory = _frames.fallback_directory()
     if path.rpartition("/")[0] != directory:
         return
     try:
@@ -143,7 +147,7 @@ class Connection:
 
     __slots__ = ("_limit_ms", "_unpackb", "_view", "path", "sock")
 
-    def __init__(self, path: str, deadline: float, unpackb: protocol.Unpacker) -> None:
+    def __init__(self, path: str, deadline: float, unpackb: _frames.Unpacker) -> None:
         self.path = path
         self.sock = connect(path, deadline)
         self._limit_ms = 0
@@ -175,22 +179,22 @@ class Connection:
             size = self.sock.recv_into(view)
             if size < _HEADER_SIZE:
                 size = self._receive(_HEADER_SIZE, size, deadline)
-            end = _HEADER_SIZE + protocol.frame_length(view[:_HEADER_SIZE])
+            end = _HEADER_SIZE + _frames.frame_length(view[:_HEADER_SIZE])
             if size < end:
                 size = self._receive(end, size, deadline)
         except BlockingIOError:  # EAGAIN: the kernel's time limit ran out
             raise TimeoutError from None
         if size > end:
             # One question at a time, so one answer: more is not our daemon speaking.
-            raise protocol.MalformedFrame("more data than one reply")
+            raise _frames.MalformedFrame("more data than one reply")
         # The client reads only the fields it knows, so unlike the daemon it needs no check
         # that every key is a string.
         try:
             reply = self._unpackb(view[_HEADER_SIZE:end])
         except Exception as exc:  # each msgpack implementation has its own zoo of errors
-            raise protocol.MalformedFrame("not a valid msgpack message") from exc
+            raise _frames.MalformedFrame("not a valid msgpack message") from exc
         if type(reply) is not dict:
-            raise protocol.MalformedFrame("the reply is not a msgpack map")
+            raise _frames.MalformedFrame("the reply is not a msgpack map")
         return reply
 
     def _receive(self, wanted: int, size: int, deadline: float) -> int:
@@ -210,7 +214,7 @@ def translate(exc: BaseException, timeout: float) -> Error:
         return ProtocolError("vm-tokend closed the connection without answering")
     if isinstance(exc, TimeoutError):
         return ProtocolError(f"vm-tokend did not answer within {timeout:g} s")
-    if isinstance(exc, protocol.MalformedFrame | protocol.FrameTooLarge):
+    if isinstance(exc, _frames.MalformedFrame | _frames.FrameTooLarge):
         return ProtocolError(f"vm-tokend sent a reply this client cannot read: {exc}")
     if isinstance(exc, OSError):
         return ProtocolError(f"talking to vm-tokend failed: {exc.strerror or exc}")
@@ -234,7 +238,7 @@ def request_once(path: str, message: dict[str, Any], timeout: float) -> dict[str
     """Connect, ask, close: what a short-lived process like the shim needs (pure-Python
     msgpack: for one message, importing the C extension costs more than it saves)."""
     deadline = monotonic() + timeout
-    frame = protocol.encode_frame(message, _minipack.packb)
+    frame = _frames.encode_frame(message, _minipack.packb)
     connection = Connection(path, deadline, _minipack.unpackb)
     try:
         reply = connection.exchange(frame, deadline)

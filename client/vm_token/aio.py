@@ -17,8 +17,8 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from . import _wire, protocol
+from ._wire import DEFAULT_TIMEOUT
 from .client import (
-    DEFAULT_TIMEOUT,
     VideoManager,
     get_fields,
     invalidate_fields,

@@ -11,49 +11,24 @@ Exit codes: 0 success, 1 refused by the daemon, 2 usage, 3 daemon not reachable.
 
 from __future__ import annotations
 
-import os  # loaded by every interpreter at start-up anyway: costs nothing
 import sys
 
-from . import _wire, errors, protocol
+from . import _frames, errors
+from ._cli.shared import (
+    DEFAULT_TIMEOUT,
+    EXIT_OK,
+    EXIT_USAGE,
+    GIT_OPERATIONS,
+    ask,
+    exit_code,
+    fail,
+    profile_field,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Sequence
     from typing import Any
-
-    from ._git_credential import Credential
-
-EXIT_OK = 0
-EXIT_REFUSED = 1
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3
-
-DEFAULT_TIMEOUT = 5.0
-# git sends a few hundred bytes; anything near this is not git.
-MAX_CREDENTIAL_INPUT = 1 << 20
-
-EXIT_CODES_HELP = """\
-exit codes:
-  0  success (and, for git's get/store/erase, also when there is nothing to answer)
-  1  refused by the daemon: not logged in, credentials rejected, unknown VideoManager,
-     API unavailable, ...
-  2  usage error, or unreadable input from git
-  3  the daemon is not reachable
-"""
-
-
-def fail(message: str) -> None:
-    sys.stderr.write(f"vm-token: {message}\n")
-
-
-def exit_code(exc: errors.Error) -> int:
-    """Report `exc` on one line of stderr; the exit code that goes with it."""
-    if isinstance(exc, errors.DaemonError):
-        fail(f"{exc.message} ({exc.code})")
-        return EXIT_REFUSED
-    fail(str(exc))
-    return EXIT_UNREACHABLE
-
 
 # -- the fast path -------------------------------------------------------------------------
 
@@ -87,21 +62,6 @@ def _number(text: str | None, default: float) -> float | None:
     return value if value >= 0 and value == value and value != float("inf") else None
 
 
-def _ask(options: dict[str, str], message: dict[str, Any], timeout: float) -> dict[str, Any]:
-    path = options.get("--socket") or protocol.default_socket_path()
-    message["v"] = protocol.PROTOCOL_VERSION
-    return _wire.request_once(path, message, timeout)
-
-
-def _profile(options: dict[str, str], *, environment: bool) -> dict[str, Any]:
-    """The `profile` field: `--profile`, else (if `environment`) `$VM_TOKEN_PROFILE`; none
-    when neither names one (the daemon's default profile)."""
-    profile = options.get("--profile")
-    if profile is None and environment:
-        profile = os.environ.get("VM_TOKEN_PROFILE")
-    return {"profile": profile} if profile else {}
-
-
 def _fast_get_token(args: list[str], header: bool) -> int | None:
     options = _fast_options(args, ("--vm", "--min-ttl", "--socket", "--timeout", "--profile"))
     if options is None:
@@ -110,13 +70,13 @@ def _fast_get_token(args: list[str], header: bool) -> int | None:
     timeout = _number(options.get("--timeout"), DEFAULT_TIMEOUT)
     if min_ttl is None or not timeout:
         return None
-    message: dict[str, Any] = {"op": protocol.GET, **_profile(options, environment=True)}
+    message: dict[str, Any] = {"op": _frames.GET, **profile_field(options, environment=True)}
     if "--vm" in options:
         message["vm"] = options["--vm"]
     if min_ttl:
         message["min_ttl"] = min_ttl
     try:
-        reply = _ask(options, message, timeout)
+        reply = ask(options, message, timeout)
     except errors.Error as exc:
         return exit_code(exc)
     token = reply["token"]
@@ -124,103 +84,6 @@ def _fast_get_token(args: list[str], header: bool) -> int | None:
     return EXIT_OK
 
 
-def _read_credential() -> Credential:
-    """Read git's description up to a blank line or EOF (a caller may keep stdin open)."""
-    from ._git_credential import MAX_LINE, CredentialInputError, parse
-
-    lines = []
-    total = 0
-    while True:
-        line = sys.stdin.buffer.readline(MAX_LINE + 1)
-        lines.append(line)
-        total += len(line)
-        if not line or line in (b"\n", b"\r\n") or len(line) > MAX_LINE:
-            break  # the end, or a line too long: parse() says which
-        if total > MAX_CREDENTIAL_INPUT:
-            raise CredentialInputError("input is too long for a credential description")
-    return parse(b"".join(lines))
-
-
-def _git_fields(credential: Credential, options: dict[str, str]) -> dict[str, Any] | None:
-    """The fields of a request for git, None without a host: `host` and `protocol` (the
-    daemon answers only for a profile's API host, and picks the profile by it), `user`
-    (git's username: of two profiles on one host, the one of that user) and the profile
-    of `--profile`. Not `$VM_TOKEN_PROFILE`: git's host says which profile, and a shell's
-    setting must not send one account's token to another's host."""
-    host = credential.get("host")
-    if not host:
-        return None
-    fields = {"host": host, "protocol": credential.get("protocol") or "https",
-              **_profile(options, environment=False)}
-    user = credential.get("username")
-    if user:
-        fields["user"] = user
-    return fields
-
-
-def _git_get(options: dict[str, str], timeout: float) -> int:
-    from ._git_credential import format_answer, videomanager_from_path
-
-    credential = _read_credential()
-    fields = _git_fields(credential, options)
-    if fields is None:
-        return EXIT_OK
-    by_path = videomanager_from_path(credential.get("path"))
-    vm = by_path or credential.get("username")
-    message: dict[str, Any] = {"op": protocol.GET, **fields}
-    if vm:
-        message["vm"] = vm
-    try:
-        try:
-            reply = _ask(options, message, timeout)
-        except errors.UnknownVideoManager:
-            if by_path or not vm:
-                raise
-            # A username that names no VideoManager is just a username: the default.
-            del message["vm"]
-            reply = _ask(options, message, timeout)
-    except errors.UnknownHost:
-        return EXIT_OK  # not the API's host: never hand the token elsewhere
-    except errors.Error as exc:
-        exit_code(exc)
-        return EXIT_OK  # git falls through to its next helper, or prompts
-    expiry = str(int(reply["expires_at"]))
-    if credential.has_capability("authtype"):
-        answer = [("capability[]", "authtype"), ("authtype", "Bearer"),
-                  ("credential", reply["token"]), ("ephemeral", "1"),
-                  ("password_expiry_utc", expiry)]
-    else:
-        answer = [("username", reply.get("username") or "token"),
-                  ("password", reply["token"]), ("password_expiry_utc", expiry)]
-    sys.stdout.write(format_answer(answer))
-    return EXIT_OK
-
-
-def _git_erase(options: dict[str, str], timeout: float) -> int:
-    credential = _read_credential()
-    fields = _git_fields(credential, options)
-    token = credential.get("credential") or credential.get("password")
-    if fields is None or not token:
-        return EXIT_OK
-    try:
-        _ask(options, {"op": protocol.INVALIDATE, "token": token, **fields}, timeout)
-    except errors.UnknownHost:
-        pass
-    except errors.Error as exc:
-        exit_code(exc)
-    return EXIT_OK
-
-
-def _git_store(options: dict[str, str], timeout: float) -> int:
-    _read_credential()  # read (git writes it all), check, and keep nothing
-    return EXIT_OK
-
-
-GIT_OPERATIONS: dict[str, Callable[[dict[str, str], float], int]] = {
-    "get": _git_get,
-    "erase": _git_erase,
-    "store": _git_store,
-}
 _SUBCOMMANDS = ("token", "header", "json", "exec", "list", "status", "profiles", "login",
                 "logout")
 
@@ -237,8 +100,7 @@ def _fast(args: list[str]) -> int | None:
     command, before, after = args[i], args[:i], args[i + 1:]
     if command in ("token", "header") and not before:
         return _fast_get_token(after, header=command == "header")
-    operation = GIT_OPERATIONS.get(command)
-    if operation is None:
+    if command not in GIT_OPERATIONS:
         if (command not in _SUBCOMMANDS and not command.startswith("-") and not after
                 and not sys.stdin.isatty()):
             return EXIT_OK  # an operation of a newer git: helpers ignore what they don't know
@@ -247,10 +109,11 @@ def _fast(args: list[str]) -> int | None:
     timeout = _number(options.get("--timeout") if options else None, DEFAULT_TIMEOUT)
     if options is None or not timeout:
         return None
+    from ._cli import git
     from ._git_credential import CredentialInputError
 
     try:
-        return operation(options, timeout)
+        return git.OPERATIONS[command](options, timeout)
     except CredentialInputError as exc:
         fail(f"cannot read the credential description from git: {exc}")
         return EXIT_USAGE

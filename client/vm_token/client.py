@@ -14,11 +14,11 @@ from typing import Any
 import msgpack
 
 from . import _wire, protocol
+from ._wire import DEFAULT_TIMEOUT
 from .token import Token
 
 __all__ = ["Client", "VideoManager", "get_token"]
 
-DEFAULT_TIMEOUT = 5.0
 # The most common request of all, `get` for the default VideoManager, encoded once (per
 # profile: see Client.__init__).
 _GET_DEFAULT_FRAME = protocol.encode_frame({"v": protocol.PROTOCOL_VERSION, "op": protocol.GET})

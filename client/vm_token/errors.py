@@ -23,7 +23,7 @@ the client never adds one.
 
 from __future__ import annotations
 
-from . import protocol
+from . import _frames
 
 __all__ = [
     "BadRequest",
@@ -76,7 +76,7 @@ class ProtocolError(Error):
 class DaemonError(Error):
     """The daemon refused the request; `code` is the protocol's error code."""
 
-    code: str = protocol.INTERNAL  # per class; set on the class, never on instances
+    code: str = _frames.INTERNAL  # per class; set on the class, never on instances
 
     def __init__(self, message: str) -> None:
         self.message = message
@@ -84,47 +84,47 @@ class DaemonError(Error):
 
 
 class BadRequest(DaemonError):
-    code = protocol.BAD_REQUEST
+    code = _frames.BAD_REQUEST
 
 
 class NotLoggedIn(DaemonError):
-    code = protocol.NOT_LOGGED_IN
+    code = _frames.NOT_LOGGED_IN
 
 
 class CredentialsRejected(DaemonError):
-    code = protocol.CREDENTIALS_REJECTED
+    code = _frames.CREDENTIALS_REJECTED
 
 
 class UnknownVideoManager(DaemonError):
-    code = protocol.UNKNOWN_VIDEOMANAGER
+    code = _frames.UNKNOWN_VIDEOMANAGER
 
 
 class UnknownHost(DaemonError):
-    code = protocol.UNKNOWN_HOST
+    code = _frames.UNKNOWN_HOST
 
 
 class Forbidden(DaemonError):
-    code = protocol.FORBIDDEN
+    code = _frames.FORBIDDEN
 
 
 class UpstreamUnavailable(DaemonError):
-    code = protocol.UPSTREAM_UNAVAILABLE
+    code = _frames.UPSTREAM_UNAVAILABLE
 
 
 class UnsupportedVersion(DaemonError):
-    code = protocol.UNSUPPORTED_VERSION
+    code = _frames.UNSUPPORTED_VERSION
 
 
 class LoginFailed(DaemonError):
-    code = protocol.LOGIN_FAILED
+    code = _frames.LOGIN_FAILED
 
 
 class UnknownProfile(DaemonError):
-    code = protocol.UNKNOWN_PROFILE
+    code = _frames.UNKNOWN_PROFILE
 
 
 class InternalError(DaemonError):
-    code = protocol.INTERNAL
+    code = _frames.INTERNAL
 
 
 _BY_CODE: dict[str, type[DaemonError]] = {

@@ -4,32 +4,84 @@ A frame is a 4-byte big-endian length followed by that many bytes of one msgpack
 docs/PROTOCOL.md describes it for people writing clients in other languages; keep the two
 in step.
 
-This module is on the hot path of the `vm-token` shim, so it imports only `os`; msgpack
-is imported when the C codec is first used.
+The names and the framing are defined in `_frames` (without a codec, for the shim's fast
+path, which packs with `_minipack`); this module adds msgpack's C codec as the default, for
+the daemon and the library.
 """
 
 from __future__ import annotations
 
-import os
+from typing import Any
 
-# typing costs milliseconds to import, and msgpack more: the shim pays for neither (it
-# packs with _minipack); the daemon and Client use msgpack's C extension.
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
-    from typing import Any, Final
+import msgpack
 
-    Packer = Callable[[Any], bytes]
-    Unpacker = Callable[[Any], Any]  # bytes, or a memoryview of them
+from . import _frames
+from ._frames import (
+    BAD_REQUEST,
+    CREDENTIALS_REJECTED,
+    ERROR_CODES,
+    FORBIDDEN,
+    GET,
+    HEADER_SIZE,
+    HELLO,
+    INTERNAL,
+    INVALIDATE,
+    LIST,
+    LOGIN,
+    LOGIN_CANCEL,
+    LOGIN_FAILED,
+    LOGIN_FINISH,
+    LOGIN_START,
+    LOGIN_WAIT,
+    LOGOUT,
+    MAX_FRAME,
+    NOT_LOGGED_IN,
+    OPS,
+    PROTOCOL_VERSION,
+    STATUS,
+    UNKNOWN_HOST,
+    UNKNOWN_PROFILE,
+    UNKNOWN_VIDEOMANAGER,
+    UNSUPPORTED_VERSION,
+    UPSTREAM_UNAVAILABLE,
+    FrameTooLarge,
+    MalformedFrame,
+    default_socket_path,
+    fallback_directory,
+    frame_length,
+)
 
+# Everything the protocol names: ops, error codes, limits, framing (defined in _frames).
 __all__ = [
+    "BAD_REQUEST",
+    "CREDENTIALS_REJECTED",
     "ERROR_CODES",
+    "FORBIDDEN",
+    "FrameTooLarge",
+    "GET",
     "HEADER_SIZE",
+    "HELLO",
+    "INTERNAL",
+    "INVALIDATE",
+    "LIST",
+    "LOGIN",
+    "LOGIN_CANCEL",
+    "LOGIN_FAILED",
+    "LOGIN_FINISH",
+    "LOGIN_START",
+    "LOGIN_WAIT",
+    "LOGOUT",
     "MAX_FRAME",
+    "MalformedFrame",
+    "NOT_LOGGED_IN",
     "OPS",
     "PROTOCOL_VERSION",
-    "FrameTooLarge",
-    "MalformedFrame",
+    "STATUS",
+    "UNKNOWN_HOST",
+    "UNKNOWN_PROFILE",
+    "UNKNOWN_VIDEOMANAGER",
+    "UNSUPPORTED_VERSION",
+    "UPSTREAM_UNAVAILABLE",
     "decode_body",
     "default_socket_path",
     "encode_frame",
@@ -37,132 +89,24 @@ __all__ = [
     "frame_length",
 ]
 
-PROTOCOL_VERSION: Final = 1
-
-HEADER_SIZE: Final = 4
-# 64 KiB is far above any legitimate request (the largest is `login`, a few hundred bytes)
-# and any reply (a `status` with a few hundred VideoManagers), and small enough that a
-# hostile client cannot make the daemon buffer much.
-MAX_FRAME: Final = 64 * 1024
-
-# Operations.
-HELLO: Final = "hello"
-GET: Final = "get"
-LIST: Final = "list"
-STATUS: Final = "status"
-INVALIDATE: Final = "invalidate"
-LOGIN: Final = "login"
-LOGOUT: Final = "logout"
-# Interactive logins (browser, device code): the daemon keeps the flow's secrets.
-LOGIN_START: Final = "login_start"
-LOGIN_FINISH: Final = "login_finish"
-LOGIN_WAIT: Final = "login_wait"
-LOGIN_CANCEL: Final = "login_cancel"
-OPS: Final = frozenset({HELLO, GET, LIST, STATUS, INVALIDATE, LOGIN, LOGOUT, LOGIN_START,
-                        LOGIN_FINISH, LOGIN_WAIT, LOGIN_CANCEL})
-
-# Error codes carried in {"ok": false, "error": {"code", "message"}}.
-BAD_REQUEST: Final = "bad_request"
-NOT_LOGGED_IN: Final = "not_logged_in"
-CREDENTIALS_REJECTED: Final = "credentials_rejected"
-UNKNOWN_VIDEOMANAGER: Final = "unknown_videomanager"
-UNKNOWN_HOST: Final = "unknown_host"
-FORBIDDEN: Final = "forbidden"
-UPSTREAM_UNAVAILABLE: Final = "upstream_unavailable"
-UNSUPPORTED_VERSION: Final = "unsupported_version"
-LOGIN_FAILED: Final = "login_failed"
-UNKNOWN_PROFILE: Final = "unknown_profile"
-INTERNAL: Final = "internal"
-ERROR_CODES: Final = frozenset(
-    {
-        BAD_REQUEST,
-        NOT_LOGGED_IN,
-        CREDENTIALS_REJECTED,
-        UNKNOWN_VIDEOMANAGER,
-        UNKNOWN_HOST,
-        FORBIDDEN,
-        UPSTREAM_UNAVAILABLE,
-        UNSUPPORTED_VERSION,
-        LOGIN_FAILED,
-        UNKNOWN_PROFILE,
-        INTERNAL,
-    }
-)
-
-
-class MalformedFrame(ValueError):
-    """A frame body that is not one msgpack map."""
-
-
-class FrameTooLarge(ValueError):
-    """A frame header announcing more than MAX_FRAME bytes."""
-
 
 def packb(message: Any) -> bytes:
-    import msgpack
-
     packed: bytes = msgpack.packb(message, use_bin_type=True)
     return packed
 
 
 def _unpackb(body: bytes | memoryview) -> Any:
-    import msgpack
-
     # unpackb bounds every string, array and map by the input's length, and the input is
     # at most MAX_FRAME bytes: a hostile frame cannot make it allocate much.
     return msgpack.unpackb(body, raw=False, strict_map_key=True)
 
 
-def encode_frame(message: dict[str, Any], pack: Packer = packb) -> bytes:
+def encode_frame(message: dict[str, Any], pack: _frames.Packer = packb) -> bytes:
     """Serialize one message as a complete frame (header + body)."""
-    body = pack(message)
-    if len(body) > MAX_FRAME:
-        raise FrameTooLarge(f"message of {len(body)} bytes exceeds the {MAX_FRAME}-byte limit")
-    return len(body).to_bytes(HEADER_SIZE, "big") + body
+    return _frames.encode_frame(message, pack)
 
 
-def frame_length(header: bytes | bytearray | memoryview) -> int:
-    """The body length announced by a 4-byte header; FrameTooLarge past the limit."""
-    if len(header) != HEADER_SIZE:
-        raise ValueError(f"a frame header is {HEADER_SIZE} bytes, not {len(header)}")
-    length = int.from_bytes(header, "big")
-    if length > MAX_FRAME:
-        raise FrameTooLarge(f"frame of {length} bytes exceeds the {MAX_FRAME}-byte limit")
-    return length
-
-
-def decode_body(body: bytes | memoryview, unpackb: Unpacker = _unpackb) -> dict[str, Any]:
+def decode_body(body: bytes | memoryview,
+                unpackb: _frames.Unpacker = _unpackb) -> dict[str, Any]:
     """Parse one frame body; MalformedFrame unless it is exactly one msgpack map with str keys."""
-    try:
-        message = unpackb(body)
-    except Exception as exc:  # msgpack raises a zoo of types; any of them means "malformed"
-        raise MalformedFrame("not a valid msgpack message") from exc
-    if not isinstance(message, dict):
-        raise MalformedFrame(f"expected a msgpack map, got {type(message).__name__}")
-    if not all(isinstance(key, str) for key in message):
-        raise MalformedFrame("map keys must be strings")
-    return message
-
-
-def default_socket_path(environ: Mapping[str, str] | None = None) -> str:
-    """Where the daemon listens unless told otherwise.
-
-    `$VM_TOKEN_SOCKET`, else `$XDG_RUNTIME_DIR/vm-token/socket`, else
-    `/tmp/vm-token-<uid>/socket` (the daemon refuses that directory unless it owns it and
-    only it can enter it, so another user cannot plant a socket there).
-    """
-    if environ is None:
-        environ = os.environ
-    explicit = environ.get("VM_TOKEN_SOCKET")
-    if explicit:
-        return explicit
-    runtime = environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        return os.path.join(runtime, "vm-token", "socket")
-    return f"{fallback_directory()}/socket"
-
-
-def fallback_directory() -> str:
-    """`/tmp/vm-token-<uid>`, the socket's directory without `$XDG_RUNTIME_DIR`. Anyone can
-    create it first: the daemon and the clients use it only if it is ours and private."""
-    return f"/tmp/vm-token-{os.getuid()}"  # noqa: S108 - checked for ownership and mode
+    return _frames.decode_body(body, unpackb)

@@ -6,16 +6,24 @@ Exit codes: 0 after a clean shutdown, 1 when another daemon already serves the s
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from vm_token import __version__
-from vm_token._cli.parser import ArgumentParser
 
 EXIT_OK = 0
 EXIT_ALREADY_RUNNING = 1
 EXIT_CONFIG = 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """Usage errors: `vm-tokend: message (see vm-tokend --help)` on one line, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: {message} (see {self.prog} --help)\n")
+        sys.exit(EXIT_CONFIG)
 
 
 def _parser() -> ArgumentParser:

@@ -23,7 +23,8 @@ from pydantic import SecretStr
 
 from vm_token import __version__
 
-from .config.profile import Credentials, PasswordUnavailable, Profile
+from .config.passwords import PasswordSource, PasswordUnavailable
+from .config.profile import Profile
 from .keeper import Keeper
 from .keeper.account import Account
 from .text import quote
@@ -101,23 +102,23 @@ class Runtimes:
             await runtime.http.aclose()
 
     async def start_configured(self, runtime: Runtime) -> None:
-        credentials = runtime.profile.credentials()
+        source = runtime.profile.password_source()
         where = "" if runtime.name == "default" else f" (profile {quote(runtime.name)})"
-        if credentials is None:
+        if source is None:
             how = " --browser" if runtime.profile.login_method == "browser" else ""
             log.info("no credentials configured%s; waiting for `vm-token login%s`", where, how)
         else:
-            log.info("logging in as %s with %s%s", quote(credentials.username),
-                     credentials.describe(), where)
-        runtime.configured = credentials is not None
-        await runtime.account.start(credentials)
+            log.info("logging in as %s with %s%s", quote(source.username),
+                     source.describe(), where)
+        runtime.configured = source is not None
+        await runtime.account.start(source)
 
     async def login(self, name: str, username: str, password: str) -> None:
-        """Credentials a client gave (`vm-token login`): a new session with them."""
+        """A username and password a client gave (`vm-token login`): a new session with them."""
         runtime = self.by_name[name]
         log.info("login requested by a client for %s", quote(username))
         runtime.configured = False
-        await runtime.account.start(Credentials(username=username, password=SecretStr(password)))
+        await runtime.account.start(PasswordSource(username=username, password=SecretStr(password)))
 
     async def reload(self, name: str, new: Profile) -> None:
         """Apply `new` settings to a running profile, doing no more than they ask."""
@@ -139,8 +140,8 @@ class Runtimes:
                           videomanagers=new.videomanagers, idle_timeout=new.idle_timeout,
                           max_backoff=self.max_backoff)
         where = "" if name == "default" else f" (profile {quote(name)})"
-        configured = new.credentials()
-        given = None if runtime.configured else account.credentials  # by `vm-token login`
+        configured = new.password_source()
+        given = None if runtime.configured else account.password_source  # by `vm-token login`
         if method_changed:
             # The session's tokens are for the old API or way of logging in. A password a
             # client gave goes along only where it went before.
@@ -157,7 +158,7 @@ class Runtimes:
                     and (account.username or "").casefold() != new.username.casefold():
                 # The profile is someone else's now: not this person's session.
                 await self._restart(runtime, configured, configured is not None, where)
-            elif configured is not None and configured != old.credentials():
+            elif configured is not None and configured != old.password_source():
                 log.info("reload%s: the configured credentials changed, but a person "
                          "logged in: session kept (the new credentials are for the next "
                          "login from the configuration)", where)
@@ -169,26 +170,26 @@ class Runtimes:
         else:
             log.debug("reload%s: nothing changed for the session; session kept", where)
 
-    async def _restart(self, runtime: Runtime, credentials: Credentials | None,
+    async def _restart(self, runtime: Runtime, source: PasswordSource | None,
                        configured: bool, where: str) -> None:
         log.info("starting a new login session after the reload%s", where)
         runtime.configured = configured
-        await runtime.account.start(credentials)
+        await runtime.account.start(source)
 
 
-async def _changed(account: Account, credentials: Credentials | None) -> bool:
+async def _changed(account: Account, source: PasswordSource | None) -> bool:
     """Whether `credentials` differ from the session's, its password file's or command's
     output included (compared by keyed digest, never kept)."""
-    current = account.credentials
-    if credentials is None or current is None:
-        return credentials is not current
-    if credentials != current:
+    current = account.password_source
+    if source is None or current is None:
+        return source is not current
+    if source != current:
         return True
-    if credentials.password_command is not None and credentials.password is None \
-            and credentials.password_file is None:
+    if source.password_command is not None and source.password is None \
+            and source.password_file is None:
         return False  # not run just to compare: it may prompt
     try:
-        password = await credentials.read_password()
+        password = await source.read_password()
     except PasswordUnavailable:
         return True  # let the new session say what is wrong
     return not account.logged_in_with(password)

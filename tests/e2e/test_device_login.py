@@ -99,7 +99,7 @@ def test_device_login_against_the_standin(make_standin, start_daemon, chromium):
     assert standin.counts["oidc_login"] == 0
     served = assert_tokens_served(daemon, standin.url, standin.username, standin.token_valid)
     # the device codes the stand-in handed out (its private table: only the daemon saw them)
-    device_codes = list(standin.oidc.logins._devices)
+    device_codes = list(standin.grants._devices)
     assert len(device_codes) == 1
     secrets = [*standin.issued, *served, *device_codes, standin.password]
     assert_not_in(login.output, secrets, "vm-token's output")

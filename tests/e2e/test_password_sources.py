@@ -89,7 +89,7 @@ async def test_a_profile_on_another_api_never_gets_the_top_level_password(
         with pytest.raises(vm_token.NotLoggedIn):
             await in_thread(other.get_token)
         assert standin.password not in recorder.seen()
-        # Credentials given for it go there (the recorder hears what it is sent).
+        # PasswordSource given for it go there (the recorder hears what it is sent).
         with pytest.raises(vm_token.CredentialsRejected):
             await in_thread(other.login, "someone-else", "their-own-password")
     assert "their-own-password" in recorder.seen()

@@ -11,7 +11,9 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import errors, protocol
-from ..cli import (
+from ..client import Client, VideoManager, next_page, videomanagers_from_reply
+from .parser import ArgumentParser
+from .shared import (
     DEFAULT_TIMEOUT,
     EXIT_CODES_HELP,
     EXIT_OK,
@@ -21,8 +23,6 @@ from ..cli import (
     exit_code,
     fail,
 )
-from ..client import Client, VideoManager, next_page, videomanagers_from_reply
-from .parser import ArgumentParser
 
 
 class _Usage(Exception):

@@ -1,4 +1,5 @@
-"""An ArgumentParser whose usage errors are one line, for vm-token and vm-tokend alike."""
+"""An ArgumentParser whose usage errors are one line (vm-tokend has its own, in its
+`__main__`: the daemon uses only the client's public modules)."""
 
 from __future__ import annotations
 

@@ -37,12 +37,10 @@ from pydantic_settings import (
 from vm_token import protocol
 
 from ..text import quote
+from .passwords import ENV_PREFIX, PasswordSource, PasswordUnavailable
 from .profile import (
     DEFAULT_API_URL,
-    ENV_PREFIX,
     PROFILE_FIELDS,
-    Credentials,
-    PasswordUnavailable,
     Profile,
     host_is_loopback,
     normalize_host,
@@ -52,7 +50,7 @@ __all__ = [
     "DEFAULT_API_URL",
     "DEFAULT_PROFILE",
     "ConfigError",
-    "Credentials",
+    "PasswordSource",
     "PasswordUnavailable",
     "Profile",
     "Profiles",

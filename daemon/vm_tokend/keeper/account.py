@@ -19,13 +19,13 @@ from vm_token.errors import DaemonError as Refused
 from vm_token.errors import LoginFailed, NotLoggedIn, UpstreamUnavailable
 
 from .. import upstream
-from ..config.settings import Credentials
+from ..config.settings import PasswordSource
 from ..upstream.base import Grant
 from ..upstream.oidc import OidcApi
 from .interactive import InteractiveLogins
 from .legacy_session import LegacySession
 from .oidc_session import OidcBackend, OidcSession
-from .passwords import PasswordSource
+from .passwords import PasswordReader
 from .session import AccountConfig, Session, SessionEnded, failure
 from .slot import TokenInfo
 from .timing import BACKOFF_CAP, Timing, seconds
@@ -42,7 +42,7 @@ Connect: TypeAlias = Callable[[], Awaitable[Backend]]
 class _Connecting:
     """A session not made yet: finding out how to log in."""
 
-    def __init__(self, source: PasswordSource, on_change: Callable[[], None]) -> None:
+    def __init__(self, source: PasswordReader, on_change: Callable[[], None]) -> None:
         self.source = source
         self.last_error: str | None = None
         self.retry_at: float | None = None
@@ -114,15 +114,15 @@ class Account:
 
     # -- life cycle -----------------------------------------------------------------------
 
-    async def start(self, credentials: Credentials | None) -> None:
+    async def start(self, source: PasswordSource | None) -> None:
         """Forget everything and, given credentials, log in with them in the background.
         An interactive login in progress ends too: a logout must not be followed by it."""
         self.interactive.cancel()
         self.end()
-        if credentials is None:
+        if source is None:
             return
         assert self._nursery is not None, "Account.run() is not running"
-        connecting = self._connecting = _Connecting(PasswordSource(credentials),
+        connecting = self._connecting = _Connecting(PasswordReader(source),
                                                     self.config.changes.note)
         connecting.notify()  # logging in, now
         self._scope = trio.CancelScope()
@@ -221,10 +221,12 @@ class Account:
             self.session.configure()
 
     @property
-    def credentials(self) -> Credentials | None:
-        source = self.session.source if self.session else (
+    def password_source(self) -> PasswordSource | None:
+        """The configured username and password source the session reads (None if a
+        person logged in interactively, or nobody did)."""
+        reader = self.session.source if self.session else (
             self._connecting.source if self._connecting else None)
-        return source.credentials if source else None
+        return reader.source if reader else None
 
     @property
     def logged_in_interactively(self) -> bool:

@@ -16,7 +16,7 @@ from vm_token.errors import CredentialsRejected, NotLoggedIn, UpstreamUnavailabl
 from vm_token.errors import DaemonError as Refused
 
 from ..upstream.base import VideoManagerRef
-from .passwords import PasswordSource
+from .passwords import PasswordReader
 from .slot import Slot, TokenInfo
 from .timing import seconds
 from .videomanagers import VideoManagers
@@ -56,7 +56,7 @@ class LoginRequired(NotLoggedIn):
 class Answers:
     """The request side of a Session (which sets these attributes and methods)."""
 
-    source: PasswordSource | None
+    source: PasswordReader | None
     vms: VideoManagers | None
     ready: bool
     ended: bool

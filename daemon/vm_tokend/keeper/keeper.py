@@ -17,7 +17,7 @@ import trio
 
 from vm_token.errors import UnknownProfile
 
-from ..config.settings import DEFAULT_PROFILE, Credentials, normalize_host
+from ..config.settings import DEFAULT_PROFILE, PasswordSource, normalize_host
 from ..text import quote
 from .account import Account, Backend, Connect
 from .answers import Changes
@@ -114,9 +114,9 @@ class Keeper:
 
     # -- the default profile's account, as before profiles (tests, single-profile use) --
 
-    async def start_session(self, credentials: Credentials | None,
+    async def start_session(self, source: PasswordSource | None,
                             profile: str | None = None) -> None:
-        await self.account(profile).start(credentials)
+        await self.account(profile).start(source)
 
     def configure(self, *, default_videomanager: str | None, videomanagers: Sequence[str],
                   idle_timeout: float, max_backoff: float = BACKOFF_CAP,

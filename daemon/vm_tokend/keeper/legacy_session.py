@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 from .. import upstream
 from ..upstream.base import Grant, LegacyBackend, VideoManagerRef
-from .passwords import PasswordSource
+from .passwords import PasswordReader
 from .session import REFRESH_TOKEN_MARGIN, AccountConfig, Session
 from .slot import Slot
 from .timing import REFRESH_AT, REFRESH_JITTER, Timing
@@ -28,7 +28,7 @@ log = logging.getLogger("vm_tokend.keeper")
 class LegacySession(Session):
     kind = "legacy"
 
-    def __init__(self, source: PasswordSource | None, backend: LegacyBackend, *,
+    def __init__(self, source: PasswordReader | None, backend: LegacyBackend, *,
                  config: AccountConfig, timing: Timing) -> None:
         super().__init__(source, config=config, timing=timing)
         self.backend = backend

@@ -22,7 +22,7 @@ from vm_token.errors import UnknownVideoManager
 from .. import upstream
 from ..upstream.base import Grant, VideoManagerRef
 from ..upstream.oidc import TokenRejected
-from .passwords import PasswordSource
+from .passwords import PasswordReader
 from .session import AccountConfig, Session, contained
 from .slot import QUICK_INVALIDATION, Slot
 from .timing import Timing
@@ -56,7 +56,7 @@ class OidcBackend(Protocol):
 class OidcSession(Session):
     kind = "oidc"
 
-    def __init__(self, source: PasswordSource | None, backend: OidcBackend, *,
+    def __init__(self, source: PasswordReader | None, backend: OidcBackend, *,
                  config: AccountConfig, timing: Timing,
                  initial: tuple[Grant, str, str] | None = None) -> None:
         super().__init__(source, config=config, timing=timing)

@@ -1,4 +1,4 @@
-"""Where a session's password comes from, and whether it changed since the last login."""
+"""Reading a session's password when it logs in, and telling whether it changed since."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import hashlib
 import hmac
 import secrets
 
-from ..config.settings import Credentials
+from ..config.settings import PasswordSource
 
-__all__ = ["PasswordSource"]
+__all__ = ["PasswordReader"]
 
 # One key per daemon: a digest of the password last used lets a reload tell whether a
 # password file changed without keeping a second copy of the password around.
@@ -19,21 +19,22 @@ def _digest(password: str) -> bytes:
     return hmac.new(_DIGEST_KEY, password.encode(), hashlib.sha256).digest()
 
 
-class PasswordSource:
-    """A username and its password source (given, file or command, see Credentials)."""
+class PasswordReader:
+    """Reads a PasswordSource (given, file or command) when a login needs the password, and
+    remembers only a keyed digest of it."""
 
-    def __init__(self, credentials: Credentials) -> None:
-        self.credentials = credentials
+    def __init__(self, source: PasswordSource) -> None:
+        self.source = source
         self._last: bytes | None = None
 
     @property
     def username(self) -> str:
-        return self.credentials.username
+        return self.source.username
 
     async def read(self) -> str:
         """The password, read now (a file or a command may give a new one); remembered
         only as a keyed digest. PasswordUnavailable if it cannot be had."""
-        password = await self.credentials.read_password()
+        password = await self.source.read_password()
         self._last = _digest(password)
         return password
 

@@ -35,7 +35,7 @@ from ..config.settings import PasswordUnavailable
 from ..text import quote
 from ..upstream.base import Grant
 from .answers import Answers, Changes, LoginRequired, SessionEnded
-from .passwords import PasswordSource
+from .passwords import PasswordReader
 from .slot import Paused, Slot, Superseded
 from .timing import Timing, seconds
 from .videomanagers import VideoManagers
@@ -87,7 +87,7 @@ class Session(Answers):
 
     kind = ""
 
-    def __init__(self, source: PasswordSource | None, *, config: AccountConfig,
+    def __init__(self, source: PasswordReader | None, *, config: AccountConfig,
                  timing: Timing) -> None:
         self.source = source  # None: no password (the seam for interactive logins)
         self.config = config
