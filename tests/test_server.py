@@ -17,9 +17,9 @@ from tests.fakes import VMS, FakeBackend, credentials, running_keeper
 from vm_token import protocol
 from vm_tokend.keeper.account import Account
 from vm_tokend.keeper.answers import Answers
-from vm_tokend.server import connections as server_module
-from vm_tokend.server.connections import Server, bind_unix_socket
+from vm_tokend.server.connections import Server
 from vm_tokend.server.dispatch import Dispatcher
+from vm_tokend.server.listener import bind_unix_socket
 from vm_tokend.upstream.base import VideoManagerRef
 
 
@@ -34,7 +34,8 @@ async def serving(private_dir, backend=None, **options):
         bound = bind_unix_socket(private_dir / "vm-token" / "socket")
         dispatcher = Dispatcher(keeper, version="test", login=login,
                                 describe=lambda profile: {})
-        server = Server(bound, dispatcher, fast=dispatcher.fast_reply, **options)
+        server = Server(bound.listener(), dispatcher, fast=dispatcher.fast_reply,
+                        on_close=bound.remove, **options)
         await nursery.start(server.serve)
         yield server, bound.path, keeper
         server.stop()
@@ -155,12 +156,11 @@ async def test_the_longest_idle_connection_makes_room(private_dir, connect):
             assert (await ask(crowd[2], {"v": 1, "op": "hello"}))["ok"]
 
 
-async def test_other_users_are_closed_without_a_reply(private_dir, monkeypatch, connect):
-    monkeypatch.setattr(server_module, "peer_uid", lambda sock: 4242)
+async def test_other_users_are_closed_without_a_reply(private_dir, connect):
     if os.getuid() == 4242:
         pytest.skip("running as uid 4242")
     with trio.fail_after(5):
-        async with serving(private_dir) as (server, path, keeper):
+        async with serving(private_dir, peer_uid=lambda stream: 4242) as (server, path, keeper):
             stream = await connect(path)
             with pytest.raises((EOFError, trio.BrokenResourceError)):
                 await ask(stream, {"v": 1, "op": "hello"})
@@ -234,7 +234,8 @@ async def test_unencodable_replies_become_internal_and_the_connection_survives(
 
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
-            server = Server(bind_unix_socket(private_dir / "vm-token" / "socket"), handle)
+            bound = bind_unix_socket(private_dir / "vm-token" / "socket")
+            server = Server(bound.listener(), handle, on_close=bound.remove)
             await nursery.start(server.serve)
             stream = await connect(private_dir / "vm-token" / "socket")
             for op in ("huge", "odd"):
@@ -349,8 +350,8 @@ async def waiting_server(private_dir, **options):
         return {"ok": True}
 
     async with trio.open_nursery() as nursery:
-        server = Server(bind_unix_socket(private_dir / "vm-token" / "socket"), handle,
-                        **options)
+        bound = bind_unix_socket(private_dir / "vm-token" / "socket")
+        server = Server(bound.listener(), handle, on_close=bound.remove, **options)
         await nursery.start(server.serve)
         yield server, private_dir / "vm-token" / "socket", state
         server.stop()
@@ -516,7 +517,8 @@ async def test_list_pages_run_across_profiles(private_dir, connect):
         bound = bind_unix_socket(private_dir / "vm-token" / "socket")
         dispatcher = Dispatcher(keeper, version="test", login=no_login,
                                 describe=lambda profile: {})
-        server = Server(bound, dispatcher, fast=dispatcher.fast_reply)
+        server = Server(bound.listener(), dispatcher, fast=dispatcher.fast_reply,
+                        on_close=bound.remove)
         await nursery.start(server.serve)
         with trio.fail_after(10):
             stream = await connect(bound.path)

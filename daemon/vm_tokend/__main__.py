@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     from .app import App
     from .config.environment import process_environment
     from .config.settings import ConfigError, load_config
-    from .server.connections import (
+    from .server.listener import (
         BoundSocket,
         SocketAlreadyServed,
         SocketSetupError,

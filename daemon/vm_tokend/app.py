@@ -21,8 +21,9 @@ from vm_token import __version__
 from .config.settings import ConfigError, Profiles, Settings, load_config, resolve_profiles
 from .keeper import Keeper
 from .runtimes import Runtimes
-from .server.connections import BoundSocket, Server
+from .server.connections import Server
 from .server.dispatch import Dispatcher
+from .server.listener import BoundSocket
 from .systemd import Notifier
 
 __all__ = ["App"]
@@ -66,7 +67,8 @@ class App:
             self.runtimes = runtimes = Runtimes(keeper, self.settings.max_backoff)
             dispatcher = Dispatcher(keeper, version=__version__, login=self._login,
                                     describe=self._describe)
-            self.server = Server(self.bound, dispatcher, fast=dispatcher.fast_reply)
+            self.server = Server(self.bound.listener(), dispatcher, fast=dispatcher.fast_reply,
+                                 on_close=self.bound.remove)
             try:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery

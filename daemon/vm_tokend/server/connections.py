@@ -1,6 +1,7 @@
-"""The Unix-socket server: socket setup, peer check, framing, limits, dispatch.
+"""The server: peer check, framing, limits, and each request handed to the dispatcher.
 
-Each connection is one task. It checks the peer's uid with SO_PEERCRED, then reads frames
+It serves any trio listener — the daemon's Unix socket (`listener`), or memory streams in
+tests. Each connection is one task. It checks the peer's uid (SO_PEERCRED), then reads frames
 (4-byte big-endian length + msgpack map), answers each in turn, and is closed when it sits
 idle too long, stalls half-way through a frame, does not read its reply, or announces an
 oversize frame. At most MAX_CONNECTIONS are open at once; past that, a newcomer waits a
@@ -17,13 +18,9 @@ import logging
 import math
 import os
 import select
-import socket as stdlib_socket
-import stat
-import struct
 import traceback
 import types
 from collections.abc import Awaitable, Callable, Coroutine, Generator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar, cast
 
@@ -32,18 +29,14 @@ import trio
 from vm_token import protocol
 
 from ..text import quote
+from .listener import socket_peer_uid
 
-__all__ = [
-    "Server",
-    "error_reply",
-    "SocketAlreadyServed",
-    "SocketSetupError",
-    "bind_unix_socket",
-]
+__all__ = ["Server", "error_reply"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+Stream = trio.abc.Stream
 
 # A client sends a whole frame at once; one that stops half-way is broken or hostile.
 FRAME_TIMEOUT: Final = 10.0
@@ -54,112 +47,7 @@ SEND_TIMEOUT: Final = 10.0
 MAX_CONNECTIONS: Final = 512
 # In-flight requests get this long to finish at shutdown.
 DRAIN_TIMEOUT: Final = 2.0
-# Connections waiting to be accepted. A burst of clients beyond it would see EAGAIN on
-# connect (Unix sockets do not queue more); the kernel caps it at net.core.somaxconn.
-LISTEN_BACKLOG: Final = 4096
 RECEIVE_SIZE: Final = 64 * 1024
-
-_PEERCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
-
-
-class SocketSetupError(Exception):
-    """The socket path cannot be used safely; the message says why."""
-
-
-class SocketAlreadyServed(SocketSetupError):
-    """Another daemon answers on the socket."""
-
-
-# -- the listening socket --------------------------------------------------------------------
-
-
-def _check_private_directory(directory: Path) -> None:
-    try:
-        directory.mkdir(mode=0o700)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise SocketSetupError(f"cannot create {directory}: {exc.strerror}") from None
-    info = directory.lstat()
-    if not stat.S_ISDIR(info.st_mode):
-        raise SocketSetupError(f"{directory} is not a directory")
-    if info.st_uid != os.getuid():
-        raise SocketSetupError(
-            f"{directory} belongs to uid {info.st_uid}, not to this user ({os.getuid()}); "
-            "refusing to put the socket there"
-        )
-    if info.st_mode & 0o077:
-        raise SocketSetupError(
-            f"{directory} is accessible to other users (mode {stat.S_IMODE(info.st_mode):04o}); "
-            f"make it private with `chmod 700 {directory}`"
-        )
-
-
-def _clear_stale_socket(path: Path) -> None:
-    try:
-        info = path.lstat()
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(info.st_mode):
-        raise SocketSetupError(f"{path} exists and is not a socket; remove it or pick another")
-    probe = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(str(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        path.unlink(missing_ok=True)  # nothing listens: a leftover of a crashed daemon
-        return
-    except OSError:
-        pass  # e.g. a full backlog: somebody is listening
-    finally:
-        probe.close()
-    raise SocketAlreadyServed(f"another vm-tokend is already serving on {path}")
-
-
-@dataclass
-class BoundSocket:
-    sock: stdlib_socket.socket
-    path: Path | None  # set when we created the file, and so must remove it
-    inode: int = 0
-
-    def remove(self) -> None:
-        """Remove the socket file, if it is still the one we made."""
-        if self.path is None:
-            return
-        try:
-            if self.path.lstat().st_ino == self.inode:
-                self.path.unlink()
-        except FileNotFoundError:
-            pass
-
-
-def bind_unix_socket(path: Path) -> BoundSocket:
-    """A listening socket at `path` in a private directory, mode 0600."""
-    _check_private_directory(path.parent)
-    _clear_stale_socket(path)
-    sock = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)
-    try:
-        sock.bind(str(path))
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise SocketAlreadyServed(f"another vm-tokend is starting on {path}") from None
-        raise SocketSetupError(f"cannot bind {path}: {exc.strerror}") from None
-    finally:
-        os.umask(old_umask)
-    os.chmod(path, 0o600)
-    sock.listen(LISTEN_BACKLOG)
-    return BoundSocket(sock, path, path.lstat().st_ino)
-
-
-def peer_uid(sock: trio.socket.SocketType) -> int | None:
-    try:
-        raw = sock.getsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_PEERCRED, _PEERCRED.size)
-    except OSError:
-        return None
-    _, uid, _ = _PEERCRED.unpack(raw)
-    return int(uid)
 
 
 # -- requests -------------------------------------------------------------------------------
@@ -218,7 +106,7 @@ def _hung_up(sock: trio.socket.SocketType) -> bool:
 
 
 class _Watcher:
-    """The task that watches a connection while its request waits (see Server._watch)."""
+    """The task that watches a connection while its request waits (see _watch)."""
 
     __slots__ = ("done", "scope")
 
@@ -261,10 +149,13 @@ def _on_first_wait(coro: Coroutine[Any, Any, T], waiting: Callable[[], None]
 
 
 class _Connection:
-    __slots__ = ("buffer", "phase", "scope", "since", "stream")
+    __slots__ = ("buffer", "phase", "scope", "since", "sock", "stream")
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
+        # a Unix socket's: replies are written to it at once, and a hang-up is told from
+        # a client done sending by POLLHUP (other streams have neither)
+        self.sock = stream.socket if isinstance(stream, trio.SocketStream) else None
         self.scope = trio.CancelScope()  # its deadline is the phase's timeout
         self.phase = IDLE
         self.since = trio.current_time()  # when the current phase began
@@ -272,14 +163,18 @@ class _Connection:
 
 
 class Server:
-    """Serves `handle` on a listening Unix socket until stop() is called."""
+    """Serves `handle` on `listener` until stop() is called; `on_close` runs once the
+    listener is closed (it removes the socket's file). Connections whose `peer_uid` is
+    neither ours nor root's are closed unanswered."""
 
     def __init__(
         self,
-        bound: BoundSocket,
+        listener: trio.abc.Listener[Stream],
         handle: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]],
         *,
         fast: Callable[[bytes], bytes | None] | None = None,
+        peer_uid: Callable[[Stream], int | None] = socket_peer_uid,
+        on_close: Callable[[], None] | None = None,
         max_connections: int = MAX_CONNECTIONS,
         max_long_waits: int = MAX_LONG_WAITS,
         frame_timeout: float = FRAME_TIMEOUT,
@@ -287,8 +182,9 @@ class Server:
         send_timeout: float = SEND_TIMEOUT,
         eviction_grace: float = EVICTION_GRACE,
     ) -> None:
-        self._bound = bound
-        self._listener = trio.socket.from_stdlib_socket(bound.sock)
+        self._listener = listener
+        self._peer_uid = peer_uid
+        self._on_close = on_close
         self._handle = handle
         self._fast = fast  # a reply frame straight from a request body, when it can
         self._slots = trio.Semaphore(max_connections)
@@ -323,8 +219,9 @@ class Server:
                 acceptor.cancel_scope.cancel()
             # Stop accepting, drop idle connections, give in-flight requests a moment.
             self._stopping = True
-            self._listener.close()
-            self._bound.remove()
+            await self._listener.aclose()
+            if self._on_close is not None:
+                self._on_close()
             for connection in list(self._connections):
                 if connection.phase in (IDLE, MID_FRAME):
                     connection.scope.cancel()
@@ -341,10 +238,10 @@ class Server:
                     self._make_room()
                     await self._slots.acquire()
             try:
-                sock, _ = await self._listener.accept()
+                stream = await self._listener.accept()
             except OSError as exc:
-                # Out of descriptors or memory, a connection aborted before we took it:
-                # none of them is a reason to stop serving everybody else.
+                # Out of descriptors or memory (trio's listener passes over a connection
+                # aborted before we took it): not a reason to stop serving everybody else.
                 self._slots.release()
                 if exc.errno not in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
                     log.warning("cannot accept a connection: %s; pausing",
@@ -354,7 +251,7 @@ class Server:
             except BaseException:
                 self._slots.release()
                 raise
-            handlers.start_soon(self._serve_connection, trio.SocketStream(sock))
+            handlers.start_soon(self._serve_connection, stream)
 
     def _make_room(self) -> None:
         """Close the connection that has been idle the longest (never one mid-request)."""
@@ -364,9 +261,9 @@ class Server:
             log.debug("closing the longest idle connection to make room")
             oldest.scope.cancel()
 
-    async def _serve_connection(self, stream: trio.SocketStream) -> None:
+    async def _serve_connection(self, stream: Stream) -> None:
         try:
-            uid = peer_uid(stream.socket)
+            uid = self._peer_uid(stream)
             if uid is None or uid not in (os.getuid(), 0):
                 self.refused_peers += 1
                 log.warning("refused a connection from uid %s", uid)
@@ -384,7 +281,10 @@ class Server:
                 self._connections.discard(connection)
         finally:
             self._slots.release()
-            stream.socket.close()  # synchronous: no checkpoint, so no shield needed
+            if isinstance(stream, trio.SocketStream):
+                stream.socket.close()  # synchronous: no checkpoint, so no shield needed
+            else:
+                await trio.aclose_forcefully(stream)
 
     def _idle(self, connection: _Connection) -> None:
         """Enter the idle phase: the deadline IDLE_TIMEOUT from now, give or take the slack
@@ -400,18 +300,18 @@ class Server:
         stream, buffer = connection.stream, connection.buffer
         while not self._stopping:
             self._idle(connection)
-            if not buffer and not await self._receive(stream, buffer):
+            if not buffer and not await _receive(stream, buffer):
                 return
             try:
-                body = self._take_frame(buffer)
+                body = _take_frame(buffer)
                 if body is None:
                     # A frame must be whole within FRAME_TIMEOUT of its first byte.
                     connection.phase = MID_FRAME
                     connection.scope.deadline = trio.current_time() + self._frame_timeout
                     while body is None:
-                        if not await self._receive(stream, buffer):
+                        if not await _receive(stream, buffer):
                             return
-                        body = self._take_frame(buffer)
+                        body = _take_frame(buffer)
             except protocol.FrameTooLarge:
                 log.debug("dropped a client that announced an oversize frame")
                 return
@@ -427,12 +327,14 @@ class Server:
         fits the socket's buffer and is written at once, with no deadline to set; only a
         client that does not read gets SEND_TIMEOUT to take the rest."""
         connection.phase = SENDING
-        try:
-            sent = os.write(connection.stream.socket.fileno(), frame)
-        except BlockingIOError:
-            sent = 0
-        except OSError:  # EPIPE, ECONNRESET: gone
-            return False
+        sent = 0
+        if connection.sock is not None:
+            try:
+                sent = os.write(connection.sock.fileno(), frame)
+            except BlockingIOError:
+                pass
+            except OSError:  # EPIPE, ECONNRESET: gone
+                return False
         if sent == len(frame):
             return True
         connection.since = trio.current_time()
@@ -479,7 +381,7 @@ class Server:
             nonlocal watcher
             assert self._handlers is not None
             watcher = _Watcher()
-            self._handlers.start_soon(self._watch, connection, watcher)
+            self._handlers.start_soon(_watch, connection, watcher)
 
         try:
             frame = await _on_first_wait(self._answer(request), waiting)
@@ -505,48 +407,50 @@ class Server:
                       _where(exc), quote(op, 40) if isinstance(op, str) else "malformed")
             return _INTERNAL_FRAME
 
-    async def _watch(self, connection: _Connection, watcher: _Watcher) -> None:
-        """While a request waits: keep what the client sends meanwhile (pipelined
-        requests), and end the connection — the request with it — if the client hangs up.
-        Its slot is free at once, whatever the request was waiting for."""
-        stream, buffer = connection.stream, connection.buffer
-        try:
-            with watcher.scope:
-                while len(buffer) < PIPELINE_ROOM:
-                    try:
-                        data = await stream.receive_some(RECEIVE_SIZE)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        data = None  # reset, or closed by the connection's own end
-                    if data:
-                        buffer += data
-                        continue
-                    if data is None or _hung_up(stream.socket):
-                        log.debug("a client hung up while its request was in progress")
-                        connection.scope.cancel()
-                    return  # or only done sending: it still reads its reply
-        finally:
-            watcher.done.set()
 
-    @staticmethod
-    def _take_frame(buffer: bytearray) -> bytes | None:
-        """A whole frame's body from the front of `buffer`, None if incomplete;
-        FrameTooLarge if the header announces too much."""
-        if len(buffer) < protocol.HEADER_SIZE:
-            return None
-        length = protocol.frame_length(bytes(buffer[: protocol.HEADER_SIZE]))
-        end = protocol.HEADER_SIZE + length
-        if len(buffer) < end:
-            return None
-        body = bytes(buffer[protocol.HEADER_SIZE:end])
-        del buffer[:end]
-        return body
 
-    @staticmethod
-    async def _receive(stream: trio.SocketStream, buffer: bytearray) -> bool:
-        """Append what arrives to `buffer`; False once the peer has gone."""
-        try:
-            data = await stream.receive_some(RECEIVE_SIZE)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return False
-        buffer += data
-        return bool(data)
+def _take_frame(buffer: bytearray) -> bytes | None:
+    """A whole frame's body from the front of `buffer`, None if incomplete;
+    FrameTooLarge if the header announces too much."""
+    if len(buffer) < protocol.HEADER_SIZE:
+        return None
+    length = protocol.frame_length(bytes(buffer[: protocol.HEADER_SIZE]))
+    end = protocol.HEADER_SIZE + length
+    if len(buffer) < end:
+        return None
+    body = bytes(buffer[protocol.HEADER_SIZE:end])
+    del buffer[:end]
+    return body
+
+async def _receive(stream: Stream, buffer: bytearray) -> bool:
+    """Append what arrives to `buffer`; False once the peer has gone."""
+    try:
+        data = await stream.receive_some(RECEIVE_SIZE)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return False
+    buffer += data
+    return bool(data)
+
+
+async def _watch(connection: _Connection, watcher: _Watcher) -> None:
+    """While a request waits: keep what the client sends meanwhile (pipelined
+    requests), and end the connection — the request with it — if the client hangs up.
+    Its slot is free at once, whatever the request was waiting for."""
+    stream, buffer = connection.stream, connection.buffer
+    try:
+        with watcher.scope:
+            while len(buffer) < PIPELINE_ROOM:
+                try:
+                    data = await stream.receive_some(RECEIVE_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    data = None  # reset, or closed by the connection's own end
+                if data:
+                    buffer += data
+                    continue
+                if data is None or (connection.sock is not None
+                                    and _hung_up(connection.sock)):
+                    log.debug("a client hung up while its request was in progress")
+                    connection.scope.cancel()
+                return  # or only done sending: it still reads its reply
+    finally:
+        watcher.done.set()

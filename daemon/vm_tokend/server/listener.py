@@ -1,0 +1,137 @@
+"""The daemon's listening Unix socket: a private directory, mode 0600, no stale leftovers,
+and the peer's uid (SO_PEERCRED) for the server's check.
+
+A socket systemd passed (socket activation) is used as it is, and never removed.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket as stdlib_socket
+import stat
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import trio
+
+__all__ = [
+    "BoundSocket",
+    "SocketAlreadyServed",
+    "SocketSetupError",
+    "bind_unix_socket",
+    "socket_peer_uid",
+]
+
+# Connections waiting to be accepted. A burst of clients beyond it would see EAGAIN on
+# connect (Unix sockets do not queue more); the kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG: Final = 4096
+
+_PEERCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+class SocketSetupError(Exception):
+    """The socket path cannot be used safely; the message says why."""
+
+
+class SocketAlreadyServed(SocketSetupError):
+    """Another daemon answers on the socket."""
+
+
+def _check_private_directory(directory: Path) -> None:
+    try:
+        directory.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise SocketSetupError(f"cannot create {directory}: {exc.strerror}") from None
+    info = directory.lstat()
+    if not stat.S_ISDIR(info.st_mode):
+        raise SocketSetupError(f"{directory} is not a directory")
+    if info.st_uid != os.getuid():
+        raise SocketSetupError(
+            f"{directory} belongs to uid {info.st_uid}, not to this user ({os.getuid()}); "
+            "refusing to put the socket there"
+        )
+    if info.st_mode & 0o077:
+        raise SocketSetupError(
+            f"{directory} is accessible to other users (mode {stat.S_IMODE(info.st_mode):04o}); "
+            f"make it private with `chmod 700 {directory}`"
+        )
+
+
+def _clear_stale_socket(path: Path) -> None:
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode):
+        raise SocketSetupError(f"{path} exists and is not a socket; remove it or pick another")
+    probe = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        path.unlink(missing_ok=True)  # nothing listens: a leftover of a crashed daemon
+        return
+    except OSError:
+        pass  # e.g. a full backlog: somebody is listening
+    finally:
+        probe.close()
+    raise SocketAlreadyServed(f"another vm-tokend is already serving on {path}")
+
+
+@dataclass
+class BoundSocket:
+    sock: stdlib_socket.socket
+    path: Path | None  # set when we created the file, and so must remove it
+    inode: int = 0
+
+    def remove(self) -> None:
+        """Remove the socket file, if it is still the one we made."""
+        if self.path is None:
+            return
+        try:
+            if self.path.lstat().st_ino == self.inode:
+                self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def listener(self) -> trio.SocketListener:
+        """The socket as a trio listener (in trio's run: it registers with its loop)."""
+        return trio.SocketListener(trio.socket.from_stdlib_socket(self.sock))
+
+
+def bind_unix_socket(path: Path) -> BoundSocket:
+    """A listening socket at `path` in a private directory, mode 0600."""
+    _check_private_directory(path.parent)
+    _clear_stale_socket(path)
+    sock = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise SocketAlreadyServed(f"another vm-tokend is starting on {path}") from None
+        raise SocketSetupError(f"cannot bind {path}: {exc.strerror}") from None
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    sock.listen(LISTEN_BACKLOG)
+    return BoundSocket(sock, path, path.lstat().st_ino)
+
+
+def socket_peer_uid(stream: trio.abc.Stream) -> int | None:
+    """The uid of a Unix socket's peer (SO_PEERCRED); None for anything else."""
+    if not isinstance(stream, trio.SocketStream):
+        return None
+    try:
+        raw = stream.socket.getsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_PEERCRED,
+                                       _PEERCRED.size)
+    except OSError:
+        return None
+    _, uid, _ = _PEERCRED.unpack(raw)
+    return int(uid)
