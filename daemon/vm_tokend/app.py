@@ -24,6 +24,7 @@ from .runtimes import Runtimes
 from .server.connections import Server
 from .server.dispatch import Dispatcher
 from .server.listener import BoundSocket
+from .server.routing import Routes
 from .systemd import Notifier
 
 __all__ = ["App"]
@@ -64,9 +65,10 @@ class App:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             self.keeper = keeper = Keeper()
             keeper.default_profile = self.settings.default_profile
-            self.runtimes = runtimes = Runtimes(keeper, self.settings.max_backoff)
+            routes = Routes(keeper)
+            self.runtimes = runtimes = Runtimes(keeper, self.settings.max_backoff, routes)
             dispatcher = Dispatcher(keeper, version=__version__, login=self._login,
-                                    describe=self._describe)
+                                    describe=self._describe, routes=routes)
             self.server = Server(self.bound.listener(), dispatcher, fast=dispatcher.fast_reply,
                                  on_close=self.bound.remove)
             try:

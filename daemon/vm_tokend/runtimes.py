@@ -27,6 +27,7 @@ from .config.passwords import PasswordSource, PasswordUnavailable
 from .config.profile import Profile
 from .keeper import Keeper
 from .keeper.account import Account
+from .server.routing import Routes
 from .text import quote
 from .upstream.base import CONNECT_TIMEOUT, TOTAL_TIMEOUT
 from .upstream.connect import Connector
@@ -62,16 +63,14 @@ class Runtime:
     configured: bool = False
     calls: Counter[str] = field(default_factory=Counter)
 
-    def set_hosts(self) -> None:
-        self.account.hosts = self.profile.git_hosts()
-        self.account.user_hint = self.profile.username
 
 
 class Runtimes:
     """Every profile's runtime, and the keeper's accounts kept in step with them."""
 
-    def __init__(self, keeper: Keeper, max_backoff: float) -> None:
+    def __init__(self, keeper: Keeper, max_backoff: float, routes: Routes) -> None:
         self.keeper = keeper
+        self.routes = routes  # each profile's hosts and user, for choosing it by host
         self.max_backoff = max_backoff
         self.by_name: dict[str, Runtime] = {}
 
@@ -86,7 +85,7 @@ class Runtimes:
                           calls=calls)
         runtime = Runtime(name, profile, http, account, connector, calls=calls)
         holder.append(runtime)
-        runtime.set_hosts()
+        self._route(runtime)
         self.by_name[name] = runtime
         await self.keeper.add(name, account, prepare=lambda: self.start_configured(runtime))
         return runtime
@@ -94,8 +93,12 @@ class Runtimes:
     async def remove(self, name: str) -> None:
         runtime = self.by_name.pop(name)
         self.keeper.remove(name)
+        self.routes.forget(name)
         await runtime.http.aclose()
         log.info("profile %s removed: its session ended, its tokens forgotten", quote(name))
+
+    def _route(self, runtime: Runtime) -> None:
+        self.routes.set(runtime.name, runtime.profile.git_hosts(), runtime.profile.username)
 
     async def close(self) -> None:
         for runtime in self.by_name.values():
@@ -129,7 +132,7 @@ class Runtimes:
             runtime.http = _http(new)
             runtime.connector = Connector(runtime.http, lambda: runtime.profile, runtime.calls)
             runtime.account.set_connect(runtime.connector)
-        runtime.set_hosts()
+        self._route(runtime)
         account = runtime.account
         state = account.state()
         method_changed = (new.ca_bundle != old.ca_bundle

@@ -85,9 +85,6 @@ class Account:
         self._scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
         self.interactive = InteractiveLogins(self.connect_oidc, self.start_interactive)
-        # For choosing the profile by host (git, the httpx auth): set by the app.
-        self.hosts: frozenset[str] = frozenset()
-        self.user_hint: str | None = None
         self._run_scope: trio.CancelScope | None = None
 
     def set_connect(self, connect: Connect) -> None:

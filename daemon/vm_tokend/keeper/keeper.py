@@ -17,7 +17,7 @@ import trio
 
 from vm_token.errors import UnknownProfile
 
-from ..config.settings import DEFAULT_PROFILE, PasswordSource, normalize_host
+from ..config.settings import DEFAULT_PROFILE, PasswordSource
 from ..text import quote
 from .account import Account, Backend, Connect
 from .answers import Changes
@@ -95,22 +95,6 @@ class Keeper:
             known = ", ".join(sorted(self.accounts)) or "none"
             raise UnknownProfile(f"no profile {quote(name)}; configured: {known}")
         return account
-
-    def profile_for_host(self, host: str, scheme: str, username: str | None = None
-                         ) -> str | None:
-        """The profile whose API host (or credential_hosts) is `host`: if two are, the
-        one whose user is `username`, else the default one; None if no profile is."""
-        name = normalize_host(host, scheme)
-        matches = [profile for profile, account in self.accounts.items()
-                   if name in account.hosts]
-        if len(matches) <= 1:
-            return matches[0] if matches else None
-        if username:
-            for profile in matches:
-                user = self.accounts[profile].user_hint
-                if user is not None and user.casefold() == username.casefold():
-                    return profile
-        return self.default_profile if self.default_profile in matches else matches[0]
 
     # -- the default profile's account, as before profiles (tests, single-profile use) --
 

@@ -1,10 +1,7 @@
 """Requests: one request map in, one reply map out, for every op of the protocol.
 
-Which profile a request is for: its `profile` field; else, for git, the profile whose API
-host (or credential_hosts) is the request's `host` (two: the one whose user is `user`);
-else, for the httpx/requests auth, the one whose host is `prefer_host`; else the default
-profile. Nothing here talks to the API or the socket: the keeper does the one, `server`
-the other.
+Which profile a request is for is `routing`'s to say. Nothing here talks to the API or the
+socket: the keeper does the one, `connections` the other.
 """
 
 from __future__ import annotations
@@ -16,20 +13,18 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, Final
 
 from vm_token import protocol
-from vm_token.errors import UnknownHost
 
-from ..config.settings import host_is_loopback, normalize_host
 from ..keeper import BadRequest, Keeper, Refused, TokenInfo
 from ..text import quote
 from .connections import error_reply
 from .login_ops import login_ops
+from .routing import Routes
 
 __all__ = ["Dispatcher"]
 
 log = logging.getLogger(__name__)
 
 Op = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
-MAX_PROFILE: Final = 64
 
 # The largest min_ttl we accept: a day is far beyond any token's lifetime.
 MAX_MIN_TTL: Final = 86400.0
@@ -141,8 +136,11 @@ class Dispatcher:
         version: str,
         login: Callable[[str | None, str, str], Awaitable[None]],
         describe: Callable[[str | None], dict[str, Any]],
+        routes: Routes | None = None,
     ) -> None:
         self.keeper = keeper
+        self.routes = routes if routes is not None else Routes(keeper)
+        self.profile = self.routes.profile  # which profile a request is for
         self.version = version
         self._login = login  # (profile, username, password): the app starts the session
         self._describe = describe  # api_url (of a profile), uptime, … from the app
@@ -162,7 +160,7 @@ class Dispatcher:
             protocol.INVALIDATE: self._invalidate,
             protocol.LOGIN: self._login_op,
             protocol.LOGOUT: self._logout,
-            **login_ops(keeper, self.profile),
+            **login_ops(keeper, self.routes),
         }
 
     async def __call__(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -186,52 +184,6 @@ class Dispatcher:
             return await handler(request)
         except Refused as exc:
             return error_reply(exc.code, exc.message)
-
-    # -- which profile ----------------------------------------------------------------------
-
-    def profile(self, request: dict[str, Any]) -> str | None:
-        """The profile `request` is for (None: the default one); see the module docstring."""
-        value = request.get("profile")
-        if value is not None:
-            if not isinstance(value, str) or not value or len(value) > MAX_PROFILE:
-                raise BadRequest("'profile' must be a profile name")
-            self.keeper.account(value)  # UnknownProfile
-            if request.get("host") is not None:
-                # Named, and for git: the host must still be that profile's own.
-                return self._git_profile(request, named=value)
-            return value
-        if request.get("host") is not None:
-            return self._git_profile(request)
-        prefer = request.get("prefer_host")
-        if prefer is not None:
-            if not isinstance(prefer, str) or len(prefer) > protocol.MAX_FRAME:
-                raise BadRequest("'prefer_host' must be a host[:port]")
-            return self.keeper.profile_for_host(prefer, "https")
-        return None
-
-    def _git_profile(self, request: dict[str, Any], named: str | None = None) -> str:
-        """For git: the profile of `host` (it must be `named`'s, when given); refuse a host
-        that is no such profile's API host, or plain http to a remote one."""
-        host, scheme, user = request.get("host"), request.get("protocol", "https"), \
-            request.get("user")
-        if not isinstance(host, str) or not isinstance(scheme, str) \
-                or not isinstance(user, str | None):
-            raise BadRequest("'host', 'protocol' and 'user' must be strings")
-        scheme = scheme.lower()
-        name = normalize_host(host, scheme)
-        if named is not None:
-            hosts = self.keeper.accounts[named].hosts
-            profile = named if name in hosts else None
-        else:
-            hosts = frozenset(h for a in self.keeper.accounts.values() for h in a.hosts)
-            profile = self.keeper.profile_for_host(host, scheme, user)
-        if profile is None:
-            allowed = sorted(hosts)
-            raise UnknownHost(f"{quote(name)} is not the API's host; vm-tokend gives tokens "
-                              "only for " + (", ".join(allowed) or "no host"))
-        if scheme != "https" and not (scheme == "http" and host_is_loopback(name)):
-            raise UnknownHost(f"vm-tokend gives tokens for {quote(name)} only over https")
-        return profile
 
     # -- ops --------------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from vm_token.errors import BadRequest
 from ..keeper import Keeper
 from ..keeper.interactive import InteractiveLogins
 from ..text import quote
+from .routing import Routes
 
 __all__ = ["login_ops"]
 
@@ -53,16 +54,16 @@ def loopback_redirect(uri: str) -> str:
     return uri
 
 
-def login_ops(keeper: Keeper, profile: Callable[[dict[str, Any]], str | None]
-              ) -> dict[str, Op]:
-    """The ops, bound to `keeper`; `profile` says which profile a request is for."""
+def login_ops(keeper: Keeper, routes: Routes) -> dict[str, Op]:
+    """The ops, bound to `keeper`; `routes` says which profile a request is for."""
+    profile = routes.profile
 
     def logins(request: dict[str, Any]) -> InteractiveLogins:
         return keeper.account(profile(request)).interactive
 
     def user(request: dict[str, Any]) -> str | None:
         """The profile's username: a login as anybody else is refused."""
-        return keeper.account(profile(request)).user_hint
+        return routes.user(profile(request))
 
     async def done(request: dict[str, Any], username: str) -> dict[str, Any]:
         return {"ok": True, "username": username,
