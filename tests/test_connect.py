@@ -20,8 +20,8 @@ from tests.quick_standin import (  # noqa: F401 (fixtures)
 from tests.test_settings import isolated  # noqa: F401 (an autouse fixture: no VM_TOKEN_* leaks in)
 from vm_tokend import upstream
 from vm_tokend.config.settings import Settings
-from vm_tokend.upstream.base import VideoManagerApi
 from vm_tokend.upstream.connect import Connector
+from vm_tokend.upstream.legacy import VideoManagerApi
 from vm_tokend.upstream.oidc import OidcApi
 
 

@@ -12,7 +12,8 @@ import pytest
 import trio
 
 from vm_tokend.upstream import base as upstream
-from vm_tokend.upstream.base import VideoManagerApi, parse_retry_after, token_lifetime
+from vm_tokend.upstream.base import parse_retry_after, token_lifetime
+from vm_tokend.upstream.legacy import VideoManagerApi
 
 
 def jwt(claims: dict) -> str:

@@ -13,7 +13,8 @@ import math
 from collections.abc import Iterable
 
 from .. import upstream
-from ..upstream.base import Grant, LegacyBackend, VideoManagerRef
+from ..upstream.base import Grant, VideoManagerRef
+from ..upstream.legacy import LegacyBackend
 from .passwords import PasswordReader
 from .session import REFRESH_TOKEN_MARGIN, AccountConfig, Session
 from .slot import Slot

@@ -1,7 +1,8 @@
 """upstream: HTTP to the API and its identity provider — the daemon's only network side.
 
-    base.py         what every way of logging in shares: the errors, Grant, reading answers
-                    defensively, scrubbing; VideoManagerApi, the API's own (legacy) login
+    base.py         what every way of logging in shares: the errors, Grant, sending, reading
+                    answers defensively, scrubbing secrets out of messages
+    legacy.py       VideoManagerApi: the API's own login, a token per VideoManager
     oidc.py         WebFinger, Keycloak's discovery document, the password and refresh grants
     interactive.py  the interactive grants: authorization code + PKCE, device code
     connect.py      choosing the way to log in from a profile's settings
@@ -15,14 +16,13 @@ from .base import (
     CredentialsRejected,
     Forbidden,
     Grant,
-    LegacyBackend,
     RefreshRejected,
     TransientError,
     UpstreamError,
-    VideoManagerApi,
     VideoManagerRef,
     jwt_claims,
 )
+from .legacy import LegacyBackend, VideoManagerApi
 
 __all__ = [
     "ClientRejected",

@@ -16,7 +16,8 @@ from typing import Any
 import httpx
 
 from ..config.profile import Profile
-from .base import ClientRejected, TransientError, VideoManagerApi
+from .base import ClientRejected, TransientError
+from .legacy import VideoManagerApi
 from .oidc import WELL_KNOWN, IssuerLink, OidcApi, WebFinger, check_url
 
 __all__ = ["Connector"]
