@@ -64,3 +64,21 @@ def test_no_class_name_means_two_things_in_the_daemon_and_the_stand_in():
             if isinstance(node, ast.ClassDef):
                 where[node.name].append(str(path.relative_to(ROOT)))
     assert {name: paths for name, paths in where.items() if len(paths) > 1} == {}
+
+
+def test_the_wheel_holds_every_package_of_ours_and_not_the_stand_in():
+    """pyproject lists the packages by hand: a new room left out would be missing from an
+    install (and found only there), and the stand-in must never be in it."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    roots = {name: ROOT / path for name, path in config["package-dir"].items()}
+    on_disk = {
+        ".".join((name, *init.parent.relative_to(root).parts))
+        for name, root in roots.items() for init in root.rglob("__init__.py")
+        if "__pycache__" not in init.parts
+    }
+    assert listed == on_disk
+    assert not any(name.split(".")[0] == "standin" for name in listed)
+    assert "standin" not in roots
