@@ -1,6 +1,7 @@
 """The stand-in's signing key and JSON Web Tokens, in pure Python (package-private).
 
-The stand-in ships in the wheel and must run on the standard library alone, so its RS256 key
+The stand-in runs on the standard library alone (it serves `make demo` before anything but
+the project is installed, and bench and tests without extra packages), so its RS256 key
 is made here: RSA 2048 with e = 65537, primes found by sieving a window of odd candidates
 with the small primes and testing the survivors with Miller-Rabin; PKCS#1 v1.5 signatures
 over SHA-256 (RFC 8017 8.2), computed with the CRT. Good enough for a loopback test server,

@@ -8,7 +8,7 @@ It speaks both ways of logging in at once, as the real service does. The legacy 
 
 OpenID Connect as the vendor's Keycloak ({issuer} is {origin}/auth/realms/platform; access
 and ID tokens are RS256 JWTs, valid for every VideoManager of the user; refresh tokens are
-HS256 JWTs, opaque to clients; standin_oidc.py and standin_login.py hold the details):
+HS256 JWTs, opaque to clients; oidc.py and login.py hold the details):
 
     GET  /.well-known/webfinger?resource={origin}/v1/  JRD, issuer link            "webfinger"
     GET  {issuer}/.well-known/openid-configuration     discovery document          "discovery"

@@ -6,14 +6,10 @@ in step.
 
 The names and the framing are defined in `_frames` (without a codec, for the shim's fast
 path, which packs with `_minipack`); this module adds msgpack's C codec as the default, for
-the daemon and the library.
+the daemon and the library, imported when first used.
 """
 
 from __future__ import annotations
-
-from typing import Any
-
-import msgpack
 
 from . import _frames
 from ._frames import (
@@ -50,6 +46,11 @@ from ._frames import (
     fallback_directory,
     frame_length,
 )
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
 
 # Everything the protocol names: ops, error codes, limits, framing (defined in _frames).
 __all__ = [
@@ -91,11 +92,15 @@ __all__ = [
 
 
 def packb(message: Any) -> bytes:
+    import msgpack  # when first used: a program that wants only the names never loads it
+
     packed: bytes = msgpack.packb(message, use_bin_type=True)
     return packed
 
 
 def _unpackb(body: bytes | memoryview) -> Any:
+    import msgpack
+
     # unpackb bounds every string, array and map by the input's length, and the input is
     # at most MAX_FRAME bytes: a hostile frame cannot make it allocate much.
     return msgpack.unpackb(body, raw=False, strict_map_key=True)

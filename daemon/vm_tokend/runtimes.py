@@ -62,9 +62,6 @@ class Runtime:
     # device login leaves it as it was: Account.logged_in_interactively tells of those.
     configured: bool = False
     calls: Counter[str] = field(default_factory=Counter)
-
-
-
 class Runtimes:
     """Every profile's runtime, and the keeper's accounts kept in step with them."""
 
@@ -181,7 +178,7 @@ class Runtimes:
 
 
 async def _changed(account: Account, source: PasswordSource | None) -> bool:
-    """Whether `credentials` differ from the session's, its password file's or command's
+    """Whether `source` differs from the session's, its password file's or command's
     output included (compared by keyed digest, never kept)."""
     current = account.password_source
     if source is None or current is None:

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 MAX_CREDENTIAL_INPUT = 1 << 20
 
 
-def read_credential() -> Credential:
+def read_description() -> Credential:
     """Read git's description up to a blank line or EOF (a caller may keep stdin open)."""
     lines = []
     total = 0
@@ -59,7 +59,7 @@ def git_fields(credential: Credential, options: dict[str, str]) -> dict[str, Any
 
 
 def get(options: dict[str, str], timeout: float) -> int:
-    credential = read_credential()
+    credential = read_description()
     fields = git_fields(credential, options)
     if fields is None:
         return EXIT_OK
@@ -95,7 +95,7 @@ def get(options: dict[str, str], timeout: float) -> int:
 
 
 def erase(options: dict[str, str], timeout: float) -> int:
-    credential = read_credential()
+    credential = read_description()
     fields = git_fields(credential, options)
     token = credential.get("credential") or credential.get("password")
     if fields is None or not token:
@@ -110,7 +110,7 @@ def erase(options: dict[str, str], timeout: float) -> int:
 
 
 def store(options: dict[str, str], timeout: float) -> int:
-    read_credential()  # read (git writes it all), check, and keep nothing
+    read_description()  # read (git writes it all), check, and keep nothing
     return EXIT_OK
 
 

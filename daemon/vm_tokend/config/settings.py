@@ -165,13 +165,13 @@ class _CredentialsDirectorySource(PydanticBaseSettingsSource):
             return {}
         found = {}
         for name in CREDENTIAL_FILES:
-            value = read_credential(Path(directory) / name)
+            value = read_systemd_credential(Path(directory) / name)
             if value is not None:
                 found[name] = value
         return found
 
 
-def read_credential(path: Path) -> str | None:
+def read_systemd_credential(path: Path) -> str | None:
     """The first line of a systemd credential file; None if there is none (the user keeps
     that secret elsewhere) or it is empty."""
     try:
@@ -301,7 +301,7 @@ def resolve_profiles(settings: Settings) -> Profiles:
             continue
         secrets: dict[str, str] = {}
         for field in CREDENTIAL_FILES if directory else ():
-            value = read_credential(Path(directory or "") / f"{field}.{name}")
+            value = read_systemd_credential(Path(directory or "") / f"{field}.{name}")
             if value is not None and field not in table:
                 secrets[field] = value
         try:
