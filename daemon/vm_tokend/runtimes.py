@@ -62,6 +62,8 @@ class Runtime:
     # device login leaves it as it was: Account.logged_in_interactively tells of those.
     configured: bool = False
     calls: Counter[str] = field(default_factory=Counter)
+
+
 class Runtimes:
     """Every profile's runtime, and the keeper's accounts kept in step with them."""
 

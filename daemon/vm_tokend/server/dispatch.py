@@ -36,7 +36,6 @@ MAX_USERNAME: Final = 320
 LIST_ROOM: Final = protocol.MAX_FRAME - 8 * 1024
 
 
-
 def _page(items: Iterable[dict[str, Any]], offset: int, room: int
           ) -> tuple[list[Any], int | None]:
     """Of `items` (those from `offset` on), the first that fit in `room` bytes of msgpack
