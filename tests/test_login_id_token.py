@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from vm_tokend.upstream.base import Grant
-from vm_tokend.upstream.interactive import LoginFailed, identity
+from vm_tokend.upstream.interactive_grants import LoginFailed, identity
 
 ISSUER = "https://login.example/realms/platform"
 CLIENT = "vm-token"

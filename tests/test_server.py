@@ -46,6 +46,7 @@ from vm_tokend.keeper.answers import Answers
 from vm_tokend.server.connections import IDLE_SLACK, Server
 from vm_tokend.server.dispatch import Dispatcher
 from vm_tokend.server.listener import bind_unix_socket, socket_peer_uid
+from vm_tokend.server.routing import Routes
 from vm_tokend.upstream.base import VideoManagerRef
 
 # -- memory streams -------------------------------------------------------------------------
@@ -152,7 +153,7 @@ async def serving(backend=None, **options):
 
     async with running_keeper(backend or FakeBackend()) as keeper:
         dispatcher = Dispatcher(keeper, version="test", login=login,
-                                describe=lambda profile: {})
+                                describe=lambda profile: {}, routes=Routes(keeper))
         async with in_memory(dispatcher, fast=dispatcher.fast_reply, **options) as (
                 server, listener):
             yield server, listener, keeper
@@ -518,6 +519,32 @@ async def test_requests_sent_while_one_waits_are_kept_and_answered_in_order(auto
             assert trio.current_time() == 30.0
 
 
+async def test_stop_closes_idle_connections_and_gives_requests_the_drain_time(autojump_clock):
+    waits = Waits()
+    listener = MemoryListener()
+    server = Server(listener, waiting_handler(waits), peer_uid=ours, drain_timeout=2.0)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            idle = await listener.connect()
+            quick, slow = await listener.connect(), await listener.connect()
+            await quick.send_all(protocol.encode_frame({"v": 1, "op": "wait", "key": "q"}))
+            await slow.send_all(protocol.encode_frame({"v": 1, "op": "wait", "key": "s"}))
+            await wait_all_tasks_blocked()
+            await trio.sleep(5)
+            server.stop()
+            await trio.sleep(1.5)
+            waits.release["q"].set()  # finishes within the drain time: answered
+            assert await receive(quick, 1) == [{"ok": True, "waited": True}]
+        ended = trio.current_time()
+    assert listener.closed_at(idle) == 5.0  # at once
+    assert listener.closed_at(quick) == 6.5  # after its reply: no new request is read
+    assert listener.closed_at(slow) == ended == 7.0  # the drain time is up
+    assert (waits.answered, waits.cancelled) == (1, 1)
+    with pytest.raises(trio.ClosedResourceError):
+        await listener.accept()  # the listener was closed
+
+
 async def test_on_a_memory_stream_the_end_of_input_is_done_sending(autojump_clock):
     """Only a socket tells a hang-up (POLLHUP, see above): on any other stream, the end of
     the input while a request waits leaves the request to finish and be answered."""
@@ -798,7 +825,7 @@ async def test_list_pages_run_across_profiles(autojump_clock):
 
         await keeper.add("other", account, prepare)
         dispatcher = Dispatcher(keeper, version="test", login=no_login,
-                                describe=lambda profile: {})
+                                describe=lambda profile: {}, routes=Routes(keeper))
         async with in_memory(dispatcher, fast=dispatcher.fast_reply) as (server, listener):
             with trio.fail_after(10):
                 stream = await listener.connect()

@@ -10,7 +10,7 @@
     slot.py           Slot: one token's refresh/backoff/idle state machine; TokenInfo
     timing.py         refresh times and backoff
     videomanagers.py  the user's VideoManagers, the default and kept-warm ones
-    passwords.py      PasswordReader: reads the password, knows whether it changed
+    password_reader.py PasswordReader: reads the password, knows whether it changed
 
 A refusal is the very exception the client will raise: one class per wire error code.
 """

@@ -25,7 +25,7 @@ from ..upstream.oidc import OidcApi
 from .interactive import InteractiveLogins
 from .legacy_session import LegacySession
 from .oidc_session import OidcBackend, OidcSession
-from .passwords import PasswordReader
+from .password_reader import PasswordReader
 from .session import AccountConfig, Session, SessionEnded, failure
 from .slot import TokenInfo
 from .timing import BACKOFF_CAP, Timing, seconds

@@ -16,7 +16,7 @@ from vm_token.errors import CredentialsRejected, NotLoggedIn, UpstreamUnavailabl
 from vm_token.errors import DaemonError as Refused
 
 from ..upstream.base import VideoManagerRef
-from .passwords import PasswordReader
+from .password_reader import PasswordReader
 from .slot import Slot, TokenInfo
 from .timing import seconds
 from .videomanagers import VideoManagers

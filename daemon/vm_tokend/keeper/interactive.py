@@ -25,8 +25,8 @@ from vm_token.errors import BadRequest, LoginFailed, UpstreamUnavailable
 from .. import upstream
 from ..text import quote
 from ..upstream.base import Grant
-from ..upstream.interactive import CodeFlow, DeviceFlow, identity
-from ..upstream.interactive import LoginFailed as FlowFailed
+from ..upstream.interactive_grants import CodeFlow, DeviceFlow, identity
+from ..upstream.interactive_grants import LoginFailed as FlowFailed
 from ..upstream.oidc import OidcApi
 
 __all__ = ["Flow", "InteractiveLogins"]

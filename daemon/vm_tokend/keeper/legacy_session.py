@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from .. import upstream
 from ..upstream.base import Grant, VideoManagerRef
 from ..upstream.legacy import LegacyBackend
-from .passwords import PasswordReader
+from .password_reader import PasswordReader
 from .session import REFRESH_TOKEN_MARGIN, AccountConfig, Session
 from .slot import Slot
 from .timing import REFRESH_AT, REFRESH_JITTER, Timing

@@ -22,7 +22,7 @@ from vm_token.errors import UnknownVideoManager
 from .. import upstream
 from ..upstream.base import Grant, VideoManagerRef
 from ..upstream.oidc import TokenRejected
-from .passwords import PasswordReader
+from .password_reader import PasswordReader
 from .session import AccountConfig, Session, contained
 from .slot import QUICK_INVALIDATION, Slot
 from .timing import Timing

@@ -35,7 +35,7 @@ from ..config.settings import PasswordUnavailable
 from ..text import quote
 from ..upstream.base import Grant
 from .answers import Answers, Changes, LoginRequired, SessionEnded
-from .passwords import PasswordReader
+from .password_reader import PasswordReader
 from .slot import Paused, Slot, Superseded
 from .timing import Timing, seconds
 from .videomanagers import VideoManagers

@@ -181,6 +181,8 @@ class Server:
         idle_timeout: float = IDLE_TIMEOUT,
         send_timeout: float = SEND_TIMEOUT,
         eviction_grace: float = EVICTION_GRACE,
+        drain_timeout: float = DRAIN_TIMEOUT,
+        accept_pause: float = ACCEPT_PAUSE,
     ) -> None:
         self._listener = listener
         self._peer_uid = peer_uid
@@ -195,6 +197,8 @@ class Server:
         self._idle_slack = idle_timeout * IDLE_SLACK
         self._send_timeout = send_timeout
         self._eviction_grace = eviction_grace
+        self._drain_timeout = drain_timeout
+        self._accept_pause = accept_pause
         self._connections: set[_Connection] = set()
         self._handlers: trio.Nursery | None = None
         self._stop = trio.Event()
@@ -225,7 +229,7 @@ class Server:
             for connection in list(self._connections):
                 if connection.phase in (IDLE, MID_FRAME):
                     connection.scope.cancel()
-            handlers.cancel_scope.deadline = trio.current_time() + DRAIN_TIMEOUT
+            handlers.cancel_scope.deadline = trio.current_time() + self._drain_timeout
 
     async def _accept_loop(self, handlers: trio.Nursery) -> None:
         while True:
@@ -246,7 +250,7 @@ class Server:
                 if exc.errno not in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
                     log.warning("cannot accept a connection: %s; pausing",
                                 exc.strerror or type(exc).__name__)
-                    await trio.sleep(ACCEPT_PAUSE)
+                    await trio.sleep(self._accept_pause)
                 continue
             except BaseException:
                 self._slots.release()

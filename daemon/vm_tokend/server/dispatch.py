@@ -135,10 +135,10 @@ class Dispatcher:
         version: str,
         login: Callable[[str | None, str, str], Awaitable[None]],
         describe: Callable[[str | None], dict[str, Any]],
-        routes: Routes | None = None,
+        routes: Routes,
     ) -> None:
         self.keeper = keeper
-        self.routes = routes if routes is not None else Routes(keeper)
+        self.routes = routes
         self.profile = self.routes.profile  # which profile a request is for
         self.version = version
         self._login = login  # (profile, username, password): the app starts the session

@@ -4,7 +4,7 @@
                     answers defensively, scrubbing secrets out of messages
     legacy.py       VideoManagerApi: the API's own login, a token per VideoManager
     oidc.py         WebFinger, Keycloak's discovery document, the password and refresh grants
-    interactive.py  the interactive grants: authorization code + PKCE, device code
+    interactive_grants.py  authorization code + PKCE, device code (a person logs in)
     connect.py      choosing the way to log in from a profile's settings
 
 Everything here faces a hostile upstream: answers are read with limits, and no message
