@@ -4,12 +4,15 @@ only `config` reads the environment, classes stay small, and no name means two t
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DAEMON = ROOT / "daemon" / "vm_tokend"
 STANDIN = ROOT / "standin"
+CLIENT = ROOT / "client" / "vm_token"
 # A class past this many lines is usually two things (DESIGN.md); a little slack for
 # docstrings, as "about 250" is a guide and not a cliff.
 MAX_CLASS_LINES = 260
@@ -89,38 +92,132 @@ def test_the_wheel_holds_every_package_of_ours_and_not_the_stand_in():
     assert "standin" not in roots
 
 
+def type_checking_bindings(tree: ast.Module) -> list[int]:
+    """Lines that bind the name TYPE_CHECKING other than `TYPE_CHECKING = False` or
+    `from typing import TYPE_CHECKING`."""
+    allowed: set[int] = set()
+    wrong: list[int] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 \
+                and isinstance(node.targets[0], ast.Name) \
+                and node.targets[0].id == "TYPE_CHECKING" \
+                and isinstance(node.value, ast.Constant) and node.value.value is False:
+            allowed.add(id(node.targets[0]))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and node.id == "TYPE_CHECKING" \
+                and isinstance(node.ctx, ast.Store) and id(node) not in allowed:
+            wrong.append(node.lineno)
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            for alias in node.names:
+                bound = alias.asname or alias.name
+                if bound == "TYPE_CHECKING" and not (
+                        isinstance(node, ast.ImportFrom) and node.module == "typing"
+                        and alias.name == "TYPE_CHECKING"):
+                    wrong.append(node.lineno)
+        elif isinstance(node, ast.arg) and node.arg == "TYPE_CHECKING":
+            wrong.append(node.lineno)
+    return sorted(wrong)
+
+
 def test_type_checking_is_false_wherever_a_module_defines_it():
     """import-linter leaves out imports under `if TYPE_CHECKING:` by the name alone: a module
-    that set it True would hide real imports from every contract."""
-    wrong = []
-    for path in modules(DAEMON) + modules(STANDIN) + modules(ROOT / "client" / "vm_token"):
-        for node in ast.walk(parsed(path)):
-            if isinstance(node, ast.Assign) and any(
-                    isinstance(target, ast.Name) and target.id == "TYPE_CHECKING"
-                    for target in node.targets):
-                if not (isinstance(node.value, ast.Constant) and node.value.value is False):
-                    wrong.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    that bound it to anything true would hide real imports from every contract."""
+    wrong = [f"{path.relative_to(ROOT)}:{line}"
+             for path in modules(DAEMON) + modules(STANDIN) + modules(CLIENT)
+             for line in type_checking_bindings(parsed(path))]
     assert wrong == []
 
 
-def _top_level_imports(path: Path) -> set[str]:
-    """What a module imports when it is imported (not inside functions or TYPE_CHECKING)."""
-    names: set[str] = set()
-    for node in parsed(path).body:
+def test_the_type_checking_check_sees_every_binding():
+    tree = ast.parse("TYPE_CHECKING = False\nfrom typing import TYPE_CHECKING\n"
+                     "TYPE_CHECKING: bool = True\nfrom os import sep as TYPE_CHECKING\n"
+                     "TYPE_CHECKING = 1\n(TYPE_CHECKING := True)\n"
+                     "for TYPE_CHECKING in (1,): pass\nimport typing as TYPE_CHECKING\n")
+    assert type_checking_bindings(tree) == [3, 4, 5, 6, 7, 8]
+
+
+def imports(tree: ast.AST) -> list[tuple[str, int]]:
+    """Every module an import statement in `tree` names, `from a import b` as both a and
+    a.b (b may be a module), with its line."""
+    found: list[tuple[str, int]] = []
+    for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
-            names.add("." * node.level + (node.module or ""))
+            base = "." * node.level + (node.module or "")
+            found.append((base, node.lineno))
+            sep = "" if base.endswith(".") else "."
+            found += [(f"{base}{sep}{alias.name}", node.lineno) for alias in node.names]
         elif isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-    return names
+            found += [(alias.name, node.lineno) for alias in node.names]
+    return found
 
 
-def test_the_fast_path_reaches_the_full_cli_lazily():
-    """import-linter ignores the fast path's one way out (cli -> _cli.commands) wherever it
-    is written; it must stay inside a function. And `vm_token/__init__`, which every
-    `vm-token` run imports first, loads its names on first use (only the version now)."""
-    client = ROOT / "client" / "vm_token"
-    assert not any("commands" in name for name in _top_level_imports(client / "cli.py"))
-    assert _top_level_imports(client / "__init__.py") == {"._version"}
+def test_the_fast_path_loads_nothing_heavy():
+    """What `vm-token token` loads, at run time: import-linter ignores the fast path's one
+    way out (cli -> _cli.commands) wherever it is written, and cannot see through
+    vm_token/__init__'s lazy names; this sees what really happens."""
+    heavy = ["msgpack", "argparse", "typing", "json", "re", "socket", "datetime", "enum",
+             "selectors", "trio", "httpx", "pydantic", "vm_token.client", "vm_token.aio",
+             "vm_token.auth", "vm_token.protocol", "vm_token._cli.commands"]
+    code = (f"import sys; import vm_token.cli; "
+            f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_daemon_imports_only_the_clients_public_face():
+    """protocol, errors and the version: import-linter sees `vm_token` itself (whose names
+    load lazily) as no arrow at all, and a denylist lets a new private module through."""
+    public = {"vm_token", "vm_token.protocol", "vm_token.errors", "vm_token.__version__"}
+    wrong = [f"{path.relative_to(ROOT)}:{line} {name}"
+             for path in modules(DAEMON) for name, line in imports(parsed(path))
+             if name.split(".")[0] == "vm_token" and name not in public
+             and name.rsplit(".", 1)[0] not in ("vm_token.protocol", "vm_token.errors")]
+    assert wrong == []
+
+
+def _third_party(path: Path, allowed: set[str]) -> list[str]:
+    return [f"{path.relative_to(ROOT)}:{line} {name}"
+            for name, line in imports(parsed(path))
+            if not name.startswith(".") and name.split(".")[0] not in sys.stdlib_module_names
+            and name.split(".")[0] not in allowed]
+
+
+def test_the_stand_in_and_the_client_stand_on_what_they_promise():
+    """The stand-in: the standard library alone (it serves `make demo` from a bare
+    interpreter). The client: msgpack and the standard library; trio only in `aio` and
+    httpx and requests only in `auth`, where a caller brought them."""
+    assert [line for path in modules(STANDIN)
+            for line in _third_party(path, {"standin"})] == []
+    extra = {"aio.py": {"trio"}, "auth.py": {"httpx", "requests"}}
+    assert [line for path in modules(CLIENT)
+            for line in _third_party(path, {"vm_token", "msgpack"} | extra.get(path.name, set()))
+            ] == []
+
+
+def test_the_keeper_opens_no_connection_and_the_daemon_imports_by_name():
+    """trio can open a network connection without a new import (trio.open_tcp_stream), and
+    importlib can import anything unseen: neither in the keeper; importlib nowhere in the
+    daemon but for reading its own unit files."""
+    network = {"open_tcp_stream", "open_ssl_over_tcp_stream", "open_unix_socket",
+               "open_tcp_listeners", "serve_tcp", "serve_ssl_over_tcp", "socket"}
+    keeper = [f"{path.relative_to(ROOT)}:{node.lineno}"
+              for path in modules(DAEMON / "keeper") for node in ast.walk(parsed(path))
+              if isinstance(node, ast.Attribute) and node.attr in network
+              and isinstance(node.value, ast.Name) and node.value.id == "trio"]
+    assert keeper == []
+    def by_name(node: ast.AST) -> bool:
+        if isinstance(node, ast.Import):
+            return any(alias.name.split(".")[0] == "importlib" for alias in node.names)
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("importlib"):
+            return node.module != "importlib" or any(
+                alias.name != "resources" for alias in node.names)
+        return (isinstance(node, ast.Name) and node.id == "__import__") or (
+            isinstance(node, ast.Attribute) and node.attr == "import_module")
+
+    dynamic = [f"{path.relative_to(ROOT)}:{node.lineno}"
+               for path in modules(DAEMON) for node in ast.walk(parsed(path)) if by_name(node)]
+    assert dynamic == []
 
 
 def test_protocol_names_everything_the_frames_module_defines():
