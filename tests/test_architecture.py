@@ -215,7 +215,7 @@ def test_the_keeper_opens_no_connection_and_the_daemon_imports_by_name():
         return (isinstance(node, ast.Name) and node.id == "__import__") or (
             isinstance(node, ast.Attribute) and node.attr == "import_module")
 
-    dynamic = [f"{path.relative_to(ROOT)}:{node.lineno}"
+    dynamic = [f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', '?')}"
                for path in modules(DAEMON) for node in ast.walk(parsed(path)) if by_name(node)]
     assert dynamic == []
 

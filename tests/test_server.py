@@ -18,9 +18,11 @@ because the socket itself is their subject:
 
 from __future__ import annotations
 
+import errno
 import gc
 import math
 import os
+import socket as stdlib_socket
 import stat
 import struct
 from collections import defaultdict
@@ -86,11 +88,11 @@ class MemoryListener(trio.abc.Listener[trio.abc.Stream]):
 
     def __init__(self) -> None:
         self._backlog, self._incoming = trio.open_memory_channel[ServerEnd](math.inf)
-        self._ends: dict[int, ServerEnd] = {}  # by id() of the client's end
+        self._ends: dict[trio.abc.Stream, ServerEnd] = {}  # by the client's end
 
     async def connect(self, pair: Pair = memory_stream_pair) -> trio.abc.Stream:
         client, server = pair()
-        end = self._ends[id(client)] = ServerEnd(server)
+        end = self._ends[client] = ServerEnd(server)
         self._backlog.send_nowait(end)
         await trio.lowlevel.checkpoint()
         return client
@@ -104,11 +106,11 @@ class MemoryListener(trio.abc.Listener[trio.abc.Stream]):
 
     def closed_at(self, client: trio.abc.Stream) -> float | None:
         """When the server closed the connection of `client`; None while it is open."""
-        return self._ends[id(client)].closed_at
+        return self._ends[client].closed_at
 
     async def dropped(self, client: trio.abc.Stream) -> float:
         """The virtual time at which the server closed the connection of `client`."""
-        end = self._ends[id(client)]
+        end = self._ends[client]
         await end.closed.wait()
         assert end.closed_at is not None
         return end.closed_at
@@ -315,7 +317,69 @@ async def test_a_client_done_sending_still_gets_the_reply_it_waits_for(private_d
             assert (waits.cancelled, waits.answered) == (0, 1)
 
 
+def small_send_buffer(stream: trio.abc.Stream) -> int:
+    """peer_uid for a real socket that also shrinks the accepted socket's send buffer, so
+    that a 60 KB reply is written in parts (the kernel takes ~16 KB at once)."""
+    assert isinstance(stream, trio.SocketStream)
+    stream.socket.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_SNDBUF, 8192)
+    uid = socket_peer_uid(stream)
+    assert uid is not None
+    return uid
+
+
+async def test_on_a_socket_a_reply_is_sent_whole_as_the_client_reads_or_it_is_dropped(
+        private_dir, connect):
+    """The part of a reply the socket takes at once, then the rest as the client reads:
+    never a byte twice, never out of order; a client that stops reading is dropped after
+    send_timeout, with the reply it stopped in cut short."""
+    reply = protocol.encode_frame({"ok": True, "blob": "x" * 60_000})
+    with trio.fail_after(10):
+        async with on_a_socket(private_dir, waiting_handler(Waits()),
+                               peer_uid=small_send_buffer, send_timeout=0.5) as (server, path):
+            stream = await connect(path)
+            await stream.send_all(protocol.encode_frame({"v": 1, "op": "big"}) * 3)
+            data = bytearray()
+            while len(data) < 3 * len(reply):
+                data += await stream.receive_some(4096)
+                await trio.sleep(0.001)  # a slow reader
+            assert data == reply * 3
+            await stream.send_all(protocol.encode_frame({"v": 1, "op": "big"}))
+            while server.open_connections:  # noqa: ASYNC110 - a real socket's drop, bounded
+                await trio.sleep(0.01)
+            rest = bytearray()
+            while chunk := await stream.receive_some():
+                rest += chunk
+    assert 0 < len(rest) < len(reply) and reply.startswith(rest)
+
+
 # -- timeouts and limits, on virtual time ---------------------------------------------------
+
+
+class FailingOnce(MemoryListener):
+    """Its first accept() fails as when the process is out of file descriptors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.accepts: list[float] = []
+
+    async def accept(self) -> trio.abc.Stream:
+        self.accepts.append(trio.current_time())
+        if len(self.accepts) == 1:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return await super().accept()
+
+
+async def test_a_failed_accept_pauses_then_serving_goes_on(autojump_clock, caplog):
+    listener = FailingOnce()
+    # one slot: had the failed accept kept it, nobody would be served again
+    server = Server(listener, waiting_handler(Waits()), peer_uid=ours, accept_pause=0.25,
+                    max_connections=1)
+    with trio.fail_after(60):
+        async with running(server):
+            client = await listener.connect()
+            assert await ask(client, HELLO) == {"ok": True}
+    assert listener.accepts[:2] == [0.0, 0.25]
+    assert caplog.messages.count("cannot accept a connection: Too many open files; pausing") == 1
 
 
 async def test_stalled_frame_and_idle_connection_are_dropped(autojump_clock):
@@ -522,7 +586,9 @@ async def test_requests_sent_while_one_waits_are_kept_and_answered_in_order(auto
 async def test_stop_closes_idle_connections_and_gives_requests_the_drain_time(autojump_clock):
     waits = Waits()
     listener = MemoryListener()
-    server = Server(listener, waiting_handler(waits), peer_uid=ours, drain_timeout=2.0)
+    closed: list[float] = []
+    server = Server(listener, waiting_handler(waits), peer_uid=ours, drain_timeout=2.0,
+                    on_close=lambda: closed.append(trio.current_time()))
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)
@@ -537,6 +603,7 @@ async def test_stop_closes_idle_connections_and_gives_requests_the_drain_time(au
             waits.release["q"].set()  # finishes within the drain time: answered
             assert await receive(quick, 1) == [{"ok": True, "waited": True}]
         ended = trio.current_time()
+    assert closed == [5.0]  # the socket's file goes as the listener closes
     assert listener.closed_at(idle) == 5.0  # at once
     assert listener.closed_at(quick) == 6.5  # after its reply: no new request is read
     assert listener.closed_at(slow) == ended == 7.0  # the drain time is up

@@ -31,6 +31,7 @@ __all__ = ["App"]
 
 log = logging.getLogger(__name__)
 
+
 class App:
     """The whole daemon, for `__main__` and for tests that run it in-process."""
 

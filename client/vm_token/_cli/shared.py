@@ -43,6 +43,7 @@ def exit_code(exc: errors.Error) -> int:
     fail(str(exc))
     return EXIT_UNREACHABLE
 
+
 # git's helper operations, answered on the fast path (`git`); the full CLI only names them.
 GIT_OPERATIONS = ("get", "erase", "store")
 

@@ -13,7 +13,6 @@ request waits ends the request and frees its slot at once; requests that wait on
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
 import os
@@ -223,9 +222,12 @@ class Server:
                 acceptor.cancel_scope.cancel()
             # Stop accepting, drop idle connections, give in-flight requests a moment.
             self._stopping = True
-            await self._listener.aclose()
-            if self._on_close is not None:
-                self._on_close()
+            try:
+                with trio.CancelScope(shield=True):  # closed, and its file gone, whatever
+                    await self._listener.aclose()
+            finally:
+                if self._on_close is not None:
+                    self._on_close()
             for connection in list(self._connections):
                 if connection.phase in (IDLE, MID_FRAME):
                     connection.scope.cancel()
@@ -244,13 +246,13 @@ class Server:
             try:
                 stream = await self._listener.accept()
             except OSError as exc:
-                # Out of descriptors or memory (trio's listener passes over a connection
-                # aborted before we took it): not a reason to stop serving everybody else.
+                # Out of descriptors or memory (trio's listener itself passes over a
+                # connection aborted before we took it): not a reason to stop serving
+                # everybody else, nor to spin.
                 self._slots.release()
-                if exc.errno not in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
-                    log.warning("cannot accept a connection: %s; pausing",
-                                exc.strerror or type(exc).__name__)
-                    await trio.sleep(self._accept_pause)
+                log.warning("cannot accept a connection: %s; pausing",
+                            exc.strerror or type(exc).__name__)
+                await trio.sleep(self._accept_pause)
                 continue
             except BaseException:
                 self._slots.release()
@@ -412,7 +414,6 @@ class Server:
             return _INTERNAL_FRAME
 
 
-
 def _take_frame(buffer: bytearray) -> bytes | None:
     """A whole frame's body from the front of `buffer`, None if incomplete;
     FrameTooLarge if the header announces too much."""
@@ -425,6 +426,7 @@ def _take_frame(buffer: bytearray) -> bytes | None:
     body = bytes(buffer[protocol.HEADER_SIZE:end])
     del buffer[:end]
     return body
+
 
 async def _receive(stream: Stream, buffer: bytearray) -> bool:
     """Append what arrives to `buffer`; False once the peer has gone."""
