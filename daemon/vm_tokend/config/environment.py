@@ -7,7 +7,10 @@ from __future__ import annotations
 import os
 from collections.abc import MutableMapping
 
-__all__ = ["process_environment"]
+__all__ = ["ENV_PREFIX", "process_environment"]
+
+# Every variable of ours: settings read them, and a password command never sees them.
+ENV_PREFIX = "VM_TOKEN_"
 
 
 def process_environment() -> MutableMapping[str, str]:

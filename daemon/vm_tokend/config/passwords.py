@@ -3,17 +3,17 @@ files and running commands is configuration's business, not the keeper's)."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 from pydantic import SecretStr
 
+from .environment import ENV_PREFIX, process_environment
+
 __all__ = ["PASSWORD_COMMAND_TIMEOUT", "PasswordSource", "PasswordUnavailable",
            "command_environment"]
 
-ENV_PREFIX = "VM_TOKEN_"
 # `pass`, gpg and the like may wait for a pinentry; a minute is generous, and bounded.
 PASSWORD_COMMAND_TIMEOUT = 60.0
 
@@ -98,5 +98,5 @@ def command_environment() -> dict[str, str]:
     the name in any case, as we read them) — and without CREDENTIALS_DIRECTORY, which
     holds every profile's password. A command's own profile never takes its password from
     there: a password there wins over the command, which then never runs."""
-    return {name: value for name, value in os.environ.items()
+    return {name: value for name, value in process_environment().items()
             if not name.upper().startswith(ENV_PREFIX) and name != "CREDENTIALS_DIRECTORY"}

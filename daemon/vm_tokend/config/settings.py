@@ -37,7 +37,8 @@ from pydantic_settings import (
 from vm_token import protocol
 
 from ..text import quote
-from .passwords import ENV_PREFIX, PasswordSource, PasswordUnavailable
+from .environment import ENV_PREFIX
+from .passwords import PasswordSource, PasswordUnavailable
 from .profile import (
     DEFAULT_API_URL,
     PROFILE_FIELDS,
