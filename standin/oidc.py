@@ -208,6 +208,10 @@ class OidcProvider:
     def tokens(self, session: KeycloakSession, client: OidcClient) -> dict[str, Any]:
         """A token answer for `session`, as Keycloak's."""
         standin = self.standin
+        # The realm's RSA key is made on first use, in pure Python: seconds on a loaded
+        # machine. Made before the clock is read, or the first tokens are issued already
+        # partly (with 3-second tokens, wholly) expired.
+        key = self.rsa
         now = int(time.time())
         common = {"iat": now, "auth_time": session.auth_time, "iss": self.issuer,
                   "sub": self.subject, "azp": client.client_id, "sid": session.sid,
@@ -215,7 +219,7 @@ class OidcProvider:
         access_jti, refresh_jti = str(uuid.uuid4()), str(uuid.uuid4())
         access = encode_jwt({**common, "exp": now + standin.access_lifetime, "jti": access_jti,
                              "typ": "Bearer", "aud": "account", "scope": session.scope,
-                             "preferred_username": standin.username}, rsa=self.rsa)
+                             "preferred_username": standin.username}, rsa=key)
         refresh_claims: dict[str, Any] = {
             **common, "jti": refresh_jti, "aud": self.issuer, "scope": session.scope,
             "typ": "Offline" if session.offline else "Refresh"}
@@ -237,7 +241,7 @@ class OidcProvider:
                          "preferred_username": standin.username}
             if session.nonce is not None:
                 id_claims["nonce"] = session.nonce
-            answer["id_token"] = encode_jwt(id_claims, rsa=self.rsa)
+            answer["id_token"] = encode_jwt(id_claims, rsa=key)
             issued.append(answer["id_token"])
         answer.update({"not-before-policy": 0, "session_state": session.sid,
                        "scope": session.scope})
