@@ -117,6 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["install-units"]:
         return _install_units(argv[1:])
+    if argv[:1] == ["proxy"]:
+        from . import systemd
+        from .config.environment import process_environment
+        from .proxy.command import run as run_proxy
+
+        setup_logging("info", journal=systemd.stderr_is_journal(process_environment()))
+        return run_proxy(argv[1:], ArgumentParser)
     args = _parser().parse_args(argv)
     flags: dict[str, Any] = {k: v for k, v in vars(args).items() if v is not None}
 

@@ -1,0 +1,110 @@
+"""One HTTP/1.1 connection from a client, spoken with h11 over a trio stream.
+
+The shape of h11's own trio server example: a keep-alive loop that asks h11 for the next
+event, with a deadline per read; `100 Continue` when the client waits for it; answers the
+proxy makes itself (`answer`) always carry `X-VM-Token-Error` and a JSON body, so a client
+never mistakes them for the API's.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Final
+
+import h11
+import trio
+
+__all__ = ["ClientGone", "Conversation", "ERROR_HEADER"]
+
+# What one receive may take from the client; h11 buffers at most this much of a header.
+RECEIVE_SIZE: Final = 64 * 1024
+# The largest request head (request line + headers) a client may send.
+MAX_HEAD: Final = 64 * 1024
+ERROR_HEADER: Final = b"x-vm-token-error"
+
+
+class ClientGone(Exception):
+    """The client closed the connection, broke the protocol, or stalled past its deadline."""
+
+
+class Conversation:
+    """h11's state for one client connection, and the stream under it."""
+
+    def __init__(self, stream: trio.abc.Stream, *, idle_timeout: float,
+                 read_timeout: float) -> None:
+        self.stream = stream
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        self.idle_timeout = idle_timeout  # between requests
+        self.read_timeout = read_timeout  # within a request (its body)
+
+    async def next_event(self, *, between_requests: bool = False) -> h11.Event:
+        """The next event from the client; ClientGone if it closes, stalls or breaks the
+        protocol (after answering 400 when that is still possible)."""
+        timeout = self.idle_timeout if between_requests else self.read_timeout
+        while True:
+            try:
+                event = self.conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                await self._refuse_malformed(exc)
+                raise ClientGone("malformed request") from exc
+            if event is h11.PAUSED:  # only while we still owe an answer: never here
+                raise ClientGone("the connection is paused")
+            if event is not h11.NEED_DATA:
+                assert isinstance(event, h11.Event)
+                return event
+            with trio.move_on_after(timeout) as waited:
+                try:
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    raise ClientGone("connection lost") from exc
+            if waited.cancelled_caught:
+                raise ClientGone("client stalled")
+            self.conn.receive_data(bytes(data))  # b"" is the end of the input
+
+    async def send(self, event: h11.Event) -> None:
+        """Send one event; ClientGone if the client cannot take it."""
+        try:
+            data = self.conn.send(event)
+        except h11.LocalProtocolError as exc:
+            raise ClientGone(f"cannot send {type(event).__name__}: {exc}") from exc
+        if data:
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise ClientGone("connection lost") from exc
+
+    async def continue_if_asked(self) -> None:
+        """`100 Continue` for a client that waits for it before sending its body."""
+        if self.conn.they_are_waiting_for_100_continue:
+            await self.send(h11.InformationalResponse(status_code=100, headers=[]))
+
+    async def answer(self, status: int, code: str, message: str,
+                     headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        """An answer of the proxy's own: `X-VM-Token-Error: code`, `{"error", "message"}`."""
+        body = json.dumps({"error": code, "message": message}).encode() + b"\n"
+        await self.send(h11.Response(status_code=status, headers=[
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (ERROR_HEADER, code.encode()),
+            (b"cache-control", b"no-store"),
+            *(headers or []),
+        ]))
+        await self.send(h11.Data(data=body))
+        await self.send(h11.EndOfMessage())
+
+    async def _refuse_malformed(self, exc: h11.RemoteProtocolError) -> None:
+        if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        status = exc.error_status_hint if 400 <= exc.error_status_hint < 500 else 400
+        try:
+            await self.answer(status, "bad_request", f"not a request this proxy can read: {exc}",
+                              headers=[(b"connection", b"close")])
+        except ClientGone:
+            pass
+
+    def ready_for_next(self) -> bool:
+        """After a whole exchange: whether the connection may carry another request."""
+        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
+            self.conn.start_next_cycle()
+            return True
+        return False

@@ -1,0 +1,102 @@
+"""`vm-tokend proxy` with real clients (curl over its Unix socket) against the stand-in."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BIN, Daemon
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Proxy:
+    def __init__(self, proc: subprocess.Popen[bytes], socket: Path, log_path: Path) -> None:
+        self.proc, self.socket, self.log_path = proc, socket, log_path
+
+    def curl(self, *args: str, host: str = "localhost", path: str = "/v1/vms"
+             ) -> tuple[int, dict[str, str], bytes]:
+        """(status, headers with lower-case names, body) of one request through the proxy."""
+        done = subprocess.run(
+            ["curl", "-sS", "--unix-socket", str(self.socket), "-D", "-", "-o", "-",
+             *args, f"http://{host}{path}"],
+            capture_output=True, timeout=20, check=True)
+        head, _, body = done.stdout.partition(b"\r\n\r\n")
+        while head.startswith(b"HTTP/1.1 100"):
+            head, _, body = body.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        headers = {name.lower(): value.strip() for name, _, value in
+                   (line.partition(":") for line in lines[1:])}
+        return int(lines[0].split()[1]), headers, body
+
+
+@pytest.fixture
+def start_proxy(private_dir: Path) -> Iterator[Callable[[Daemon], Proxy]]:
+    proxies: list[Proxy] = []
+
+    def start(daemon: Daemon) -> Proxy:
+        socket = private_dir / "vm-token" / "proxy"
+        log_path = private_dir / "proxy.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                [str(BIN / "vm-tokend"), "proxy", "--log-level", "debug"],
+                env=daemon.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        proxy = Proxy(proc, socket, log_path)
+        proxies.append(proxy)
+        deadline = time.monotonic() + 10
+        while not socket.exists():
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.02)
+        return proxy
+
+    yield start
+    for proxy in proxies:
+        if proxy.proc.poll() is None:
+            proxy.proc.terminate()
+            proxy.proc.wait(timeout=10)
+
+
+def test_curl_gets_the_api_through_the_proxy_with_the_daemons_token(
+        standin, start_daemon, start_proxy):
+    daemon = start_daemon(standin)
+    proxy = start_proxy(daemon)
+    # the client's own Authorization is replaced by the daemon's token
+    status, headers, body = proxy.curl("-H", "Authorization: Bearer not-a-token")
+    assert status == 200, body
+    assert "x-vm-token-error" not in headers
+    listed = json.loads(body)
+    assert {vm["name"] for vm in listed} >= {"Marketing", "Sales"}
+    status, _, body = proxy.curl(path="/v1/vms/1001/videos")
+    assert status == 200, body
+    assert standin.counts["api_rejected"] == 0
+
+
+def test_a_post_body_reaches_the_api(standin, start_daemon, start_proxy):
+    daemon = start_daemon(standin)
+    proxy = start_proxy(daemon)
+    status, _, body = proxy.curl("-X", "POST", "-H", "Content-Type: application/json",
+                                 "--data", json.dumps({"title": "a video"}),
+                                 path="/v1/vms/1001/videos")
+    assert status == 201, body
+
+
+def test_what_the_proxy_will_not_forward_it_answers_itself(standin, start_daemon,
+                                                           start_proxy):
+    daemon = start_daemon(standin)
+    proxy = start_proxy(daemon)
+    before = standin.counts["api"]
+    status, headers, body = proxy.curl(path="/auth/login")
+    assert (status, headers["x-vm-token-error"]) == (404, "not_found")
+    assert json.loads(body)["error"] == "not_found"
+    status, headers, body = proxy.curl(host="elsewhere")
+    assert (status, headers["x-vm-token-error"]) == (421, "unknown_profile")
+    assert "names no profile" in json.loads(body)["message"]
+    status, headers, _ = proxy.curl("--path-as-is", path="/v1/vms/../auth/login")
+    assert status == 404
+    assert standin.counts["api"] == before  # none of them reached the API
