@@ -100,3 +100,34 @@ def test_what_the_proxy_will_not_forward_it_answers_itself(standin, start_daemon
     status, headers, _ = proxy.curl("--path-as-is", path="/v1/vms/../auth/login")
     assert status == 404
     assert standin.counts["api"] == before  # none of them reached the API
+
+
+def test_a_refused_token_is_replaced_and_a_small_request_replayed_once(
+        standin, start_daemon, start_proxy):
+    daemon = start_daemon(standin)
+    proxy = start_proxy(daemon)
+    assert proxy.curl(path="/v1/vms/1001/videos")[0] == 200  # the daemon holds a token
+    standin.revoke_access_tokens()  # the API refuses it from now on; the daemon does not know
+    status, headers, body = proxy.curl("-X", "POST", "--data", json.dumps({"title": "t"}),
+                                       "-H", "Content-Type: application/json",
+                                       path="/v1/vms/1001/videos")
+    assert status == 201, body
+    assert "x-vm-token-replaced" not in headers
+    assert standin.counts["api_rejected"] == 1  # refused once, replayed with a fresh one
+
+
+def test_a_refused_token_on_a_long_body_comes_back_marked_and_the_retry_succeeds(
+        standin, start_daemon, start_proxy, tmp_path):
+    daemon = start_daemon(standin)
+    proxy = start_proxy(daemon)
+    assert proxy.curl(path="/v1/vms/1001/videos")[0] == 200
+    standin.revoke_access_tokens()
+    upload = tmp_path / "upload.bin"
+    upload.write_bytes(b"v" * (2 * 1024 * 1024))  # past what the proxy keeps for a replay
+    status, headers, _ = proxy.curl("-X", "POST", "--data-binary", f"@{upload}",
+                                    path="/v1/vms/1001/videos")
+    assert (status, headers.get("x-vm-token-replaced")) == (401, "1")
+    status, _, body = proxy.curl("-X", "POST", "--data-binary", f"@{upload}",
+                                 path="/v1/vms/1001/videos")
+    assert status == 201, body
+    assert standin.counts["api_rejected"] == 1
