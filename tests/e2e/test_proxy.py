@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import BIN, Daemon
+from tests.e2e.test_login_takeover import as_other_user
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -18,6 +20,15 @@ pytestmark = pytest.mark.timeout(60)
 class Proxy:
     def __init__(self, proc: subprocess.Popen[bytes], socket: Path, log_path: Path) -> None:
         self.proc, self.socket, self.log_path = proc, socket, log_path
+        self.port: int | None = None
+
+    def tcp(self, *args: str, path: str = "/v1/vms") -> tuple[int, dict[str, str], bytes]:
+        """One request to the --listen port with curl (status 0: no answer)."""
+        done = subprocess.run(
+            ["curl", "-sS", "-D", "-", "-o", "-", "--max-time", "10", *args,
+             f"http://127.0.0.1:{self.port}{path}"],
+            capture_output=True, timeout=20, check=False)
+        return _parse(done.stdout)
 
     def curl(self, *args: str, host: str = "localhost", path: str = "/v1/vms"
              ) -> tuple[int, dict[str, str], bytes]:
@@ -26,32 +37,40 @@ class Proxy:
             ["curl", "-sS", "--unix-socket", str(self.socket), "-D", "-", "-o", "-",
              *args, f"http://{host}{path}"],
             capture_output=True, timeout=20, check=True)
-        head, _, body = done.stdout.partition(b"\r\n\r\n")
-        while head.startswith(b"HTTP/1.1 100"):
-            head, _, body = body.partition(b"\r\n\r\n")
-        lines = head.decode().split("\r\n")
-        headers = {name.lower(): value.strip() for name, _, value in
-                   (line.partition(":") for line in lines[1:])}
-        return int(lines[0].split()[1]), headers, body
+        return _parse(done.stdout)
+
+
+def _parse(output: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = output.partition(b"\r\n\r\n")
+    while head.startswith(b"HTTP/1.1 100"):
+        head, _, body = body.partition(b"\r\n\r\n")
+    if not head:
+        return 0, {}, b""
+    lines = head.decode().split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in
+               (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
 
 
 @pytest.fixture
 def start_proxy(private_dir: Path) -> Iterator[Callable[[Daemon], Proxy]]:
     proxies: list[Proxy] = []
 
-    def start(daemon: Daemon) -> Proxy:
+    def start(daemon: Daemon, *args: str) -> Proxy:
         socket = private_dir / "vm-token" / "proxy"
         log_path = private_dir / "proxy.log"
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
-                [str(BIN / "vm-tokend"), "proxy", "--log-level", "debug"],
+                [str(BIN / "vm-tokend"), "proxy", "--log-level", "debug", *args],
                 env=daemon.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         proxy = Proxy(proc, socket, log_path)
         proxies.append(proxy)
         deadline = time.monotonic() + 10
-        while not socket.exists():
+        while not socket.exists() or ("--listen" in args and proxy.port is None):
             assert proc.poll() is None, log_path.read_text()
             assert time.monotonic() < deadline, log_path.read_text()
+            found = re.search(r"also serving on \S+ port (\d+)", log_path.read_text())
+            proxy.port = int(found[1]) if found else None
             time.sleep(0.02)
         return proxy
 
@@ -131,3 +150,36 @@ def test_a_refused_token_on_a_long_body_comes_back_marked_and_the_retry_succeeds
                                  path="/v1/vms/1001/videos")
     assert status == 201, body
     assert standin.counts["api_rejected"] == 1
+
+
+def test_the_tcp_port_serves_our_uid_with_its_own_host_and_no_browser(
+        standin, start_daemon, start_proxy):
+    daemon = start_daemon(standin)
+    proxy = start_proxy(daemon, "--listen", "127.0.0.1:0")
+    before = standin.counts["api"]
+    status, headers, body = proxy.tcp()
+    assert status == 200, body
+    # DNS rebinding: a name that resolves here is still not this listener's own
+    status, headers, body = proxy.tcp("-H", "Host: evil.example")
+    assert (status, headers["x-vm-token-error"]) == (421, "bad_request")
+    # a web page's request (fetch sends Origin; navigation sends Sec-Fetch-Site)
+    status, headers, _ = proxy.tcp("-H", "Origin: http://evil.example")
+    assert (status, headers["x-vm-token-error"]) == (403, "forbidden")
+    assert "access-control-allow-origin" not in headers
+    status, _, _ = proxy.tcp("-H", "Sec-Fetch-Site: cross-site")
+    assert status == 403
+    assert proxy.tcp("-H", "Sec-Fetch-Site: none")[0] == 200  # typed into the address bar
+    # another local user gets no answer at all
+    assert as_other_user(f"http://127.0.0.1:{proxy.port}/v1/vms") == 0
+    assert standin.counts["api"] == before + 2
+    assert "refused a connection from uid 65534" in proxy.log_path.read_text()
+
+
+def test_listen_takes_only_a_loopback_address(start_daemon, standin, private_dir):
+    daemon = start_daemon(standin)
+    for bad in ("0.0.0.0:8181", "192.0.2.1:8181", "localhost:8181", "127.0.0.1"):
+        done = subprocess.run([str(BIN / "vm-tokend"), "proxy", "--listen", bad],
+                              env=daemon.env, capture_output=True, text=True, timeout=20,
+                              check=False)
+        assert done.returncode == 2, (bad, done.stderr)
+        assert len(done.stderr.splitlines()) == 1 and "--listen" in done.stderr, done.stderr

@@ -1,4 +1,5 @@
-"""`vm-tokend proxy [--socket PATH] [--daemon-socket PATH]`: serve until SIGTERM/SIGINT."""
+"""`vm-tokend proxy [--socket PATH] [--listen ADDR:PORT [--profile NAME]]`: serve until
+SIGTERM or SIGINT, then drain the requests in flight (bounded) and exit 0."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from vm_token import protocol
 
 from ..config.environment import process_environment
 from ..server.listener import SocketAlreadyServed, SocketSetupError, bind_unix_socket
-from .service import ProxyServer
+from .gates import TcpGate, UnixGate, parse_listen
+from .service import Listening, ProxyServer
 
 __all__ = ["run"]
 
@@ -40,11 +42,23 @@ def run(argv: list[str], parser_class: type[argparse.ArgumentParser]) -> int:
     )
     parser.add_argument("--socket", metavar="PATH", type=Path,
                         help=f"where to listen (default {default_proxy_socket(daemon_socket)})")
+    parser.add_argument("--listen", metavar="ADDR:PORT",
+                        help="also serve on a loopback TCP port (127.0.0.1:PORT or [::1]:PORT), "
+                             "for programs that cannot use a Unix socket; only your own uid "
+                             "is served, and only with Host set to this address")
+    parser.add_argument("--profile", metavar="NAME",
+                        help="the profile of the --listen port (default: the default one)")
     parser.add_argument("--daemon-socket", metavar="PATH", default=daemon_socket,
                         help="vm-tokend's socket (default: as vm-token finds it)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
+    listen: tuple[str, int] | None = None
+    if args.listen is not None:
+        try:
+            listen = parse_listen(args.listen)
+        except ValueError as exc:
+            parser.error(str(exc))
     logging.getLogger("vm_tokend").setLevel(args.log_level.upper())
     path = args.socket or default_proxy_socket(args.daemon_socket)
     try:
@@ -55,7 +69,15 @@ def run(argv: list[str], parser_class: type[argparse.ArgumentParser]) -> int:
 
     async def main() -> None:
         async with vm_token.AsyncClient(args.daemon_socket) as daemon:
-            server = ProxyServer(bound.listener(), daemon)
+            listeners: list[Listening] = [(bound.listener(), UnixGate(daemon.hello))]
+            if listen is not None:
+                address, port = listen
+                for tcp in await trio.open_tcp_listeners(port, host=address):
+                    bound_port = tcp.socket.getsockname()[1]
+                    listeners.append((tcp, TcpGate(address, bound_port, args.profile)))
+                    log.info("vm-tokend proxy also serving on %s port %d (profile %s)",
+                             address, bound_port, args.profile or "default")
+            server = ProxyServer(listeners, daemon)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(server.serve)
