@@ -29,6 +29,8 @@ for every VideoManager of the user:
     GET  {base}                            the VideoManager list   (Bearer token)     "api"
     GET  {base}/{id}/videos                a few fake videos       (Bearer token for {id})
     POST {base}/{id}/videos                "creates" one: 201      (Bearer token for {id})
+    PUT  {base}/_bulk/upload               streams the body: its length and SHA-256  "bulk"
+    GET  {base}/_bulk/download?bytes=N     streams N bytes (bulk_block() repeated)   "bulk"
 
 Counters (`counts`): every request under the name at its right (a token request under
 "token" and its grant's name); answers that succeeded under the name plus "_ok" ("login_ok",
@@ -83,6 +85,12 @@ __all__ = ["Fault", "OidcClient", "StandIn"]
 
 DEFAULT_VIDEOMANAGERS = (("1001", "Marketing"), ("1002", "Sales"), ("1003", "Support"))
 BASE_PATH = "/v1/vms"
+BULK_PATH = f"{BASE_PATH}/_bulk"
+
+
+def bulk_block() -> bytes:
+    """What a bulk download repeats: 64 KiB that are not all one byte."""
+    return hashlib.sha256(b"vm-token bulk").digest() * 2048
 
 BodyKind = Literal["json", "html", "garbage", "empty"]
 # What the OIDC token answers say of the refresh token's lifetime: "lifetime" (Keycloak's
@@ -534,6 +542,9 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
 
     def _serve(self) -> None:
+        if self.path.startswith(BULK_PATH):
+            self._bulk()
+            return
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         headers = {k.lower(): v for k, v in self.headers.items()}
@@ -551,6 +562,54 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_GET = _serve
     do_POST = _serve
+    do_PUT = _serve
+
+    # -- bulk transfers, streamed: never the whole body in memory -------------------------
+
+    def _bulk(self) -> None:
+        """`PUT|POST {BULK_PATH}/upload` (Content-Length): the body's length and SHA-256;
+        `GET {BULK_PATH}/download?bytes=N`: N bytes of `bulk_block()` repeated. Both want
+        a token the API accepts; counted as "bulk"."""
+        standin = self.server.standin
+        standin._count("bulk")
+        token = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
+        path, _, query = self.path.partition("?")
+        if not standin.token_valid(token):
+            self._bulk_answer(401, {"message": "Unauthorized"})
+            return
+        if path == f"{BULK_PATH}/upload" and self.command in ("PUT", "POST"):
+            length = int(self.headers.get("Content-Length") or 0)
+            digest = hashlib.sha256()
+            left = length
+            while left:
+                chunk = self.rfile.read(min(left, 1 << 16))
+                if not chunk:
+                    break
+                digest.update(chunk)
+                left -= len(chunk)
+            self._bulk_answer(200, {"bytes": length - left, "sha256": digest.hexdigest()})
+        elif path == f"{BULK_PATH}/download" and self.command == "GET":
+            size = int(query.removeprefix("bytes=") or 0)
+            block = bulk_block()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            left = size
+            while left:
+                piece = block[:left]
+                self.wfile.write(piece)
+                left -= len(piece)
+        else:
+            self._bulk_answer(404, {"message": "Not found"})
+
+    def _bulk_answer(self, status: int, body: dict[str, Any]) -> None:
+        payload = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         pass  # quiet: tests and the demo have their own output

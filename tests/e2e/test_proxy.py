@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from standin.server import bulk_block
 from tests.conftest import BIN, Daemon
 from tests.e2e.test_login_takeover import as_other_user
 
@@ -183,3 +185,48 @@ def test_listen_takes_only_a_loopback_address(start_daemon, standin, private_dir
                               check=False)
         assert done.returncode == 2, (bad, done.stderr)
         assert len(done.stderr.splitlines()) == 1 and "--listen" in done.stderr, done.stderr
+
+
+GIB = 1 << 30
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.timeout(180)
+def test_a_gigabyte_each_way_streams_through_in_bounded_memory(
+        standin, start_daemon, start_proxy, tmp_path):
+    daemon = start_daemon(standin)
+    proxy = start_proxy(daemon)
+    upload = tmp_path / "upload.bin"
+    with upload.open("wb") as file:
+        file.truncate(GIB)  # sparse: a gigabyte of zeros, no disk
+    expected = hashlib.sha256()
+    zeros = bytes(1 << 20)
+    for _ in range(GIB >> 20):
+        expected.update(zeros)
+    status, _, body = proxy.curl("-T", str(upload), path="/v1/vms/_bulk/upload")
+    assert status == 200, body
+    assert json.loads(body) == {"bytes": GIB, "sha256": expected.hexdigest()}
+    got, size = hashlib.sha256(), 0
+    with subprocess.Popen(
+            ["curl", "-sS", "--fail", "--unix-socket", str(proxy.socket),
+             f"http://localhost/v1/vms/_bulk/download?bytes={GIB}"],
+            stdout=subprocess.PIPE) as download:
+        assert download.stdout is not None
+        while chunk := download.stdout.read(1 << 20):
+            got.update(chunk)
+            size += len(chunk)
+    assert download.returncode == 0
+    block = bulk_block()
+    want = hashlib.sha256()
+    for _ in range(GIB // len(block)):
+        want.update(block)
+    assert (size, got.hexdigest()) == (GIB, want.hexdigest())
+    peak = peak_rss_mib(proxy.proc.pid)
+    print(f"proxy peak RSS after 1 GiB each way: {peak:.1f} MiB")
+    assert peak < 80
