@@ -5,12 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from standin.server import bulk_block
 from tests.conftest import BIN, Daemon
@@ -230,3 +233,48 @@ def test_a_gigabyte_each_way_streams_through_in_bounded_memory(
     peak = peak_rss_mib(proxy.proc.pid)
     print(f"proxy peak RSS after 1 GiB each way: {peak:.1f} MiB")
     assert peak < 80
+
+
+_TOKEN = st.sampled_from([b"GET", b"POST", b"PUT", b"CONNECT", b"OPTIONS", b"G\x00T", b""])
+_TARGET = st.sampled_from([b"/v1/vms", b"/v1/vms/1001/videos", b"http://evil.example/",
+                           b"*", b"/../etc", b"/v1/vms?x=1", b"", b"/\xff", b"/v1/vms/%2e%2e"])
+_VERSION = st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2", b"HTTP/1.1x", b""])
+_HEADER = st.one_of(
+    st.tuples(st.sampled_from([b"Host", b"Content-Length", b"Transfer-Encoding", b"Expect",
+                               b"Connection", b"Origin", b"X"]),
+              st.sampled_from([b"localhost", b"-1", b"5", b"99999999999", b"chunked",
+                               b"100-continue", b"close", b"gzip, chunked", b"\x00", b""]))
+    .map(lambda kv: kv[0] + b": " + kv[1]),
+    st.binary(max_size=40),
+)
+_BODY = st.one_of(st.binary(max_size=200),
+                  st.sampled_from([b"5\r\nhello\r\n0\r\n\r\n", b"5\r\nhel", b"zz\r\n",
+                                   b"ffffffffffffffff\r\n", b"0\r\n"]))
+
+
+@settings(max_examples=120, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(method=_TOKEN, target=_TARGET, version=_VERSION, headers=st.lists(_HEADER, max_size=6),
+       body=_BODY, line_end=st.sampled_from([b"\r\n", b"\n"]))
+def test_nothing_a_client_sends_stops_the_proxy(proxied, method, target, version, headers,
+                                                body, line_end):
+    proxy = proxied
+    request = method + b" " + target + b" " + version + line_end
+    request += b"".join(header + line_end for header in headers) + line_end + body
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(proxy.socket))
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    if answer:
+        assert answer.startswith(b"HTTP/1.1 "), answer[:100]
+    assert proxy.proc.poll() is None, proxy.log_path.read_text()[-2000:]
+    assert proxy.curl()[0] == 200  # and the next client is served
+
+
+@pytest.fixture
+def proxied(standin, start_daemon, start_proxy) -> Proxy:
+    return start_proxy(start_daemon(standin))

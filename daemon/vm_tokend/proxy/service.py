@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
+from pathlib import Path
 from typing import Final
 
 import h11
@@ -108,6 +110,13 @@ class ProxyServer:
                         return
             except ClientGone as exc:
                 log.debug("dropped a client: %s", exc)
+            except Exception as exc:
+                # A bug of ours: this connection ends, every other goes on. The type and
+                # place only: the text may repeat what the client sent.
+                where = traceback.extract_tb(exc.__traceback__)[-1:]
+                log.error("internal error (%s at %s) serving a client; connection dropped",
+                          type(exc).__name__,
+                          f"{Path(where[0].filename).name}:{where[0].lineno}" if where else "?")
 
     async def _exchange(self, conversation: Conversation, request: h11.Request, gate: Gate,
                         uid: int | None) -> None:
