@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import shutil
 import socket
 import subprocess
 import time
@@ -278,3 +280,61 @@ def test_nothing_a_client_sends_stops_the_proxy(proxied, method, target, version
 @pytest.fixture
 def proxied(standin, start_daemon, start_proxy) -> Proxy:
     return start_proxy(start_daemon(standin))
+
+
+NODE_CLIENT = r"""
+const http = require("http");
+const [socketPath, body] = process.argv.slice(1);
+const request = http.request({socketPath, path: "/v1/vms/1001/videos", method: "POST",
+    headers: {"Content-Type": "application/json", "Content-Length": Buffer.byteLength(body)}},
+  (response) => {
+    let text = "";
+    response.on("data", (chunk) => { text += chunk; });
+    response.on("end", () => {
+      console.log(JSON.stringify({status: response.statusCode, body: text}));
+    });
+  });
+request.on("error", (error) => { console.error(error.message); process.exit(1); });
+request.end(body);
+"""
+
+
+def test_nodes_own_http_module_posts_through_the_socket(standin, start_daemon, start_proxy):
+    node = shutil.which("node") or shutil.which("nodejs")
+    if node is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must run the Node client (.ci/run installs nodejs)")
+        pytest.skip("needs nodejs")
+    proxy = start_proxy(start_daemon(standin))
+    done = subprocess.run([node, "-e", NODE_CLIENT, str(proxy.socket),
+                           json.dumps({"title": "from node"})],
+                          capture_output=True, text=True, timeout=30, check=True)
+    answer = json.loads(done.stdout)
+    assert answer["status"] == 201, answer
+
+
+def test_python_clients_over_the_socket(standin, start_daemon, start_proxy):
+    import http.client
+
+    import httpx
+
+    proxy = start_proxy(start_daemon(standin))
+    transport = httpx.HTTPTransport(uds=str(proxy.socket))
+    with httpx.Client(transport=transport, base_url="http://localhost") as client:
+        assert client.get("/v1/vms").status_code == 200
+        created = client.post("/v1/vms/1001/videos", json={"title": "from httpx"})
+        assert created.status_code == 201, created.text
+
+    class UnixConnection(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.connect(str(proxy.socket))
+
+    connection = UnixConnection("localhost")
+    try:
+        for _ in range(3):  # one keep-alive connection, three requests
+            connection.request("GET", "/v1/vms")
+            response = connection.getresponse()
+            assert response.status == 200 and json.loads(response.read())
+    finally:
+        connection.close()

@@ -124,6 +124,8 @@ class Forwarder:
         headers = end_to_end(list(request.headers), drop=_DROP)
         length = _content_length(request)
         body = _Body(conversation) if _has_body(request) else None
+        if body is None and not isinstance(await conversation.next_event(), h11.EndOfMessage):
+            raise ClientGone("a request without a body went on")  # h11 says its end at once
         http = self._client(upstream.origin)
         response = await self._send(http, request.method, url, headers, length, body, token)
         replaced = False
