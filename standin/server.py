@@ -31,6 +31,7 @@ for every VideoManager of the user:
     POST {base}/{id}/videos                "creates" one: 201      (Bearer token for {id})
     PUT  {base}/_bulk/upload               streams the body: its length and SHA-256  "bulk"
     GET  {base}/_bulk/download?bytes=N     streams N bytes (bulk_block() repeated)   "bulk"
+    ANY  {base}/_bulk/redirect             307 to {upload_origin}/upload (if set)    "bulk"
 
 Counters (`counts`): every request under the name at its right (a token request under
 "token" and its grant's name); answers that succeeded under the name plus "_ok" ("login_ok",
@@ -575,7 +576,8 @@ class _Handler(BaseHTTPRequestHandler):
         token = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
         path, _, query = self.path.partition("?")
         if not standin.token_valid(token):
-            self._bulk_answer(401, {"message": "Unauthorized"})
+            standin._count("api_rejected")
+            self._bulk_answer(401, {"message": "Unauthorized"}, close=True)  # body unread
             return
         if path == f"{BULK_PATH}/upload" and self.command in ("PUT", "POST"):
             length = int(self.headers.get("Content-Length") or 0)
@@ -600,12 +602,22 @@ class _Handler(BaseHTTPRequestHandler):
                 piece = block[:left]
                 self.wfile.write(piece)
                 left -= len(piece)
+        elif path == f"{BULK_PATH}/redirect" and standin.upload_origin is not None:
+            # what the API does with uploads: elsewhere, with a token of that host's own
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))  # keep-alive
+            self.send_response(307)
+            self.send_header("Location", f"{standin.upload_origin}/upload?token=upload-own")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
         else:
-            self._bulk_answer(404, {"message": "Not found"})
+            self._bulk_answer(404, {"message": "Not found"}, close=True)
 
-    def _bulk_answer(self, status: int, body: dict[str, Any]) -> None:
+    def _bulk_answer(self, status: int, body: dict[str, Any], *, close: bool = False) -> None:
         payload = json.dumps(body).encode()
         self.send_response(status)
+        if close:  # the request's body was not read: this connection cannot go on
+            self.send_header("Connection", "close")
+            self.close_connection = True
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()

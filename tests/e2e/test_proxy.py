@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from standin.server import bulk_block
 from tests.conftest import BIN, Daemon
+from tests.e2e.test_auth_hosts import Recorder
 from tests.e2e.test_login_takeover import as_other_user
 
 pytestmark = pytest.mark.timeout(60)
@@ -338,3 +339,22 @@ def test_python_clients_over_the_socket(standin, start_daemon, start_proxy):
             assert response.status == 200 and json.loads(response.read())
     finally:
         connection.close()
+
+
+@pytest.fixture
+def evil() -> Iterator[Recorder]:
+    recorder = Recorder("127.0.0.2", status=200)
+    yield recorder
+    recorder.stop()
+
+
+def test_a_redirect_goes_back_to_the_client_and_no_token_leaves_the_api(
+        standin, start_daemon, start_proxy, evil):
+    standin.upload_origin = evil.origin
+    proxy = start_proxy(start_daemon(standin))
+    for method in ("GET", "POST", "PUT"):
+        status, headers, _ = proxy.curl("-X", method, "--data", "x",
+                                        path="/v1/vms/_bulk/redirect")
+        assert status == 307, (method, headers)
+        assert headers["location"] == f"{evil.origin}/upload?token=upload-own"
+    assert evil.seen == []  # followed by nobody: the client decides, with the upload's token
