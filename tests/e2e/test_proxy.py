@@ -358,3 +358,33 @@ def test_a_redirect_goes_back_to_the_client_and_no_token_leaves_the_api(
         assert status == 307, (method, headers)
         assert headers["location"] == f"{evil.origin}/upload?token=upload-own"
     assert evil.seen == []  # followed by nobody: the client decides, with the upload's token
+
+
+def test_health_is_answered_by_the_proxy_and_says_the_daemons_state(
+        standin, start_daemon, start_proxy):
+    daemon = start_daemon(standin)
+    proxy = start_proxy(daemon)
+    before = standin.counts["api"]
+    status, headers, body = proxy.curl(path="/_vm-token/health")
+    assert status == 200, body
+    assert json.loads(body) == {"daemon": "reachable", "profile": "default",
+                                "state": "logged_in"}
+    assert standin.counts["api"] == before
+    daemon.stop()
+    status, headers, body = proxy.curl(path="/_vm-token/health")
+    assert (status, headers["x-vm-token-error"]) == (502, "daemon_unreachable")
+    status, headers, _ = proxy.curl()  # and a forwarded request says the same
+    assert (status, headers["x-vm-token-error"]) == (502, "daemon_unreachable")
+
+
+def test_the_log_has_a_line_per_request_without_queries_or_header_values(
+        standin, start_daemon, start_proxy):
+    daemon = start_daemon(standin)
+    proxy = start_proxy(daemon)
+    token = daemon.client().get_token("1001").access_token
+    proxy.curl("-H", "X-Secret: header-value-9f3", path="/v1/vms?query=secret-7c1")
+    proxy.curl(path="/v1/vms/1001/videos")
+    log = proxy.log_path.read_text()
+    assert "GET '/v1/vms' -> 200" in log and "GET '/v1/vms/1001/videos' -> 200" in log
+    for secret in ("secret-7c1", "header-value-9f3", token, standin.password):
+        assert secret not in log

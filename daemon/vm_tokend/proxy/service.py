@@ -10,6 +10,7 @@ bytes each way, milliseconds — never a header value or a query string.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import traceback
@@ -22,7 +23,7 @@ import trio
 import vm_token
 
 from ..text import quote
-from .forward import Forwarder
+from .forward import Forwarder, ask_daemon
 from .gates import Gate
 from .http11 import ClientGone, Conversation
 from .routes import Refusal
@@ -36,6 +37,8 @@ READ_TIMEOUT: Final = 300.0  # the API's silence, and a client's within a reques
 CONNECT_TIMEOUT: Final = 10.0
 MIN_TTL: Final = 30.0
 DRAIN_TIMEOUT: Final = 10.0
+# Answered here, never forwarded: whether the daemon answers, and the profile's state.
+HEALTH_PATH: Final = b"/_vm-token/health"
 
 
 Listening = tuple[trio.abc.Listener[trio.abc.Stream], Gate]
@@ -124,8 +127,11 @@ class ProxyServer:
         status, received, sent = 0, 0, 0
         try:
             profile = await gate.profile(request)
-            status, received, sent = await self.forwarder.forward(conversation, request,
-                                                                  profile)
+            if request.target.split(b"?", 1)[0] == HEALTH_PATH:
+                status = await self._health(conversation, request, profile)
+            else:
+                status, received, sent = await self.forwarder.forward(conversation, request,
+                                                                      profile)
         except Refusal as refusal:
             status = refusal.status
             # the body the client may still be sending is not read: close after the answer
@@ -136,3 +142,19 @@ class ProxyServer:
             log.debug("%s %s -> %s, %d bytes in, %d out, %.0f ms, uid %s",
                       request.method.decode("ascii", "replace"), quote(path, 200), status,
                       received, sent, (time.monotonic() - started) * 1000, uid)
+
+    async def _health(self, conversation: Conversation, request: h11.Request,
+                      profile: str | None) -> int:
+        if request.method not in (b"GET", b"HEAD") or \
+                not isinstance(await conversation.next_event(), h11.EndOfMessage):
+            raise Refusal(405, "bad_request", f"{HEALTH_PATH.decode()} takes a GET only")
+        fields = {"profile": profile} if profile is not None else {}
+        status = await ask_daemon(self.daemon.request("status", **fields))
+        body = json.dumps({"daemon": "reachable", "profile": profile or "default",
+                           "state": status.get("state")}).encode() + b"\n"
+        await conversation.send(h11.Response(status_code=200, headers=[
+            (b"content-type", b"application/json"), (b"cache-control", b"no-store"),
+            (b"content-length", str(len(body)).encode())]))
+        await conversation.send(h11.Data(data=body))
+        await conversation.send(h11.EndOfMessage())
+        return 200
