@@ -388,3 +388,23 @@ def test_the_log_has_a_line_per_request_without_queries_or_header_values(
     assert "GET '/v1/vms' -> 200" in log and "GET '/v1/vms/1001/videos' -> 200" in log
     for secret in ("secret-7c1", "header-value-9f3", token, standin.password):
         assert secret not in log
+
+
+def test_sigterm_lets_a_download_in_flight_finish_then_exits(standin, start_daemon,
+                                                            start_proxy):
+    proxy = start_proxy(start_daemon(standin))
+    size = 64 << 20
+    with subprocess.Popen(
+            ["curl", "-sS", "--fail", "--limit-rate", "32M", "--unix-socket",
+             str(proxy.socket), f"http://localhost/v1/vms/_bulk/download?bytes={size}"],
+            stdout=subprocess.PIPE) as download:
+        assert download.stdout is not None
+        first = download.stdout.read(1 << 20)  # under way
+        proxy.proc.terminate()
+        received = len(first)
+        while chunk := download.stdout.read(1 << 20):
+            received += len(chunk)
+    assert (download.returncode, received) == (0, size)
+    assert proxy.proc.wait(timeout=15) == 0
+    assert not proxy.socket.exists()
+    assert "draining and stopping" in proxy.log_path.read_text()
