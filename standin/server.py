@@ -32,6 +32,7 @@ for every VideoManager of the user:
     PUT  {base}/_bulk/upload               streams the body: its length and SHA-256  "bulk"
     GET  {base}/_bulk/download?bytes=N     streams N bytes (bulk_block() repeated)   "bulk"
     ANY  {base}/_bulk/redirect             307 to {upload_origin}/upload (if set)    "bulk"
+    GET  {base}/_bulk/slow?seconds=S       answers after S seconds                   "bulk"
 
 Counters (`counts`): every request under the name at its right (a token request under
 "token" and its grant's name); answers that succeeded under the name plus "_ok" ("login_ok",
@@ -602,6 +603,9 @@ class _Handler(BaseHTTPRequestHandler):
                 piece = block[:left]
                 self.wfile.write(piece)
                 left -= len(piece)
+        elif path == f"{BULK_PATH}/slow" and self.command == "GET":
+            time.sleep(float(query.removeprefix("seconds=") or 1))  # an API thinking long
+            self._bulk_answer(200, {"slow": True})
         elif path == f"{BULK_PATH}/redirect" and standin.upload_origin is not None:
             # what the API does with uploads: elsewhere, with a token of that host's own
             self.rfile.read(int(self.headers.get("Content-Length") or 0))  # keep-alive

@@ -65,7 +65,8 @@ def start_proxy(private_dir: Path) -> Iterator[Callable[[Daemon], Proxy]]:
     proxies: list[Proxy] = []
 
     def start(daemon: Daemon, *args: str) -> Proxy:
-        socket = private_dir / "vm-token" / "proxy"
+        socket = Path(daemon.env.get("VM_TOKEN_PROXY_SOCKET")
+                      or private_dir / "vm-token" / "proxy")
         log_path = private_dir / "proxy.log"
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
@@ -408,3 +409,16 @@ def test_sigterm_lets_a_download_in_flight_finish_then_exits(standin, start_daem
     assert proxy.proc.wait(timeout=15) == 0
     assert not proxy.socket.exists()
     assert "draining and stopping" in proxy.log_path.read_text()
+
+
+def test_an_api_silent_past_the_read_timeout_is_a_504_and_the_socket_is_a_setting(
+        standin, start_daemon, start_proxy, private_dir):
+    daemon = start_daemon(standin)
+    elsewhere = private_dir / "vm-token" / "elsewhere"
+    daemon.env["VM_TOKEN_PROXY_SOCKET"] = str(elsewhere)  # the setting, from the environment
+    proxy = start_proxy(daemon, "--read-timeout", "0.5")
+    assert proxy.socket == elsewhere
+    status, headers, body = proxy.curl(path="/v1/vms/_bulk/slow?seconds=0.1")
+    assert status == 200, body
+    status, headers, body = proxy.curl(path="/v1/vms/_bulk/slow?seconds=3")
+    assert (status, headers["x-vm-token-error"]) == (504, "upstream_timeout")

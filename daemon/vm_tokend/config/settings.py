@@ -107,6 +107,10 @@ class Settings(Profile, BaseSettings):
     )
 
     socket: Path | None = None
+    # `vm-tokend proxy`: its socket (default: beside the daemon's), and how long the API
+    # may be silent within an answer (an upload's processing can be long).
+    proxy_socket: Path | None = None
+    proxy_read_timeout: float = Field(default=300.0, gt=0, le=86400)
     max_backoff: float = Field(default=60.0, gt=0)
     log_level: LogLevel = "info"
     default_profile: str = DEFAULT_PROFILE
@@ -131,6 +135,12 @@ class Settings(Profile, BaseSettings):
         # Same rule as the clients', minus VM_TOKEN_SOCKET which pydantic already read.
         environ = {k: v for k, v in os.environ.items() if k != "VM_TOKEN_SOCKET"}
         return Path(protocol.default_socket_path(environ))
+
+    @property
+    def proxy_socket_path(self) -> Path:
+        if self.proxy_socket is not None:
+            return self.proxy_socket.expanduser()
+        return self.socket_path.parent / "proxy"
 
     def profile(self) -> Profile:
         """The top level alone: the profile `default`."""

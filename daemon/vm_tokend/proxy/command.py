@@ -12,9 +12,8 @@ from pathlib import Path
 import trio
 
 import vm_token
-from vm_token import protocol
 
-from ..config.environment import process_environment
+from ..config.settings import ConfigError, load_config
 from ..server.listener import SocketAlreadyServed, SocketSetupError, bind_unix_socket
 from .gates import TcpGate, UnixGate, parse_listen
 from .service import Listening, ProxyServer
@@ -24,14 +23,7 @@ __all__ = ["run"]
 log = logging.getLogger(__name__)
 
 
-def default_proxy_socket(daemon_socket: str) -> Path:
-    """Beside the daemon's socket: `$XDG_RUNTIME_DIR/vm-token/proxy`."""
-    return Path(daemon_socket).parent / "proxy"
-
-
 def run(argv: list[str], parser_class: type[argparse.ArgumentParser]) -> int:
-    environ = process_environment()
-    daemon_socket = protocol.default_socket_path(environ)
     parser = parser_class(
         prog="vm-tokend proxy",
         description="Serve HTTP/1.1 on a Unix socket and forward each request under the "
@@ -40,27 +32,40 @@ def run(argv: list[str], parser_class: type[argparse.ArgumentParser]) -> int:
         epilog="example: curl --unix-socket $XDG_RUNTIME_DIR/vm-token/proxy "
                "http://localhost/v1/vms",
     )
-    parser.add_argument("--socket", metavar="PATH", type=Path,
-                        help=f"where to listen (default {default_proxy_socket(daemon_socket)})")
+    parser.add_argument("--socket", metavar="PATH", type=Path, dest="proxy_socket",
+                        help="where to listen (default: the setting proxy_socket, else "
+                             "`proxy` beside the daemon's socket)")
     parser.add_argument("--listen", metavar="ADDR:PORT",
                         help="also serve on a loopback TCP port (127.0.0.1:PORT or [::1]:PORT), "
                              "for programs that cannot use a Unix socket; only your own uid "
                              "is served, and only with Host set to this address")
     parser.add_argument("--profile", metavar="NAME",
                         help="the profile of the --listen port (default: the default one)")
-    parser.add_argument("--daemon-socket", metavar="PATH", default=daemon_socket,
-                        help="vm-tokend's socket (default: as vm-token finds it)")
-    parser.add_argument("--log-level", default="info",
-                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--daemon-socket", metavar="PATH", type=Path, dest="socket",
+                        help="vm-tokend's socket (default: the setting socket, as vm-tokend)")
+    parser.add_argument("--read-timeout", metavar="S", type=float, dest="proxy_read_timeout",
+                        help="how long the API may be silent within an answer "
+                             "(default: the setting proxy_read_timeout, 300)")
+    parser.add_argument("--config", metavar="PATH")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
+    flags = {name: value for name, value in vars(args).items()
+             if value is not None and name in ("proxy_socket", "socket", "proxy_read_timeout",
+                                               "config", "log_level")}
+    try:
+        # the proxy needs the top-level settings only: a bad profile is the daemon's matter
+        settings = load_config(flags, strict=False)[0]
+    except ConfigError as exc:
+        print(f"vm-tokend proxy: {exc}", file=sys.stderr)
+        return 2
     listen: tuple[str, int] | None = None
     if args.listen is not None:
         try:
             listen = parse_listen(args.listen)
         except ValueError as exc:
             parser.error(str(exc))
-    logging.getLogger("vm_tokend").setLevel(args.log_level.upper())
-    path = args.socket or default_proxy_socket(args.daemon_socket)
+    logging.getLogger("vm_tokend").setLevel(settings.log_level.upper())
+    path = settings.proxy_socket_path
     try:
         bound = bind_unix_socket(path)
     except (SocketAlreadyServed, SocketSetupError) as exc:
@@ -68,7 +73,7 @@ def run(argv: list[str], parser_class: type[argparse.ArgumentParser]) -> int:
         return 2
 
     async def main() -> None:
-        async with vm_token.AsyncClient(args.daemon_socket) as daemon:
+        async with vm_token.AsyncClient(settings.socket_path) as daemon:
             listeners: list[Listening] = [(bound.listener(), UnixGate(daemon.hello))]
             if listen is not None:
                 address, port = listen
@@ -77,7 +82,7 @@ def run(argv: list[str], parser_class: type[argparse.ArgumentParser]) -> int:
                     listeners.append((tcp, TcpGate(address, bound_port, args.profile)))
                     log.info("vm-tokend proxy also serving on %s port %d (profile %s)",
                              address, bound_port, args.profile or "default")
-            server = ProxyServer(listeners, daemon)
+            server = ProxyServer(listeners, daemon, read_timeout=settings.proxy_read_timeout)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(server.serve)
