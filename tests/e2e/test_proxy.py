@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -422,3 +423,38 @@ def test_an_api_silent_past_the_read_timeout_is_a_504_and_the_socket_is_a_settin
     assert status == 200, body
     status, headers, body = proxy.curl(path="/v1/vms/_bulk/slow?seconds=3")
     assert (status, headers["x-vm-token-error"]) == (504, "upstream_timeout")
+
+
+@pytest.mark.timeout(120)
+def test_two_hundred_streams_at_once_and_a_stalled_reader_delays_nobody(
+        standin, start_daemon, start_proxy):
+    import httpx
+
+    proxy = start_proxy(start_daemon(standin))
+    size = 256 * 1024
+    block = bulk_block()
+    expected = (block * (size // len(block) + 1))[:size]
+
+    async def main() -> list[bool]:
+        transport = httpx.AsyncHTTPTransport(uds=str(proxy.socket))
+        limits = httpx.Limits(max_connections=250)
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost",
+                                     limits=limits, timeout=60) as client:
+            # one client asks for a large answer and never reads it
+            stalled = await client.send(client.build_request(
+                "GET", f"/v1/vms/_bulk/download?bytes={64 << 20}"), stream=True)
+            results: list[bool] = []
+
+            async def one() -> None:
+                response = await client.get(f"/v1/vms/_bulk/download?bytes={size}")
+                results.append(response.status_code == 200 and response.content == expected)
+
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    for _ in range(200):
+                        nursery.start_soon(one)
+            await stalled.aclose()
+            return results
+
+    results = trio.run(main)
+    assert len(results) == 200 and all(results)
