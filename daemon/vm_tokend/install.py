@@ -13,7 +13,9 @@ from .config.settings import config_home
 
 __all__ = ["UNITS", "daemon_command", "install_units", "render", "user_unit_dir"]
 
-UNITS = ("vm-tokend.socket", "vm-tokend.service")
+UNITS = ("vm-tokend.socket", "vm-tokend.service", "vm-token-proxy.socket",
+         "vm-token-proxy.service")
+PROXY_ENABLE = ["systemctl", "--user", "enable", "--now", "vm-token-proxy.socket"]
 ENABLE_COMMANDS = (
     ["systemctl", "--user", "daemon-reload"],
     ["systemctl", "--user", "enable", "--now", "vm-tokend.socket"],
@@ -84,7 +86,8 @@ def install_units(
     command = daemon_command()
     for name in UNITS:
         path = target / name
-        path.write_text(render(name, command))
+        path.write_text(render(name, f"{command} proxy" if name.startswith("vm-token-proxy")
+                               else command))
         path.chmod(0o644)
         print(f"wrote {path}")
     print(f"ExecStart={command}")
@@ -101,6 +104,8 @@ def install_units(
         print("\nnow run:")
         for args in ENABLE_COMMANDS:
             print("  " + " ".join(args))
+        print("and, for the API proxy (`vm-tokend proxy`), if you want it:\n  "
+              + " ".join(PROXY_ENABLE))
         return 0
     if shutil.which("systemctl") is None:
         print("vm-tokend: systemctl not found; enable the socket by hand", file=sys.stderr)
@@ -114,4 +119,5 @@ def install_units(
                   f"{message[-1] if message else result.returncode}", file=sys.stderr)
             return 1
     print("vm-tokend.socket is listening; the daemon starts on the first request")
+    print("for the API proxy, if you want it: " + " ".join(PROXY_ENABLE))
     return 0

@@ -41,11 +41,12 @@ class ActivationError(Exception):
     """The socket systemd passed cannot be used; the message says why."""
 
 
-def activated_socket(environ: MutableMapping[str, str]) -> socket.socket | None:
+def activated_socket(environ: MutableMapping[str, str], fd_name: str = FD_NAME
+                     ) -> socket.socket | None:
     """The listening socket systemd passed us, or None when not socket-activated.
 
     Only when `LISTEN_PID` is our pid (the variables may have leaked from a parent). With
-    several descriptors, the one named FD_NAME in `LISTEN_FDNAMES`. The variables are
+    several descriptors, the one named `fd_name` in `LISTEN_FDNAMES`. The variables are
     removed from `environ` either way, so children (a password command) do not see them.
     """
     values = {name: environ.pop(name, "") for name in _LISTEN_VARIABLES}
@@ -61,10 +62,10 @@ def activated_socket(environ: MutableMapping[str, str]) -> socket.socket | None:
     if count == 1:
         fd = fds[0]
     else:
-        named = [fd for fd, name in zip(fds, names, strict=False) if name == FD_NAME]
+        named = [fd for fd, name in zip(fds, names, strict=False) if name == fd_name]
         if not named:
             raise ActivationError(
-                f"systemd passed {count} sockets and none is named {FD_NAME!r} "
+                f"systemd passed {count} sockets and none is named {fd_name!r} "
                 "(FileDescriptorName= in the .socket unit)"
             )
         fd = named[0]

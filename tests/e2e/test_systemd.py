@@ -44,28 +44,33 @@ def test_installed_units_verify_and_score_at_most_3(private_dir):
     assert f"ExecStart={BIN / 'vm-tokend'}\n" in service
     env = {**os.environ, "XDG_RUNTIME_DIR": str(private_dir),
            "XDG_CONFIG_HOME": str(private_dir / "config")}
-    verify = subprocess.run(
-        ["systemd-analyze", "verify", "--user", str(unit_dir / "vm-tokend.socket"),
-         str(unit_dir / "vm-tokend.service")],
-        env=env, capture_output=True, text=True, timeout=60, check=False)
-    assert verify.returncode == 0, verify.stderr
-    assert verify.stderr == "" and verify.stdout == ""  # no warnings at all
-    security = subprocess.run(
-        ["systemd-analyze", "security", "--user", "--offline=yes",
-         str(unit_dir / "vm-tokend.service")],
-        env=env, capture_output=True, text=True, timeout=60, check=False)
-    match = re.search(r"Overall exposure level for vm-tokend\.service: (\d+\.\d)",
-                      security.stdout)
-    assert match, security.stdout + security.stderr
-    assert float(match.group(1)) <= 3.0
-    assert "Invalid" not in security.stderr and "ignoring" not in security.stderr
+    assert "systemctl --user enable --now vm-token-proxy.socket" in result.stdout
+    proxy = (unit_dir / "vm-token-proxy.service").read_text()
+    assert f"ExecStart={BIN / 'vm-tokend'} proxy\n" in proxy
+    for unit in ("vm-tokend", "vm-token-proxy"):
+        verify = subprocess.run(
+            ["systemd-analyze", "verify", "--user", str(unit_dir / f"{unit}.socket"),
+             str(unit_dir / f"{unit}.service")],
+            env=env, capture_output=True, text=True, timeout=60, check=False)
+        assert verify.returncode == 0, verify.stderr
+        assert verify.stderr == "" and verify.stdout == ""  # no warnings at all
+        security = subprocess.run(
+            ["systemd-analyze", "security", "--user", "--offline=yes",
+             str(unit_dir / f"{unit}.service")],
+            env=env, capture_output=True, text=True, timeout=60, check=False)
+        match = re.search(rf"Overall exposure level for {unit}\.service: (\d+\.\d)",
+                          security.stdout)
+        assert match, security.stdout + security.stderr
+        assert float(match.group(1)) <= 3.0, (unit, match.group(1))
+        assert "Invalid" not in security.stderr and "ignoring" not in security.stderr
 
 
 def test_the_shipped_units_are_the_installed_ones_but_for_exec_start(private_dir):
     assert install_units(private_dir).returncode == 0
     repo = Path(__file__).parent.parent.parent / "systemd"
     unit_dir = private_dir / "config" / "systemd" / "user"
-    for name in ("vm-tokend.socket", "vm-tokend.service"):
+    for name in ("vm-tokend.socket", "vm-tokend.service", "vm-token-proxy.socket",
+                 "vm-token-proxy.service"):
         shipped = (repo / name).read_text().splitlines()
         installed = (unit_dir / name).read_text().splitlines()
         assert len(shipped) == len(installed)
@@ -310,3 +315,30 @@ def test_install_units_loads_each_profiles_credentials(private_dir):
     config.write_text("")
     assert install_units(private_dir).returncode == 0
     assert not drop_in.exists()
+
+
+def test_socket_activation_starts_the_proxy_on_first_connection(standin, start_daemon,
+                                                                private_dir):
+    need("systemd-socket-activate")
+    daemon = start_daemon(standin)
+    socket_path = private_dir / "vm-token" / "activated-proxy"
+    passed = [arg for name in daemon.env for arg in ("-E", name)]
+    log_path = private_dir / "activated-proxy.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            ["systemd-socket-activate", "-l", str(socket_path), "--fdname=vm-token-proxy",
+             *passed, str(BIN / "vm-tokend"), "proxy"],
+            env=daemon.env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        while not socket_path.exists():
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.02)
+        done = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
+                               "--unix-socket", str(socket_path), "http://localhost/v1/vms"],
+                              capture_output=True, text=True, timeout=30, check=False)
+        assert done.stdout == "200", (done.stderr, log_path.read_text())
+        assert "serving on the socket systemd passed" in log_path.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)

@@ -13,14 +13,24 @@ import trio
 
 import vm_token
 
+from .. import systemd
+from ..config.environment import process_environment
 from ..config.settings import ConfigError, load_config
-from ..server.listener import SocketAlreadyServed, SocketSetupError, bind_unix_socket
+from ..server.listener import (
+    BoundSocket,
+    SocketAlreadyServed,
+    SocketSetupError,
+    bind_unix_socket,
+)
 from .gates import TcpGate, UnixGate, parse_listen
 from .service import Listening, ProxyServer
 
 __all__ = ["run"]
 
 log = logging.getLogger(__name__)
+
+# FileDescriptorName= of vm-token-proxy.socket
+PROXY_FD_NAME = "vm-token-proxy"
 
 
 def run(argv: list[str], parser_class: type[argparse.ArgumentParser]) -> int:
@@ -67,10 +77,14 @@ def run(argv: list[str], parser_class: type[argparse.ArgumentParser]) -> int:
     logging.getLogger("vm_tokend").setLevel(settings.log_level.upper())
     path = settings.proxy_socket_path
     try:
-        bound = bind_unix_socket(path)
-    except (SocketAlreadyServed, SocketSetupError) as exc:
+        activated = systemd.activated_socket(process_environment(), PROXY_FD_NAME)
+        # systemd's socket is never ours to remove; our own is
+        bound = BoundSocket(activated, path=None) if activated is not None \
+            else bind_unix_socket(path)
+    except (SocketAlreadyServed, SocketSetupError, systemd.ActivationError) as exc:
         print(f"vm-tokend proxy: {exc}", file=sys.stderr)
         return 2
+    where = path if activated is None else "the socket systemd passed"
 
     async def main() -> None:
         async with vm_token.AsyncClient(settings.socket_path) as daemon:
@@ -86,7 +100,7 @@ def run(argv: list[str], parser_class: type[argparse.ArgumentParser]) -> int:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(server.serve)
-                    log.info("vm-tokend proxy serving on %s", path)
+                    log.info("vm-tokend proxy serving on %s", where)
                     async for signum in signals:
                         log.info("%s: draining and stopping", signal.Signals(signum).name)
                         server.stop()
