@@ -15,6 +15,7 @@ from bench import (
     idle,
     memory,
     profiles,
+    proxy,
     roundtrip,
     startup,
     upstream_load,
@@ -107,6 +108,29 @@ def main() -> int:
                 f"bare server p99 {_ms(floor_p99)}",
                 f"{failed} failed; p99 ≤ 100 ms",
                 failed == 0 and worst["p99"] <= 0.1,
+            ))
+        print("4b/8 the API proxy ...", file=sys.stderr)
+        with proxy.proxy(running) as (path, process):
+            small = proxy.small_gets(running, path)
+            ratio = small["proxied"] / small["direct"]
+            rows.append((
+                f"4b. small GETs, {proxy.CLIENTS} keep-alive clients, through `vm-tokend proxy`",
+                f"{small['proxied']:,.0f}/s (p50 +{_us(small['added_p50'])})",
+                f"straight to the stand-in with the header {small['direct']:,.0f}/s",
+                f"{ratio:.2f} (≥ {proxy.SMALL_FLOOR})", ratio >= proxy.SMALL_FLOOR,
+            ))
+            bulk = proxy.bulk(running, path, process)
+            up = bulk["up_direct"] / bulk["up_proxied"]
+            down = bulk["down_direct"] / bulk["down_proxied"]
+            rows.append((
+                "4c. 1 GiB upload and download (curl) through the proxy",
+                f"up {proxy.BULK / bulk['up_proxied'] / 2**20:,.0f} MiB/s, down "
+                f"{proxy.BULK / bulk['down_proxied'] / 2**20:,.0f} MiB/s; proxy peak RSS "
+                f"{bulk['peak_rss']:.0f} MiB",
+                f"straight: up {proxy.BULK / bulk['up_direct'] / 2**20:,.0f} MiB/s, down "
+                f"{proxy.BULK / bulk['down_direct'] / 2**20:,.0f} MiB/s",
+                f"{up:.2f} / {down:.2f} (≥ {proxy.BULK_FLOOR}); RSS ≤ {proxy.RSS_LIMIT:.0f}",
+                min(up, down) >= proxy.BULK_FLOOR and bulk["peak_rss"] <= proxy.RSS_LIMIT,
             ))
         print("5/8 memory ...", file=sys.stderr)
         mem = memory.measure(running.process.pid, running.socket)
