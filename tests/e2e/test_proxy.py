@@ -458,3 +458,36 @@ def test_two_hundred_streams_at_once_and_a_stalled_reader_delays_nobody(
 
     results = trio.run(main)
     assert len(results) == 200 and all(results)
+
+
+def raw(proxy: Proxy, request: bytes) -> bytes:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(proxy.socket))
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize("target", [b"/v1/vms/..#", b"/v1/vms/..;/auth/login",
+                                    b"/v1/vms/..\\auth", b"/v1/vms/%252e%252e/auth/login",
+                                    b"/v1/vms/%2E%2E/auth"])
+def test_no_target_climbs_out_of_the_api_root(proxied, standin, target):
+    before = standin.counts["api"]
+    answer = raw(proxied, b"GET " + target + b" HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    assert answer.startswith((b"HTTP/1.1 400", b"HTTP/1.1 404")), answer[:80]
+    assert b"x-vm-token-error" in answer.lower()
+    assert standin.counts["api"] == before
+
+
+def test_a_request_framed_two_ways_is_refused_not_smuggled(proxied, standin):
+    before = dict(standin.counts)
+    answer = raw(proxied, b"POST /v1/vms/1001/videos HTTP/1.1\r\nHost: localhost\r\n"
+                          b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+                          b"5\r\nAAAAA\r\n30\r\nGET /v1/vms/1001/videos HTTP/1.1\r\nHost: x\r\n\r\n"
+                          b"\r\n0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:80]
+    assert standin.counts == before  # nothing reached the API

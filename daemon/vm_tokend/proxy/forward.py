@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, Final
 
 import h11
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 # A body up to this size is kept while it streams, for one replay after a 401.
 MAX_REPLAY: Final = 1024 * 1024
 REPLACED_HEADER: Final = b"x-vm-token-replaced"
+# How long a request waits for a free connection to the API before a 503.
+POOL_TIMEOUT: Final = 10.0
 # Headers of the client's that never go upstream: ours replace them, or h11/httpx set them.
 _DROP: Final = frozenset({b"host", b"authorization", b"expect", b"content-length"})
 # The daemon's refusals, as the proxy's statuses: the API is unreachable (502), nobody is
@@ -91,7 +94,8 @@ class Forwarder:
                  read_timeout: float, min_ttl: float) -> None:
         self.daemon = daemon
         self.min_ttl = min_ttl
-        self._timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
+        self._timeout = httpx.Timeout(read_timeout, connect=connect_timeout,
+                                      pool=POOL_TIMEOUT)
         self._upstreams: dict[str | None, Upstream] = {}
         self._http: dict[str, httpx.AsyncClient] = {}
 
@@ -116,13 +120,24 @@ class Forwarder:
         sent upstream; ClientGone when the client is."""
         if request.method == b"CONNECT":
             raise Refusal(405, "bad_request", "CONNECT is refused: this is not an open proxy")
-        upstream = await self.upstream(profile)
-        url = upstream.url_for(request.target)
-        path = url[len(upstream.origin):].split("?", 1)[0]
-        videomanager = videomanager_of(path, upstream.root)
-        token = await self._token(profile, videomanager)
-        headers = end_to_end(list(request.headers), drop=_DROP)
+        transfer = any(name == b"transfer-encoding" for name, _ in request.headers)
         length = _content_length(request)
+        if transfer and length is not None:  # RFC 9112 6.1: a smuggling attempt, or broken
+            raise Refusal(400, "bad_request", "Content-Length and Transfer-Encoding together")
+        for _ in range(2):  # a second time only if the profile's API changed meanwhile
+            upstream = await self.upstream(profile)
+            url = upstream.url_for(request.target)
+            path = url[len(upstream.origin):].split("?", 1)[0]
+            videomanager = videomanager_of(path, upstream.root)
+            token, api_url = await self._token(profile, videomanager)
+            if Upstream.from_api_url(api_url) == upstream:
+                break
+            self._upstreams[profile] = Upstream.from_api_url(api_url)  # a reload moved it
+        else:
+            raise Refusal(503, "upstream_unavailable", "the profile's API keeps changing")
+        headers = end_to_end(list(request.headers), drop=_DROP)
+        if not any(name == b"accept-encoding" for name, _ in headers):
+            headers.append((b"accept-encoding", b"identity"))  # bodies pass through raw
         body = _Body(conversation) if _has_body(request) else None
         if body is None and not isinstance(await conversation.next_event(), h11.EndOfMessage):
             raise ClientGone("a request without a body went on")  # h11 says its end at once
@@ -136,7 +151,7 @@ class Forwarder:
             await self._invalidate(profile, token, videomanager)
             if body is None or (body.complete and body.kept is not None):
                 await response.aclose()
-                token = await self._token(profile, videomanager)
+                token, _ = await self._token(profile, videomanager)
                 replay = bytes(body.kept) if body is not None and body.kept is not None \
                     else None
                 response = await self._send(http, request.method, url, headers, length,
@@ -156,7 +171,10 @@ class Forwarder:
         if http is None:
             http = self._http[origin] = httpx.AsyncClient(
                 timeout=self._timeout, follow_redirects=False, trust_env=False,
-                limits=httpx.Limits(max_connections=100, max_keepalive_connections=20))
+                limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+                # no cookie jar: one account's cookies never go out with another's token
+                cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])))
+            http.headers.clear()  # none of httpx's own defaults: the client's headers only
         return http
 
     async def _send(self, http: httpx.AsyncClient, method: bytes, url: str,
@@ -171,6 +189,9 @@ class Forwarder:
                                      headers=outgoing, content=content)
         try:
             return await http.send(request, stream=True)
+        except httpx.PoolTimeout:
+            raise Refusal(503, "proxy_busy", "every connection to the API is in use; "
+                          "retry") from None
         except httpx.TimeoutException:
             raise Refusal(504, "upstream_timeout", "the API did not answer in time") from None
         except httpx.TransportError as exc:
@@ -179,7 +200,10 @@ class Forwarder:
 
     async def _relay(self, conversation: Conversation, response: httpx.Response,
                      replaced: bool) -> int:
-        headers = end_to_end(list(response.headers.raw))
+        drop = {b"x-vm-token-error", REPLACED_HEADER}  # ours alone say the proxy answered
+        if any(name.lower() == b"transfer-encoding" for name, _ in response.headers.raw):
+            drop.add(b"content-length")  # framed by chunks: a length beside it is a lie
+        headers = end_to_end(list(response.headers.raw), drop=frozenset(drop))
         if replaced:
             headers.append((REPLACED_HEADER, b"1"))
         await conversation.send(h11.Response(status_code=response.status_code,
@@ -198,15 +222,17 @@ class Forwarder:
 
     # -- the daemon side ----------------------------------------------------------------
 
-    async def _token(self, profile: str | None, videomanager: str | None) -> str:
+    async def _token(self, profile: str | None, videomanager: str | None
+                     ) -> tuple[str, str]:
         fields = {"min_ttl": self.min_ttl, **_profile(profile)}
         if videomanager is not None:
             fields["vm"] = videomanager
         reply = await ask_daemon(self.daemon.request("get", **fields))
-        token = reply.get("token")
-        if not isinstance(token, str):
-            raise Refusal(502, "daemon_unreachable", "vm-tokend answered without a token")
-        return token
+        token, api_url = reply.get("token"), reply.get("api_url")
+        if not isinstance(token, str) or not isinstance(api_url, str):
+            raise Refusal(502, "daemon_unreachable", "vm-tokend answered without a token or "
+                          "the API it is for (a vm-tokend older than this proxy?)")
+        return token, api_url
 
     async def _invalidate(self, profile: str | None, token: str,
                           videomanager: str | None) -> None:

@@ -68,10 +68,14 @@ class Conversation:
         except h11.LocalProtocolError as exc:
             raise ClientGone(f"cannot send {type(event).__name__}: {exc}") from exc
         if data:
-            try:
-                await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise ClientGone("connection lost") from exc
+            # a client that stops reading must not hold the API's connection forever
+            with trio.move_on_after(self.read_timeout) as sending:
+                try:
+                    await self.stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    raise ClientGone("connection lost") from exc
+            if sending.cancelled_caught:
+                raise ClientGone("client stopped reading")
 
     async def continue_if_asked(self) -> None:
         """`100 Continue` for a client that waits for it before sending its body."""

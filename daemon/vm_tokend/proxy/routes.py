@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Final
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 __all__ = ["HOP_BY_HOP", "Refusal", "Upstream", "end_to_end", "videomanager_of"]
 
@@ -54,11 +54,27 @@ class Upstream:
             text = target.decode("ascii")
         except UnicodeDecodeError:
             raise Refusal(400, "bad_request", "the request target is not ASCII") from None
+        if "#" in text or "\\" in text:
+            raise Refusal(400, "bad_request", "a target with '#' or '\\' is not forwarded")
         path = text.split("?", 1)[0]
         if self.root != "/" and not (path == self.root or path.startswith(self.root + "/")) \
-                or "/../" in path + "/" or "/./" in path + "/" or "%2e" in path.lower():
+                or _dot_segment(path):
             raise Refusal(404, "not_found", f"only paths under {self.root} go to the API")
         return self.origin + text
+
+
+def _dot_segment(path: str) -> bool:
+    """Whether a segment of `path` is `.` or `..` (or `..;…`, as Tomcat reads it), however
+    often percent-encoded: a server that decodes it would leave the API root."""
+    for _ in range(4):  # %252e%252e: decoded twice by a sloppy server
+        if any(segment in (".", "..") or segment.startswith(("..;", ".;"))
+               for segment in path.split("/")):
+            return True
+        decoded = unquote(path)
+        if decoded == path:
+            return False
+        path = decoded
+    return True  # encoded more deeply than anything honest
 
 
 def videomanager_of(path: str, root: str) -> str | None:

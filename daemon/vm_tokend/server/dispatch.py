@@ -211,6 +211,9 @@ class Dispatcher:
             "expires_at": info.expires_at,
             "username": self.keeper.account(profile).username,
             "profile": profile if profile is not None else self.keeper.default_profile,
+            # the API the token is for: a client that forwards it (the proxy) sends it there
+            # and nowhere else, even when a reload changed the profile's api_url
+            "api_url": self._describe(profile).get("api_url"),
         }
 
     def fast_reply(self, body: bytes) -> bytes | None:
