@@ -386,8 +386,11 @@ def test_the_log_has_a_line_per_request_without_queries_or_header_values(
     token = daemon.client().get_token("1001").access_token
     proxy.curl("-H", "X-Secret: header-value-9f3", path="/v1/vms?query=secret-7c1")
     proxy.curl(path="/v1/vms/1001/videos")
-    log = proxy.log_path.read_text()
-    assert "GET '/v1/vms' -> 200" in log and "GET '/v1/vms/1001/videos' -> 200" in log
+    deadline = time.monotonic() + 10  # the line is written once the answer is out
+    while "GET '/v1/vms/1001/videos' -> 200" not in (log := proxy.log_path.read_text()):
+        assert time.monotonic() < deadline, log
+        time.sleep(0.02)
+    assert "GET '/v1/vms' -> 200" in log
     for secret in ("secret-7c1", "header-value-9f3", token, standin.password):
         assert secret not in log
 
@@ -491,3 +494,14 @@ def test_a_request_framed_two_ways_is_refused_not_smuggled(proxied, standin):
                           b"\r\n0\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 400"), answer[:80]
     assert standin.counts == before  # nothing reached the API
+
+
+def test_trace_is_refused_and_head_on_health_has_no_body(proxied, standin):
+    before = standin.counts["api"]
+    answer = raw(proxied, b"TRACE /v1/vms HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 405"), answer[:80]
+    assert standin.counts["api"] == before
+    answer = raw(proxied, b"HEAD /_vm-token/health HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                          b"GET /_vm-token/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and rest.startswith(b"HTTP/1.1 200"), answer

@@ -120,6 +120,8 @@ class Forwarder:
         sent upstream; ClientGone when the client is."""
         if request.method == b"CONNECT":
             raise Refusal(405, "bad_request", "CONNECT is refused: this is not an open proxy")
+        if request.method in (b"TRACE", b"TRACK"):  # it would echo the token back
+            raise Refusal(405, "bad_request", "TRACE is refused")
         transfer = any(name == b"transfer-encoding" for name, _ in request.headers)
         length = _content_length(request)
         if transfer and length is not None:  # RFC 9112 6.1: a smuggling attempt, or broken
@@ -185,8 +187,12 @@ class Forwarder:
             outgoing.append((b"content-length", length))
         content: AsyncIterator[bytes] | bytes | None
         content = body.chunks() if isinstance(body, _Body) else body
-        request = http.build_request(method.decode("ascii", "replace"), url,
-                                     headers=outgoing, content=content)
+        try:
+            request = http.build_request(method.decode("ascii", "replace"), url,
+                                         headers=outgoing, content=content)
+        except httpx.InvalidURL:
+            raise Refusal(400, "bad_request", "the target is not a URL the API can take") \
+                from None
         try:
             return await http.send(request, stream=True)
         except httpx.PoolTimeout:

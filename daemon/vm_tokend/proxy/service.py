@@ -155,6 +155,7 @@ class ProxyServer:
         await conversation.send(h11.Response(status_code=200, headers=[
             (b"content-type", b"application/json"), (b"cache-control", b"no-store"),
             (b"content-length", str(len(body)).encode())]))
-        await conversation.send(h11.Data(data=body))
+        if request.method != b"HEAD":
+            await conversation.send(h11.Data(data=body))
         await conversation.send(h11.EndOfMessage())
         return 200
