@@ -17,6 +17,7 @@ from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, Final
 
 import h11
+import httpcore
 import httpx
 
 import vm_token
@@ -27,6 +28,10 @@ from .routes import Refusal, Upstream, end_to_end, videomanager_of
 __all__ = ["Forwarder", "ask_daemon"]
 
 log = logging.getLogger(__name__)
+
+# httpcore reads the API's answers 64 KiB at a time; a bulk download then costs the event
+# loop two passes per 64 KiB. A MiB per read (a buffer per connection, not per body).
+httpcore._async.http11.AsyncHTTP11Connection.READ_NUM_BYTES = 1 << 20
 
 # A body up to this size is kept while it streams, for one replay after a 401.
 MAX_REPLAY: Final = 1024 * 1024

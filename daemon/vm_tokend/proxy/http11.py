@@ -17,7 +17,7 @@ import trio
 __all__ = ["ClientGone", "Conversation", "ERROR_HEADER"]
 
 # What one receive may take from the client; h11 buffers at most this much of a header.
-RECEIVE_SIZE: Final = 64 * 1024
+RECEIVE_SIZE: Final = 1024 * 1024
 # The largest request head (request line + headers) a client may send.
 MAX_HEAD: Final = 64 * 1024
 ERROR_HEADER: Final = b"x-vm-token-error"
