@@ -11,6 +11,7 @@ nowhere but the profile's API origin.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from http.cookiejar import CookieJar, DefaultCookiePolicy
@@ -36,6 +37,8 @@ httpcore._async.http11.AsyncHTTP11Connection.READ_NUM_BYTES = 1 << 20
 # A body up to this size is kept while it streams, for one replay after a 401.
 MAX_REPLAY: Final = 1024 * 1024
 REPLACED_HEADER: Final = b"x-vm-token-replaced"
+# Tokens held for reuse: a proxy serves a handful of VideoManagers, not thousands.
+MAX_HELD: Final = 256
 # How long a request waits for a free connection to the API before a 503.
 POOL_TIMEOUT: Final = 10.0
 # Headers of the client's that never go upstream: ours replace them, or h11/httpx set them.
@@ -102,6 +105,10 @@ class Forwarder:
         self._timeout = httpx.Timeout(read_timeout, connect=connect_timeout,
                                       pool=POOL_TIMEOUT)
         self._upstreams: dict[str | None, Upstream] = {}
+        # The daemon's last answer per (profile, VideoManager): token, api_url, expiry. Used
+        # while it has more than min_ttl left; a 401 drops it. The daemon stays the source:
+        # this saves a round trip per request, not a refresh.
+        self._tokens: dict[tuple[str | None, str | None], tuple[str, str, float]] = {}
         self._http: dict[str, httpx.AsyncClient] = {}
 
     async def aclose(self) -> None:
@@ -235,6 +242,9 @@ class Forwarder:
 
     async def _token(self, profile: str | None, videomanager: str | None
                      ) -> tuple[str, str]:
+        held = self._tokens.get((profile, videomanager))
+        if held is not None and held[2] - time.time() > self.min_ttl:
+            return held[0], held[1]
         fields = {"min_ttl": self.min_ttl, **_profile(profile)}
         if videomanager is not None:
             fields["vm"] = videomanager
@@ -243,10 +253,16 @@ class Forwarder:
         if not isinstance(token, str) or not isinstance(api_url, str):
             raise Refusal(502, "daemon_unreachable", "vm-tokend answered without a token or "
                           "the API it is for (a vm-tokend older than this proxy?)")
+        expires_at = reply.get("expires_at")
+        if isinstance(expires_at, int | float) and not isinstance(expires_at, bool):
+            if len(self._tokens) > MAX_HELD:
+                self._tokens.clear()  # a crowd of VideoManagers: start again
+            self._tokens[(profile, videomanager)] = (token, api_url, float(expires_at))
         return token, api_url
 
     async def _invalidate(self, profile: str | None, token: str,
                           videomanager: str | None) -> None:
+        self._tokens.pop((profile, videomanager), None)
         fields = {"token": token, **_profile(profile)}
         if videomanager is not None:
             fields["vm"] = videomanager
