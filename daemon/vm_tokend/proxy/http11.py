@@ -21,6 +21,8 @@ RECEIVE_SIZE: Final = 1024 * 1024
 # The largest request head (request line + headers) a client may send.
 MAX_HEAD: Final = 64 * 1024
 ERROR_HEADER: Final = b"x-vm-token-error"
+# A request's head (request line and headers) must be whole this long after its first byte.
+HEAD_TIMEOUT: Final = 10.0
 
 
 class ClientGone(Exception):
@@ -41,6 +43,8 @@ class Conversation:
         """The next event from the client; ClientGone if it closes, stalls or breaks the
         protocol (after answering 400 when that is still possible)."""
         timeout = self.idle_timeout if between_requests else self.read_timeout
+        deadline = trio.current_time() + timeout
+        head_started = False
         while True:
             try:
                 event = self.conn.next_event()
@@ -52,13 +56,20 @@ class Conversation:
             if event is not h11.NEED_DATA:
                 assert isinstance(event, h11.Event)
                 return event
-            with trio.move_on_after(timeout) as waited:
+            with trio.move_on_at(deadline) as waited:
                 try:
                     data = await self.stream.receive_some(RECEIVE_SIZE)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     raise ClientGone("connection lost") from exc
             if waited.cancelled_caught:
                 raise ClientGone("client stalled")
+            if between_requests and data and not head_started:
+                # the head has begun: it must be whole within HEAD_TIMEOUT (a byte now and
+                # then must not hold a connection), however long the client was idle before
+                head_started = True
+                deadline = trio.current_time() + HEAD_TIMEOUT
+            elif not between_requests:
+                deadline = trio.current_time() + timeout  # a body: per read, not overall
             self.conn.receive_data(bytes(data))  # b"" is the end of the input
 
     async def send(self, event: h11.Event) -> None:
