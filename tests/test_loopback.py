@@ -1,16 +1,21 @@
-"""The peer of a loopback TCP connection, from the kernel's socket table (issue 15, point 2).
+"""The peer of a loopback TCP connection, from the kernel (issue 15, point 2; issue 17).
 
 Real connections: one from this process (our uid), one from a real process of another uid
-(nobody, through setpriv: we run as root in CI), over IPv4 and IPv6.
+(nobody, through setpriv: we run as root in CI), over IPv4, IPv6 and IPv4-mapped IPv6.
+Both ways of asking the kernel — sock_diag over netlink, and the /proc/net/tcp{,6} scan it
+falls back to — must give the same answer on each.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -28,9 +33,19 @@ def need_other_uid() -> None:
         pytest.skip("needs root, setpriv and curl to connect as another uid")
 
 
-def listener(family: int = socket.AF_INET) -> socket.socket:
+def need_ipv6_loopback() -> None:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("this machine has no IPv6 loopback")
+
+
+def listener(family: int = socket.AF_INET, host: str | None = None) -> socket.socket:
     server = socket.socket(family, socket.SOCK_STREAM)
-    server.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
+    if host is not None and host.startswith("::ffff:"):
+        server.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    server.bind((host or ("::1" if family == socket.AF_INET6 else "127.0.0.1"), 0))
     server.listen(4)
     server.settimeout(10)
     return server
@@ -41,26 +56,97 @@ def url(server: socket.socket) -> str:
     return f"http://{'[::1]' if ':' in host else host}:{port}/"
 
 
-@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
-def test_a_connection_of_our_own_is_our_uid(family):
-    if family == socket.AF_INET6 and not socket.has_ipv6:
-        pytest.skip("no IPv6")
-    with listener(family) as server, socket.create_connection(
-            server.getsockname()[:2], timeout=5) as client:
+def both(sock: socket.socket) -> tuple[int | None, int | None]:
+    """(sock_diag's answer, the tables' answer) for the peer of `sock`."""
+    return _loopback.diag_peer_uid(sock), _loopback.scan_peer_uid(sock)
+
+
+# (the listener's family and address, the client's family and the address it dials): the
+# dual-stack ones see 127.0.0.1 as ::ffff:127.0.0.1 on one side, and the kernel lists the
+# AF_INET6 socket of such a pair with IPv4-mapped addresses.
+SHAPES = {
+    "ipv4": (socket.AF_INET, "127.0.0.1", socket.AF_INET, "127.0.0.1"),
+    "ipv6": (socket.AF_INET6, "::1", socket.AF_INET6, "::1"),
+    "dual-stack listener": (socket.AF_INET6, "::ffff:127.0.0.1", socket.AF_INET, "127.0.0.1"),
+    "dual-stack client": (socket.AF_INET, "127.0.0.1", socket.AF_INET6, "::ffff:127.0.0.1"),
+}
+
+
+@contextmanager
+def connected(shape: str) -> Iterator[tuple[socket.socket, socket.socket]]:
+    """(the client's socket, the server's accepted one) of a connection of this shape."""
+    server_family, server_host, client_family, client_host = SHAPES[shape]
+    if "::1" in (server_host, client_host):
+        need_ipv6_loopback()
+    with listener(server_family, server_host) as server, \
+            socket.socket(client_family, socket.SOCK_STREAM) as client:
+        client.settimeout(5)
+        client.connect((client_host, server.getsockname()[1]))
         accepted, _ = server.accept()
         with accepted:
-            assert _loopback.peer_uid(accepted) == os.getuid()
-            assert _loopback.serves_peer(accepted)
-            # and the client's side sees the server's owner: us too
-            assert _loopback.peer_uid(client) == os.getuid()
+            yield client, accepted
 
 
-@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
-def test_another_users_connection_is_theirs_and_refused(family):
+@pytest.mark.parametrize("shape", SHAPES)
+def test_a_connection_of_our_own_is_our_uid_both_ways(shape):
+    with connected(shape) as (client, accepted):
+        assert both(accepted) == (os.getuid(), os.getuid())
+        assert _loopback.peer_uid(accepted) == os.getuid()
+        assert _loopback.serves_peer(accepted)
+        # and the client's side sees the server's owner: us too
+        assert both(client) == (os.getuid(), os.getuid())
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_a_closed_peer_is_nobody_both_ways(shape):
+    """Closed, its end lingers in the kernel (FIN_WAIT2, then TIME_WAIT) with inode 0 and
+    uid 0: unknown, not root."""
+    with connected(shape) as (client, accepted):
+        client.close()
+        assert accepted.recv(1) == b""  # its FIN arrived
+        assert both(accepted) == (None, None)
+        assert _loopback.peer_uid(accepted) is None
+        assert not _loopback.serves_peer(accepted)
+
+
+WAITING_CLIENT = """
+import socket, sys
+sock = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+print("connected", flush=True)
+sys.stdin.read()  # until the test closes our stdin
+"""
+
+
+@pytest.mark.parametrize("shape", ["ipv4", "ipv6", "dual-stack listener"])
+def test_another_users_connection_is_theirs_both_ways_and_refused(shape):
+    """A real process of uid 65534 that connects and waits; gone, it is nobody's."""
     need_other_uid()
-    if family == socket.AF_INET6 and not socket.has_ipv6:
-        pytest.skip("no IPv6")
-    with listener(family) as server:
+    server_family, server_host, _, client_host = SHAPES[shape]
+    if "::1" in (server_host, client_host):
+        need_ipv6_loopback()
+    with listener(server_family, server_host) as server:
+        client = subprocess.Popen(
+            ["setpriv", f"--reuid={OTHER_UID}", f"--regid={OTHER_UID}", "--clear-groups",
+             sys.executable, "-I", "-c", WAITING_CLIENT, client_host,
+             str(server.getsockname()[1])],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        try:
+            assert client.stdout is not None and client.stdout.readline() == b"connected\n"
+            accepted, _ = server.accept()
+            with accepted:
+                assert both(accepted) == (OTHER_UID, OTHER_UID)
+                assert _loopback.peer_uid(accepted) == OTHER_UID
+                assert not _loopback.serves_peer(accepted)
+                client.communicate(timeout=10)  # our side closes its stdin: it exits
+                assert both(accepted) == (None, None)
+        finally:
+            client.kill()
+            client.wait()
+
+
+def test_curl_of_another_user_is_theirs():
+    need_other_uid()
+    with listener() as server:
         curl = subprocess.Popen(
             ["setpriv", f"--reuid={OTHER_UID}", f"--regid={OTHER_UID}", "--clear-groups",
              "curl", "-s", "-o", "/dev/null", "--max-time", "10", url(server)],
@@ -75,6 +161,35 @@ def test_another_users_connection_is_theirs_and_refused(family):
             curl.wait()
 
 
+def test_a_listener_on_the_peers_port_is_not_the_peer(monkeypatch):
+    """The kernel's exact lookup finds what a packet would reach: with no connected
+    socket of that address pair, a listener on the port. It is nobody's peer."""
+    loopback = ipaddress.IPv4Address("127.0.0.1")
+    with listener() as server, socket.socket() as ours:
+        port = server.getsockname()[1]
+        ours.bind(("127.0.0.1", 0))
+        found = _loopback._diag(socket.AF_INET, (loopback, port),
+                                (loopback, ours.getsockname()[1]))
+        assert found is not None and found[0] == 0x0A  # LISTEN, of our uid
+        # as if `ours` were connected to the listener's port, and its peer gone
+        monkeypatch.setattr(_loopback, "_endpoints", lambda sock: (
+            (loopback, ours.getsockname()[1]), (loopback, port)))
+        assert _loopback.diag_peer_uid(ours) is None
+
+
+def test_without_netlink_the_tables_answer(monkeypatch):
+    """A sandbox that forbids AF_NETLINK (RestrictAddressFamilies) or a kernel without
+    tcp_diag: peer_uid still answers, from the tables."""
+    monkeypatch.setattr(_loopback, "NETLINK_SOCK_DIAG", 31)  # a netlink family nobody has
+    with connected("ipv4") as (client, accepted):
+        with pytest.raises(_loopback.DiagUnavailable):
+            _loopback.diag_peer_uid(accepted)
+        assert _loopback.peer_uid(accepted) == os.getuid()
+        client.close()
+        assert accepted.recv(1) == b""
+        assert _loopback.peer_uid(accepted) is None
+
+
 def test_a_peer_the_table_does_not_list_is_refused(tmp_path):
     """No entry (another namespace, a table we cannot read): unknown, and not served."""
     empty = tmp_path / "tcp"
@@ -84,8 +199,9 @@ def test_a_peer_the_table_does_not_list_is_refused(tmp_path):
                                                         timeout=5):
         accepted, _ = server.accept()
         with accepted:
-            assert _loopback.peer_uid(accepted, tables=[str(empty)]) is None
-            assert _loopback.peer_uid(accepted, tables=[str(tmp_path / "missing")]) is None
+            assert _loopback.scan_peer_uid(accepted, tables=[str(empty)]) is None
+            assert _loopback.scan_peer_uid(accepted, tables=[str(tmp_path / "missing")]) \
+                is None
 
 
 def test_the_table_format():
@@ -111,7 +227,7 @@ def test_the_table_format():
 
 def test_a_peer_that_sent_and_closed_is_nobody_not_root():
     """Another uid connects, sends, closes before we accept: its end is an orphan that the
-    table lists as uid 0. Taken for root, a root vm-token (CI, containers) would serve it."""
+    kernel lists as uid 0. Taken for root, a root vm-token (CI, containers) would serve it."""
     need_other_uid()
     with listener() as server:
         host, port = server.getsockname()[:2]
@@ -123,5 +239,5 @@ def test_a_peer_that_sent_and_closed_is_nobody_not_root():
             check=True, timeout=10)
         accepted, _ = server.accept()
         with accepted:
-            assert _loopback.peer_uid(accepted) is None
+            assert both(accepted) == (None, None)
             assert not _loopback.serves_peer(accepted)
