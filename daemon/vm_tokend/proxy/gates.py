@@ -3,10 +3,11 @@
 - The Unix socket (`UnixGate`): peers by SO_PEERCRED (ours or root's), and the Host header
   names the profile (`localhost`: the default one; a profile's name: that one).
 - A loopback TCP port (`TcpGate`, `--listen`): any local user can connect, and a browser
-  can be made to. So: the peer's uid from the kernel's socket table (vm_token._loopback,
-  shared with the login listener), the Host must be the listener's own address (DNS
-  rebinding), and a request a browser made for a web page (`Origin`, or `Sec-Fetch-Site`
-  other than `none`) is refused; no CORS header is ever sent. One profile per port.
+  can be made to. So: the peer's uid from the kernel (vm_token._loopback, shared with the
+  login listener: sock_diag, else a scan of /proc/net/tcp in a thread), the Host must be
+  the listener's own address (DNS rebinding), and a request a browser made for a web page
+  (`Origin`, or `Sec-Fetch-Site` other than `none`) is refused; no CORS header is ever
+  sent. One profile per port.
 """
 
 from __future__ import annotations
@@ -15,26 +16,37 @@ import ipaddress
 import os
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, Protocol, cast
+from typing import Any, Final, NamedTuple, Protocol, cast
 
 import h11
 import trio
 
 from vm_token import _loopback
 
-from ..server.listener import socket_peer_uid
+from ..server.listener import socket_peer_cred
 from ..text import quote
 from .forward import ask_daemon
 from .routes import Refusal
 
-__all__ = ["Gate", "TcpGate", "UnixGate", "parse_listen"]
+__all__ = ["Admission", "Gate", "TcpGate", "UnixGate", "parse_listen"]
 
 DEFAULT_HOST: Final = "localhost"
+# Scans of the kernel's TCP tables at once, where sock_diag cannot be asked (a sandbox
+# without AF_NETLINK): each reads every socket of the machine, tens of ms with 20,000, in
+# a thread so the event loop goes on; a few at once keep a burst of connections moving
+# without a thread each.
+TABLE_SCANS: Final = 4
+
+
+class Admission(NamedTuple):
+    admitted: bool  # whether to serve this connection
+    uid: int | None  # the peer's, if known
+    pid: int | None  # the peer's, on a Unix socket; a TCP peer's is not known
 
 
 class Gate(Protocol):
-    def admits(self, stream: trio.abc.Stream) -> tuple[bool, int | None]:
-        """Whether to serve this connection, and the peer's uid if known."""
+    async def admits(self, stream: trio.abc.Stream) -> Admission:
+        """Whether to serve this connection, and who the peer is as far as known."""
         ...
 
     async def profile(self, request: h11.Request) -> str | None:
@@ -56,9 +68,10 @@ class UnixGate:
         self._hello = hello  # the daemon's `hello`: it lists the profiles
         self._profiles: frozenset[str] = frozenset()
 
-    def admits(self, stream: trio.abc.Stream) -> tuple[bool, int | None]:
-        uid = socket_peer_uid(stream)
-        return _ours(uid), uid
+    async def admits(self, stream: trio.abc.Stream) -> Admission:
+        cred = socket_peer_cred(stream)
+        uid, pid = cred if cred is not None else (None, None)
+        return Admission(_ours(uid), uid, pid)
 
     async def profile(self, request: h11.Request) -> str | None:
         host = (_header(request, b"host") or DEFAULT_HOST).lower()
@@ -82,12 +95,18 @@ class TcpGate:
         literal = f"[{address}]" if ":" in address else address
         self.hosts = frozenset({f"{literal}:{port}", f"localhost:{port}"})
         self._profile = profile
+        self._scans = trio.CapacityLimiter(TABLE_SCANS)
 
-    def admits(self, stream: trio.abc.Stream) -> tuple[bool, int | None]:
+    async def admits(self, stream: trio.abc.Stream) -> Admission:
         if not isinstance(stream, trio.SocketStream):
-            return False, None
-        uid = _loopback.peer_uid(cast(socket.socket, stream.socket))
-        return _ours(uid), uid
+            return Admission(False, None, None)
+        sock = cast(socket.socket, stream.socket)
+        try:
+            uid = _loopback.diag_peer_uid(sock)  # one netlink round trip: microseconds
+        except _loopback.DiagUnavailable:
+            uid = await trio.to_thread.run_sync(_loopback.scan_peer_uid, sock,
+                                                limiter=self._scans)
+        return Admission(_ours(uid), uid, None)
 
     async def profile(self, request: h11.Request) -> str | None:
         host = (_header(request, b"host") or "").lower()

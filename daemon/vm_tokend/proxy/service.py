@@ -96,7 +96,7 @@ class ProxyServer:
 
     async def _serve_connection(self, stream: trio.abc.Stream, gate: Gate) -> None:
         async with stream:
-            admitted, uid = gate.admits(stream)
+            admitted, uid, _ = await gate.admits(stream)
             if not admitted:
                 self.refused_peers += 1
                 log.warning("refused a connection from uid %s", uid)

@@ -22,6 +22,7 @@ __all__ = [
     "SocketAlreadyServed",
     "SocketSetupError",
     "bind_unix_socket",
+    "socket_peer_cred",
     "socket_peer_uid",
 ]
 
@@ -124,8 +125,9 @@ def bind_unix_socket(path: Path) -> BoundSocket:
     return BoundSocket(sock, path, path.lstat().st_ino)
 
 
-def socket_peer_uid(stream: trio.abc.Stream) -> int | None:
-    """The uid of a Unix socket's peer (SO_PEERCRED); None for anything else."""
+def socket_peer_cred(stream: trio.abc.Stream) -> tuple[int, int] | None:
+    """(uid, pid) of a Unix socket's peer (SO_PEERCRED), as they were when it connected;
+    None for anything else. The pid is 0 when the peer's is not in our pid namespace."""
     if not isinstance(stream, trio.SocketStream):
         return None
     try:
@@ -133,5 +135,11 @@ def socket_peer_uid(stream: trio.abc.Stream) -> int | None:
                                        _PEERCRED.size)
     except OSError:
         return None
-    _, uid, _ = _PEERCRED.unpack(raw)
-    return int(uid)
+    pid, uid, _ = _PEERCRED.unpack(raw)
+    return int(uid), int(pid)
+
+
+def socket_peer_uid(stream: trio.abc.Stream) -> int | None:
+    """The uid of a Unix socket's peer (SO_PEERCRED); None for anything else."""
+    cred = socket_peer_cred(stream)
+    return None if cred is None else cred[0]
