@@ -385,12 +385,17 @@ def test_the_log_has_a_line_per_request_without_queries_or_header_values(
     proxy = start_proxy(daemon)
     token = daemon.client().get_token("1001").access_token
     proxy.curl("-H", "X-Secret: header-value-9f3", path="/v1/vms?query=secret-7c1")
-    proxy.curl(path="/v1/vms/1001/videos")
+    curl = subprocess.Popen(["curl", "-sS", "-o", "/dev/null", "--unix-socket",
+                             str(proxy.socket), "http://localhost/v1/vms/1001/videos"])
+    assert curl.wait(timeout=20) == 0
     deadline = time.monotonic() + 10  # the line is written once the answer is out
     while "GET '/v1/vms/1001/videos' -> 200" not in (log := proxy.log_path.read_text()):
         assert time.monotonic() < deadline, log
         time.sleep(0.02)
     assert "GET '/v1/vms' -> 200" in log
+    # who asked: SO_PEERCRED's uid and pid, the very curl that did
+    [line] = [line for line in log.splitlines() if "GET '/v1/vms/1001/videos'" in line]
+    assert line.endswith(f", uid {os.getuid()}, pid {curl.pid}"), line
     for secret in ("secret-7c1", "header-value-9f3", token, standin.password):
         assert secret not in log
 
@@ -523,3 +528,18 @@ def test_a_request_head_trickled_a_byte_at_a_time_is_dropped(proxied):
             pass  # dropped while we were still sending
         assert sock.recv(100) == b""  # closed, unanswered
     assert time.monotonic() - started < 20
+
+
+def test_a_flood_of_refused_connections_is_two_log_lines(standin, start_daemon, start_proxy):
+    """Another user connecting in a loop: the first refusal is logged, the rest counted
+    in one line (once a minute, or when the proxy stops)."""
+    proxy = start_proxy(start_daemon(standin), "--listen", "127.0.0.1:0")
+    for _ in range(50):
+        assert as_other_user(f"http://127.0.0.1:{proxy.port}/v1/vms") == 0
+    assert proxy.tcp()[0] == 200  # and our own user is served meanwhile
+    proxy.proc.terminate()
+    assert proxy.proc.wait(timeout=15) == 0
+    lines = [line for line in proxy.log_path.read_text().splitlines() if "refused" in line]
+    assert len(lines) <= 2, lines
+    assert "refused a connection from uid 65534" in lines[0]
+    assert "refused 49 more connections from uid 65534" in lines[1]

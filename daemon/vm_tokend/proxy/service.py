@@ -5,13 +5,15 @@ socket), then requests are read with h11 in a keep-alive loop; the Host header n
 profile (`localhost`: the default one). A request the proxy will not forward is answered
 by the proxy itself (see http11.Conversation.answer); a client that breaks the protocol or
 stalls is dropped. One debug line per request: method, path without its query, status,
-bytes each way, milliseconds — never a header value or a query string.
+bytes each way, milliseconds, the peer's uid and pid — never a header value or a query
+string. Refused peers are logged at most once a minute (RefusalLog).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import traceback
 from pathlib import Path
@@ -28,7 +30,7 @@ from .gates import Gate
 from .http11 import ClientGone, Conversation
 from .routes import Refusal
 
-__all__ = ["ProxyServer"]
+__all__ = ["ProxyServer", "RefusalLog"]
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +41,49 @@ MIN_TTL: Final = 30.0
 DRAIN_TIMEOUT: Final = 10.0
 # Answered here, never forwarded: whether the daemon answers, and the profile's state.
 HEALTH_PATH: Final = b"/_vm-token/health"
+# At most one "refused" line this often: another user connecting in a loop must not fill
+# the log (or the journal's rate limit, which would then hide our other lines).
+REFUSAL_LOG_INTERVAL: Final = 60.0
 
 
 Listening = tuple[trio.abc.Listener[trio.abc.Stream], Gate]
+
+
+class RefusalLog:
+    """The first refused connection is logged at once; those that follow within the
+    interval are counted, and one line says how many when it has passed (or when the
+    server stops, so a count is never lost)."""
+
+    def __init__(self, interval: float = REFUSAL_LOG_INTERVAL) -> None:
+        self.interval = interval
+        self._quiet_until = -math.inf  # no line before then; count instead
+        self._logged_at = 0.0
+        self._count = 0  # refused since the last line
+        self._uids: set[int | None] = set()
+
+    async def refused(self, uid: int | None, stopping: trio.Event) -> None:
+        """Log a refusal of `uid`'s connection, or count it. The task of the first one
+        counted waits for the interval's end (or `stopping`) to write the count."""
+        now = trio.current_time()
+        if now >= self._quiet_until and not self._count:
+            log.warning("refused a connection from uid %s", uid)
+            self._logged_at, self._quiet_until = now, now + self.interval
+            return
+        self._count += 1
+        self._uids.add(uid)
+        if self._count > 1:
+            return  # the first one counted writes the line
+        try:
+            with trio.move_on_at(self._quiet_until):
+                await stopping.wait()
+        finally:  # cancelled too: else every later refusal would be counted, never written
+            now = trio.current_time()
+            uids = ", ".join(sorted(str(uid) for uid in self._uids))
+            log.warning("refused %d more connection%s from uid %s in the last %.0f s",
+                        self._count, "s" if self._count > 1 else "", uids,
+                        now - self._logged_at)
+            self._count, self._uids = 0, set()
+            self._logged_at, self._quiet_until = now, now + self.interval
 
 
 class ProxyServer:
@@ -60,6 +102,7 @@ class ProxyServer:
         self._drain_timeout = drain_timeout
         self._stop = trio.Event()
         self.refused_peers = 0
+        self._refusals = RefusalLog()
 
     def stop(self) -> None:
         self._stop.set()
@@ -96,10 +139,11 @@ class ProxyServer:
 
     async def _serve_connection(self, stream: trio.abc.Stream, gate: Gate) -> None:
         async with stream:
-            admitted, uid, _ = await gate.admits(stream)
-            if not admitted:
+            peer = await gate.admits(stream)
+            if not peer.admitted:
                 self.refused_peers += 1
-                log.warning("refused a connection from uid %s", uid)
+                await stream.aclose()  # at once: this task may stay to log the minute's count
+                await self._refusals.refused(peer.uid, self._stop)
                 return
             conversation = Conversation(stream, idle_timeout=self._idle_timeout,
                                         read_timeout=self._read_timeout)
@@ -108,7 +152,7 @@ class ProxyServer:
                     event = await conversation.next_event(between_requests=True)
                     if not isinstance(event, h11.Request):
                         return  # ConnectionClosed: the client is done
-                    await self._exchange(conversation, event, gate, uid)
+                    await self._exchange(conversation, event, gate, peer.uid, peer.pid)
                     if not conversation.ready_for_next():
                         return
             except ClientGone as exc:
@@ -122,7 +166,7 @@ class ProxyServer:
                           f"{Path(where[0].filename).name}:{where[0].lineno}" if where else "?")
 
     async def _exchange(self, conversation: Conversation, request: h11.Request, gate: Gate,
-                        uid: int | None) -> None:
+                        uid: int | None, pid: int | None) -> None:
         started = time.monotonic()
         status, received, sent = 0, 0, 0
         try:
@@ -139,9 +183,10 @@ class ProxyServer:
                                       headers=[(b"connection", b"close")])
         finally:
             path = request.target.split(b"?", 1)[0].decode("ascii", "replace")
-            log.debug("%s %s -> %s, %d bytes in, %d out, %.0f ms, uid %s",
+            log.debug("%s %s -> %s, %d bytes in, %d out, %.0f ms, uid %s, pid %s",
                       request.method.decode("ascii", "replace"), quote(path, 200), status,
-                      received, sent, (time.monotonic() - started) * 1000, uid)
+                      received, sent, (time.monotonic() - started) * 1000, uid,
+                      "-" if pid is None else pid)
 
     async def _health(self, conversation: Conversation, request: h11.Request,
                       profile: str | None) -> int:
