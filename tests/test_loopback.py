@@ -241,3 +241,33 @@ def test_a_peer_that_sent_and_closed_is_nobody_not_root():
         with accepted:
             assert both(accepted) == (None, None)
             assert not _loopback.serves_peer(accepted)
+
+
+async def test_the_proxys_gate_scans_the_tables_in_a_thread(monkeypatch):
+    """Without netlink, the proxy's TCP gate still knows its peer, from a scan that runs
+    in a worker thread: the event loop serves the other clients meanwhile."""
+    import threading
+
+    import trio
+
+    from vm_tokend.proxy.gates import Admission, TcpGate
+
+    scans: list[bool] = []
+    real_scan = _loopback.scan_peer_uid
+
+    def scan(sock: socket.socket) -> int | None:
+        scans.append(threading.current_thread() is threading.main_thread())
+        return real_scan(sock)
+
+    [server] = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = server.socket.getsockname()[1]
+    gate = TcpGate("127.0.0.1", port, None)
+    async with server, await trio.open_tcp_stream("127.0.0.1", port):
+        accepted = await server.accept()
+        async with accepted:
+            assert await gate.admits(accepted) == Admission(True, os.getuid(), None)
+            assert scans == []  # sock_diag answered
+            monkeypatch.setattr(_loopback, "NETLINK_SOCK_DIAG", 31)
+            monkeypatch.setattr(_loopback, "scan_peer_uid", scan)
+            assert await gate.admits(accepted) == Admission(True, os.getuid(), None)
+            assert scans == [False]  # once, and not on the event loop's thread
