@@ -528,6 +528,9 @@ def _fault_response(fault: Fault) -> tuple[int, dict[str, str], bytes]:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver listens with a backlog of 5: a burst of new connections (a proxy opening
+    # a hundred at once) then waits for SYN retransmissions, 1, 3, 7, 15 s. A real server's.
+    request_queue_size = 128
     standin: StandIn
 
     def handle_error(self, request: Any, client_address: Any) -> None:
