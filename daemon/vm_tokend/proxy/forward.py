@@ -11,18 +11,19 @@ nowhere but the profile's API origin.
 from __future__ import annotations
 
 import logging
+import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, Final
 
 import h11
-import httpcore
-import httpx
+import trio
 
 import vm_token
 
+from .api_http import ApiConnection, ApiGone, ApiPool
 from .http11 import ClientGone, Conversation
 from .routes import Refusal, Upstream, end_to_end, videomanager_of
 
@@ -30,21 +31,19 @@ __all__ = ["Forwarder", "ask_daemon"]
 
 log = logging.getLogger(__name__)
 
-# httpcore reads the API's answers 64 KiB at a time; a bulk download then costs the event
-# loop two passes per 64 KiB. A MiB per read (a buffer per connection, not per body).
-httpcore._async.http11.AsyncHTTP11Connection.READ_NUM_BYTES = 1 << 20
-
 # A body up to this size is kept while it streams, for one replay after a 401.
 MAX_REPLAY: Final = 1024 * 1024
 REPLACED_HEADER: Final = b"x-vm-token-replaced"
 # Tokens held for reuse: a proxy serves a handful of VideoManagers, not thousands.
 MAX_HELD: Final = 256
-# How long a request waits for a free connection to the API before a 503.
-POOL_TIMEOUT: Final = 10.0
+# After a token was reported refused, a 401 within this long is passed back as it is: the
+# fresh token was refused too, and the daemon is not asked for another one per request.
+REPORT_INTERVAL: Final = 10.0
 # Headers of the client's that never go upstream: ours replace them, or h11/httpx set them.
 _DROP: Final = frozenset({b"host", b"authorization", b"expect", b"content-length"})
 # The daemon's refusals, as the proxy's statuses: the API is unreachable (502), nobody is
 # logged in (503), the request names what does not exist (404/421).
+_Key = tuple[str | None, str | None]  # (profile, VideoManager)
 _STATUS: Final = {
     "not_logged_in": 503, "login_required": 503, "credentials_rejected": 503,
     "login_failed": 503, "upstream_unavailable": 502, "unknown_videomanager": 404,
@@ -81,11 +80,37 @@ class _Body:
                 raise ClientGone(f"unexpected {type(event).__name__} in a request body")
 
 
-def _has_body(request: h11.Request) -> bool:
-    for name, value in request.headers:
-        if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
-            return True
-    return False
+@dataclass
+class _Exchange:
+    """One client request as it goes to the API: once, and perhaps once more."""
+
+    method: bytes
+    target: bytes
+    headers: list[tuple[bytes, bytes]]  # Host and framing included, Authorization not
+    body: _Body | None
+    _started: bool = False
+
+    def content(self) -> AsyncIterator[bytes] | bytes:
+        """The body: from the client the first time, from what was kept after that."""
+        assert self.body is not None
+        if self._started:
+            assert self.body.kept is not None
+            return bytes(self.body.kept)
+        self._started = True
+        return self.body.chunks()
+
+    def replayable(self) -> bool:
+        """Whether it can be sent again: no body, or one kept whole."""
+        return self.body is None or (self.body.complete and self.body.kept is not None)
+
+    def retryable(self) -> bool:
+        """Whether it can go again on another connection after one that the API had
+        closed before it answered: a request that changes nothing, and has no body."""
+        return self.body is None and self.method in (b"GET", b"HEAD", b"OPTIONS")
+
+    @property
+    def received(self) -> int:
+        return self.body.sent if self.body is not None else 0
 
 
 def _content_length(request: h11.Request) -> bytes | None:
@@ -96,24 +121,30 @@ def _content_length(request: h11.Request) -> bytes | None:
 
 
 class Forwarder:
-    """Forwards requests for any profile: one daemon client, one HTTP client per API."""
+    """Forwards requests for any profile: one daemon client, one connection pool per API."""
 
     def __init__(self, daemon: vm_token.AsyncClient, *, connect_timeout: float,
-                 read_timeout: float, min_ttl: float) -> None:
+                 read_timeout: float, min_ttl: float,
+                 tls: Callable[[str], ssl.SSLContext | None] = lambda origin: None) -> None:
         self.daemon = daemon
         self.min_ttl = min_ttl
-        self._timeout = httpx.Timeout(read_timeout, connect=connect_timeout,
-                                      pool=POOL_TIMEOUT)
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._tls = tls  # the TLS context for an API origin (None: the system's CAs)
         self._upstreams: dict[str | None, Upstream] = {}
         # The daemon's last answer per (profile, VideoManager): token, api_url, expiry. Used
         # while it has more than min_ttl left; a 401 drops it. The daemon stays the source:
         # this saves a round trip per request, not a refresh.
         self._tokens: dict[tuple[str | None, str | None], tuple[str, str, float]] = {}
-        self._http: dict[str, httpx.AsyncClient] = {}
+        # When a token was last reported refused, per (profile, VideoManager): a 401 soon
+        # after is not the token's fault (the replacement was refused too), so it is passed
+        # back without asking the daemon for yet another token.
+        self._refused_at: dict[tuple[str | None, str | None], float] = {}
+        self._pools: dict[str, ApiPool] = {}
 
     async def aclose(self) -> None:
-        for http in self._http.values():
-            await http.aclose()
+        for pool in self._pools.values():
+            await pool.aclose()
 
     async def upstream(self, profile: str | None) -> Upstream:
         """The profile's API, as the daemon says it (asked once per profile)."""
@@ -134,121 +165,150 @@ class Forwarder:
             raise Refusal(405, "bad_request", "CONNECT is refused: this is not an open proxy")
         if request.method in (b"TRACE", b"TRACK"):  # it would echo the token back
             raise Refusal(405, "bad_request", "TRACE is refused")
-        transfer = any(name == b"transfer-encoding" for name, _ in request.headers)
+        chunked = any(name == b"transfer-encoding" for name, _ in request.headers)
         length = _content_length(request)
-        if transfer and length is not None:  # RFC 9112 6.1: a smuggling attempt, or broken
+        if chunked and length is not None:  # RFC 9112 6.1: a smuggling attempt, or broken
             raise Refusal(400, "bad_request", "Content-Length and Transfer-Encoding together")
         for _ in range(2):  # a second time only if the profile's API changed meanwhile
             upstream = await self.upstream(profile)
-            url = upstream.url_for(request.target)
-            path = url[len(upstream.origin):].split("?", 1)[0]
-            videomanager = videomanager_of(path, upstream.root)
-            token, api_url = await self._token(profile, videomanager)
+            target = upstream.url_for(request.target)[len(upstream.origin):]
+            key = (profile, videomanager_of(target.split("?", 1)[0], upstream.root))
+            token, api_url = await self._token(key)
             if Upstream.from_api_url(api_url) == upstream:
                 break
             self._upstreams[profile] = Upstream.from_api_url(api_url)  # a reload moved it
         else:
             raise Refusal(503, "upstream_unavailable", "the profile's API keeps changing")
-        headers = end_to_end(list(request.headers), drop=_DROP)
+        pool = self._pool(upstream.origin)
+        headers = [(b"host", pool.authority), *end_to_end(list(request.headers), drop=_DROP)]
         if not any(name == b"accept-encoding" for name, _ in headers):
             headers.append((b"accept-encoding", b"identity"))  # bodies pass through raw
-        body = _Body(conversation) if _has_body(request) else None
-        if body is None and not isinstance(await conversation.next_event(), h11.EndOfMessage):
+        if length is not None:
+            headers.append((b"content-length", length))
+        elif chunked:
+            headers.append((b"transfer-encoding", b"chunked"))  # chunked stays chunked
+        exchange = _Exchange(request.method, target.encode("ascii"), headers,
+                             _Body(conversation) if chunked or length not in (None, b"0")
+                             else None)
+        if exchange.body is None and \
+                not isinstance(await conversation.next_event(), h11.EndOfMessage):
             raise ClientGone("a request without a body went on")  # h11 says its end at once
-        http = self._client(upstream.origin)
-        response = await self._send(http, request.method, url, headers, length, body, token)
-        replaced = False
-        if response.status_code == 401:
-            # The API refused the token: the daemon gets a fresh one. A request whose body
-            # was kept whole is sent again with it; a longer one's 401 goes back, marked,
-            # and the client's own retry gets the fresh token.
-            await self._invalidate(profile, token, videomanager)
-            if body is None or (body.complete and body.kept is not None):
-                await response.aclose()
-                token, _ = await self._token(profile, videomanager)
-                replay = bytes(body.kept) if body is not None and body.kept is not None \
-                    else None
-                response = await self._send(http, request.method, url, headers, length,
-                                            replay, token)
-            else:
-                replaced = True
+        api: ApiConnection | None
+        api, response = await self._attempt(pool, exchange, token)
         try:
-            sent = await self._relay(conversation, response, replaced)
+            replaced = False
+            if response.status_code == 401 and self._may_report(key):
+                # The API refused the token: the daemon gets a fresh one. A request whose
+                # body was kept whole is sent again with it; a longer one's 401 goes back,
+                # marked, and the client's own retry gets the fresh one.
+                await self._invalidate(key, token)
+                if exchange.replayable():
+                    await self._discard(pool, api)
+                    api = None
+                    token, _ = await self._token(key)
+                    api, response = await self._attempt(pool, exchange, token)
+                else:
+                    replaced = True
+            sent = await self._relay(conversation, api, response, replaced)
         finally:
-            await response.aclose()
-        return response.status_code, body.sent if body else 0, sent
+            if api is not None:
+                await pool.checkin(api)
+        return response.status_code, exchange.received, sent
 
     # -- the API side -------------------------------------------------------------------
 
-    def _client(self, origin: str) -> httpx.AsyncClient:
-        http = self._http.get(origin)
-        if http is None:
-            http = self._http[origin] = httpx.AsyncClient(
-                timeout=self._timeout, follow_redirects=False, trust_env=False,
-                limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
-                # no cookie jar: one account's cookies never go out with another's token
-                cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])))
-            http.headers.clear()  # none of httpx's own defaults: the client's headers only
-        return http
+    def _pool(self, origin: str) -> ApiPool:
+        pool = self._pools.get(origin)
+        if pool is None:
+            pool = self._pools[origin] = ApiPool(
+                origin, self._tls(origin), connect_timeout=self._connect_timeout,
+                read_timeout=self._read_timeout)
+        return pool
 
-    async def _send(self, http: httpx.AsyncClient, method: bytes, url: str,
-                    headers: list[tuple[bytes, bytes]], length: bytes | None,
-                    body: _Body | bytes | None, token: str) -> httpx.Response:
-        outgoing = [*headers, (b"authorization", f"Bearer {token}".encode())]
-        if length is not None:
-            outgoing.append((b"content-length", length))
-        content: AsyncIterator[bytes] | bytes | None
-        content = body.chunks() if isinstance(body, _Body) else body
-        try:
-            request = http.build_request(method.decode("ascii", "replace"), url,
-                                         headers=outgoing, content=content)
-        except httpx.InvalidURL:
-            raise Refusal(400, "bad_request", "the target is not a URL the API can take") \
-                from None
-        try:
-            return await http.send(request, stream=True)
-        except httpx.PoolTimeout:
-            raise Refusal(503, "proxy_busy", "every connection to the API is in use; "
-                          "retry") from None
-        except httpx.TimeoutException:
-            raise Refusal(504, "upstream_timeout", "the API did not answer in time") from None
-        except httpx.TransportError as exc:
-            raise Refusal(502, "upstream_unavailable",
-                          f"cannot reach the API: {type(exc).__name__}") from None
+    async def _attempt(self, pool: ApiPool, exchange: _Exchange, token: str
+                       ) -> tuple[ApiConnection, h11.Response]:
+        """Send the request on a connection; its answer's head. A reused connection the API
+        had closed meanwhile is tried once more on a new one, when nothing is lost by it."""
+        for _ in range(2):
+            api = await pool.checkout()
+            try:
+                return api, await self._send(api, exchange, token)
+            except ApiGone as exc:
+                await pool.checkin(api)
+                if exc.timeout:
+                    raise Refusal(504, "upstream_timeout",
+                                  "the API did not answer in time") from None
+                if not (api.reused and exc.before_answer and exchange.retryable()):
+                    raise Refusal(502, "upstream_unavailable", f"the API: {exc}") from None
+            except BaseException:
+                await pool.checkin(api)
+                raise
+        raise Refusal(502, "upstream_unavailable", "the API closes every connection")
 
-    async def _relay(self, conversation: Conversation, response: httpx.Response,
-                     replaced: bool) -> int:
+    async def _send(self, api: ApiConnection, exchange: _Exchange, token: str
+                    ) -> h11.Response:
+        outgoing = [*exchange.headers, (b"authorization", f"Bearer {token}".encode())]
+        try:
+            head = h11.Request(method=exchange.method, target=exchange.target,
+                               headers=outgoing)
+        except h11.LocalProtocolError:
+            raise Refusal(400, "bad_request", "not a request the API can take") from None
+        await api.send(head)
+        if exchange.body is not None:
+            await api.send_body(exchange.content())
+        else:
+            await api.send(h11.EndOfMessage())
+        return await api.receive_head(exchange.method)
+
+    async def _discard(self, pool: ApiPool, api: ApiConnection) -> None:
+        """Drop an answer not passed on: read it when it is short, else close."""
+        try:
+            with trio.move_on_after(1):
+                seen = 0
+                async with aclosing(api.body()) as pieces:
+                    async for piece in pieces:
+                        seen += len(piece)
+                        if seen > MAX_REPLAY:
+                            api.reusable = False
+                            break
+        except ApiGone:
+            pass
+        await pool.checkin(api)
+
+    async def _relay(self, conversation: Conversation, api: ApiConnection,
+                     response: h11.Response, replaced: bool) -> int:
         drop = {b"x-vm-token-error", REPLACED_HEADER}  # ours alone say the proxy answered
-        if any(name.lower() == b"transfer-encoding" for name, _ in response.headers.raw):
+        if any(name == b"transfer-encoding" for name, _ in response.headers):
             drop.add(b"content-length")  # framed by chunks: a length beside it is a lie
-        headers = end_to_end(list(response.headers.raw), drop=frozenset(drop))
+        headers = end_to_end(list(response.headers), drop=frozenset(drop))
         if replaced:
             headers.append((REPLACED_HEADER, b"1"))
-        await conversation.send(h11.Response(status_code=response.status_code,
-                                             headers=headers,
-                                             reason=response.reason_phrase.encode("latin-1",
-                                                                                  "replace")))
+        head = h11.Response(status_code=response.status_code, headers=headers,
+                            reason=response.reason)
+        body, complete = api.take_buffered()
+        if complete:  # a short answer: head and body leave in one write
+            await conversation.send(head, h11.Data(data=body), h11.EndOfMessage())
+            return len(body)
+        await conversation.send(head)
         sent = 0
         try:
-            async for chunk in response.aiter_raw():
-                sent += len(chunk)
-                await conversation.send(h11.Data(data=chunk))
-        except httpx.TransportError as exc:
-            raise ClientGone(f"the API's answer broke off: {type(exc).__name__}") from exc
+            async with aclosing(api.body()) as pieces:
+                async for piece in pieces:
+                    sent += len(piece)
+                    await conversation.send(h11.Data(data=piece))
+        except ApiGone as exc:
+            raise ClientGone(f"the API's answer broke off: {exc}") from exc
         await conversation.send(h11.EndOfMessage())
         return sent
 
     # -- the daemon side ----------------------------------------------------------------
 
-    async def _token(self, profile: str | None, videomanager: str | None
-                     ) -> tuple[str, str]:
-        held = self._tokens.get((profile, videomanager))
+    async def _token(self, key: _Key) -> tuple[str, str]:
+        held = self._tokens.get(key)
         if held is not None and held[2] - time.time() > self.min_ttl:
             return held[0], held[1]
-        fields = {"min_ttl": self.min_ttl, **_profile(profile)}
-        if videomanager is not None:
-            fields["vm"] = videomanager
-        reply = await ask_daemon(self.daemon.request("get", **fields))
+        reply = await ask_daemon(self.daemon.request("get", min_ttl=self.min_ttl,
+                                                     **_fields(key)))
         token, api_url = reply.get("token"), reply.get("api_url")
         if not isinstance(token, str) or not isinstance(api_url, str):
             raise Refusal(502, "daemon_unreachable", "vm-tokend answered without a token or "
@@ -257,20 +317,24 @@ class Forwarder:
         if isinstance(expires_at, int | float) and not isinstance(expires_at, bool):
             if len(self._tokens) > MAX_HELD:
                 self._tokens.clear()  # a crowd of VideoManagers: start again
-            self._tokens[(profile, videomanager)] = (token, api_url, float(expires_at))
+            self._tokens[key] = (token, api_url, float(expires_at))
         return token, api_url
 
-    async def _invalidate(self, profile: str | None, token: str,
-                          videomanager: str | None) -> None:
-        self._tokens.pop((profile, videomanager), None)
-        fields = {"token": token, **_profile(profile)}
-        if videomanager is not None:
-            fields["vm"] = videomanager
+    def _may_report(self, key: _Key) -> bool:
+        """Whether a 401 for `key` may cost the daemon a fresh token: not again within
+        REPORT_INTERVAL, when the last replacement was refused as well."""
+        return time.monotonic() - self._refused_at.get(key, -REPORT_INTERVAL) \
+            >= REPORT_INTERVAL
+
+    async def _invalidate(self, key: _Key, token: str) -> None:
+        self._tokens.pop(key, None)
+        if len(self._refused_at) > MAX_HELD:
+            self._refused_at.clear()
+        self._refused_at[key] = time.monotonic()
         try:
-            await self.daemon.request("invalidate", **fields)
+            await self.daemon.request("invalidate", token=token, **_fields(key))
         except vm_token.Error as exc:
             log.debug("could not report a refused token: %s", type(exc).__name__)
-
 
 
 async def ask_daemon(call: Awaitable[dict[str, Any]]) -> dict[str, Any]:
@@ -285,4 +349,9 @@ async def ask_daemon(call: Awaitable[dict[str, Any]]) -> dict[str, Any]:
 
 def _profile(profile: str | None) -> dict[str, str]:
     return {"profile": profile} if profile is not None else {}
+
+
+def _fields(key: _Key) -> dict[str, str]:
+    profile, videomanager = key
+    return {**_profile(profile), **({"vm": videomanager} if videomanager is not None else {})}
 

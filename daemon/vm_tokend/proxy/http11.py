@@ -72,12 +72,16 @@ class Conversation:
                 deadline = trio.current_time() + timeout  # a body: per read, not overall
             self.conn.receive_data(bytes(data))  # b"" is the end of the input
 
-    async def send(self, event: h11.Event) -> None:
-        """Send one event; ClientGone if the client cannot take it."""
-        try:
-            data = self.conn.send(event)
-        except h11.LocalProtocolError as exc:
-            raise ClientGone(f"cannot send {type(event).__name__}: {exc}") from exc
+    async def send(self, *events: h11.Event) -> None:
+        """Send events in one write (a head and a short body leave together); ClientGone
+        if the client cannot take them."""
+        pieces: list[bytes] = []
+        for event in events:
+            try:
+                pieces.append(self.conn.send(event) or b"")
+            except h11.LocalProtocolError as exc:
+                raise ClientGone(f"cannot send {type(event).__name__}: {exc}") from exc
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         if data:
             # a client that stops reading must not hold the API's connection forever
             with trio.move_on_after(self.read_timeout) as sending:
