@@ -525,3 +525,14 @@ def test_a_flood_of_refused_connections_is_two_log_lines(standin, start_daemon, 
     assert len(lines) <= 2, lines
     assert "refused a connection from uid 65534" in lines[0]
     assert "refused 49 more connections from uid 65534" in lines[1]
+
+
+def test_a_logout_counts_from_the_next_request(standin, start_daemon, start_proxy):
+    daemon = start_daemon(standin)
+    proxy = start_proxy(daemon)
+    assert proxy.curl(path="/v1/vms/1001/videos")[0] == 200
+    subprocess.run([str(BIN / "vm-token"), "logout"], env=daemon.env, check=True,
+                   capture_output=True, timeout=20)
+    status, headers, body = proxy.curl(path="/v1/vms/1001/videos")
+    assert (status, headers.get("x-vm-token-error")) == (503, "not_logged_in"), body
+    assert "vm-token login" in json.loads(body)["message"]

@@ -373,9 +373,6 @@ def test_head_gets_the_headers_no_body_and_the_next_request_is_answered(api, pro
 
 # -- 7. a reload that moves the profile's API ---------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="the proxy reuses the token it holds (and the API it "
-                   "came from) until min_ttl, without asking the daemon: after a reload "
-                   "moved the profile's API, requests still go to the old API")
 def test_a_reload_that_moves_the_api_moves_the_proxy_and_its_tokens(
         make_api, start_daemon, start_proxy, private_dir):
     first, second = make_api(), make_api()

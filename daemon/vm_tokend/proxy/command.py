@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import ssl
 import sys
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from ..server.listener import (
     bind_unix_socket,
 )
 from .gates import TcpGate, UnixGate, parse_listen
+from .routes import Upstream
 from .service import Listening, ProxyServer
 
 __all__ = ["run"]
@@ -31,6 +33,30 @@ log = logging.getLogger(__name__)
 
 # FileDescriptorName= of vm-token-proxy.socket
 PROXY_FD_NAME = "vm-token-proxy"
+
+
+def tls_context(origin: str, flags: dict[str, object]) -> ssl.SSLContext | None:
+    """What the proxy trusts for an API origin: what the daemon trusts for it, the
+    `ca_bundle` of the profiles with that API (read when the proxy first goes there), or
+    the system's CAs. Certificates are always verified."""
+    try:
+        profiles = load_config(flags, strict=False)[1].valid.values()
+    except ConfigError:
+        return None
+    bundles = sorted({str(profile.ca_bundle) for profile in profiles
+                      if profile.ca_bundle is not None
+                      and Upstream.from_api_url(profile.api_url).origin == origin})
+    if not bundles:
+        return None
+    try:
+        context = ssl.create_default_context(cafile=bundles[0])
+        for bundle in bundles[1:]:  # profiles on one API that name different bundles
+            context.load_verify_locations(cafile=bundle)
+    except (OSError, ssl.SSLError) as exc:
+        log.warning("cannot read the CA bundles %s (%s); trusting the system's CAs for %s",
+                    ", ".join(bundles), type(exc).__name__, origin)
+        return None
+    return context
 
 
 def run(argv: list[str], parser_class: type[argparse.ArgumentParser]) -> int:
@@ -96,7 +122,8 @@ def run(argv: list[str], parser_class: type[argparse.ArgumentParser]) -> int:
                     listeners.append((tcp, TcpGate(address, bound_port, args.profile)))
                     log.info("vm-tokend proxy also serving on %s port %d (profile %s)",
                              address, bound_port, args.profile or "default")
-            server = ProxyServer(listeners, daemon, read_timeout=settings.proxy_read_timeout)
+            server = ProxyServer(listeners, daemon, read_timeout=settings.proxy_read_timeout,
+                                 tls=lambda origin: tls_context(origin, flags))
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(server.serve)
