@@ -339,6 +339,20 @@ def test_python_clients_over_the_socket(standin, start_daemon, start_proxy):
             connection.request("GET", "/v1/vms")
             response = connection.getresponse()
             assert response.status == 200 and json.loads(response.read())
+        first = connection.sock
+        # a refusal of a request read whole keeps the connection; one with a body unread
+        # closes it
+        connection.request("GET", "/auth/login")
+        response = connection.getresponse()
+        assert (response.status, response.will_close) == (404, False)
+        response.read()
+        connection.request("GET", "/v1/vms")
+        response = connection.getresponse()
+        assert response.status == 200 and json.loads(response.read())
+        assert connection.sock is first  # the same connection served all five
+        connection.request("POST", "/auth/login", body=b"x" * 100_000)
+        response = connection.getresponse()
+        assert (response.status, response.will_close) == (404, True)
     finally:
         connection.close()
 
@@ -396,7 +410,17 @@ def test_the_log_has_a_line_per_request_without_queries_or_header_values(
     # who asked: SO_PEERCRED's uid and pid, the very curl that did
     [line] = [line for line in log.splitlines() if "GET '/v1/vms/1001/videos'" in line]
     assert line.endswith(f", uid {os.getuid()}, pid {curl.pid}"), line
-    for secret in ("secret-7c1", "header-value-9f3", token, standin.password):
+    # an absolute-form target is refused, and its userinfo and fragment are not logged
+    assert raw(proxy, b"GET http://me:pass-51d@localhost/v1/vms#frag-0e2 HTTP/1.1\r\n"
+                      b"Host: localhost\r\n\r\n").startswith(b"HTTP/1.1 400")
+    raw(proxy, b"GET /v1/vms/1001#frag-77a HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    deadline = time.monotonic() + 10
+    while not {"'(not a path)' -> 400", "'/v1/vms/1001' -> 400"} <= set(
+            re.findall(r"'[^']*' -> \d+", log := proxy.log_path.read_text())):
+        assert time.monotonic() < deadline, log
+        time.sleep(0.02)
+    for secret in ("secret-7c1", "header-value-9f3", token, standin.password, "pass-51d",
+                   "frag-0e2", "frag-77a"):
         assert secret not in log
 
 

@@ -79,7 +79,11 @@ class ApiConnection:
     async def send(self, event: h11.Event) -> None:
         if isinstance(event, h11.Request):
             self._answered = False
-        data = self.conn.send(event)
+        try:
+            data = self.conn.send(event)
+        except h11.LocalProtocolError as exc:  # a request h11 will not send as it is
+            self.reusable = False
+            raise ApiGone(f"cannot send {type(event).__name__}: {exc}") from exc
         if data:
             await self._send_all(data)
 
@@ -296,7 +300,10 @@ class ApiPool:
     async def checkin(self, api: ApiConnection) -> None:
         """Back to the pool if its exchange ended cleanly; closed otherwise."""
         try:
-            if api.reusable and api.conn.our_state is h11.IDLE and len(self._idle) < MAX_IDLE:
+            # bytes already past the answer (a body after a HEAD, or more than it said)
+            # would be read as the next answer: such a connection is closed
+            if api.reusable and api.conn.our_state is h11.IDLE \
+                    and not api.conn.trailing_data[0] and len(self._idle) < MAX_IDLE:
                 api.idle_since = trio.current_time()
                 api.reused = True
                 self._idle.append(api)

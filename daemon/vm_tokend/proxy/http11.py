@@ -121,6 +121,17 @@ class Conversation:
         except ClientGone:
             pass
 
+    def request_read(self) -> bool:
+        """Whether the client's request has been read whole, taking only what h11 holds
+        already (a request without a body ends with its head)."""
+        if self.conn.their_state is h11.SEND_BODY:
+            try:
+                if not isinstance(self.conn.next_event(), h11.EndOfMessage):
+                    return False  # body bytes, or none yet: they stay unread
+            except h11.RemoteProtocolError:
+                return False
+        return self.conn.their_state is h11.DONE
+
     def ready_for_next(self) -> bool:
         """After a whole exchange: whether the connection may carry another request."""
         if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:

@@ -181,11 +181,15 @@ class ProxyServer:
                                                                       profile)
         except Refusal as refusal:
             status = refusal.status
-            # the body the client may still be sending is not read: close after the answer
+            # a body the client may still be sending is not read: then close after the
+            # answer; a request read whole leaves the connection open for the next one
             await conversation.answer(refusal.status, refusal.code, refusal.message,
-                                      headers=[(b"connection", b"close")])
+                                      headers=[] if conversation.request_read()
+                                      else [(b"connection", b"close")])
         finally:
-            path = request.target.split(b"?", 1)[0].decode("ascii", "replace")
+            # the path only: a query may hold a token, an absolute-form target a password
+            path = request.target.split(b"?", 1)[0].split(b"#", 1)[0].decode(
+                "ascii", "replace") if request.target.startswith(b"/") else "(not a path)"
             log.debug("%s %s -> %s, %d bytes in, %d out, %.0f ms, uid %s, pid %s",
                       request.method.decode("ascii", "replace"), quote(path, 200), status,
                       received, sent, (time.monotonic() - started) * 1000, uid,
