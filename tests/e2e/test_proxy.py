@@ -266,14 +266,7 @@ def test_nothing_a_client_sends_stops_the_proxy(proxied, method, target, version
     proxy = proxied
     request = method + b" " + target + b" " + version + line_end
     request += b"".join(header + line_end for header in headers) + line_end + body
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(10)
-        sock.connect(str(proxy.socket))
-        sock.sendall(request)
-        sock.shutdown(socket.SHUT_WR)
-        answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
+    answer = raw(proxy, request)
     if answer:
         assert answer.startswith(b"HTTP/1.1 "), answer[:100]
     assert proxy.proc.poll() is None, proxy.log_path.read_text()[-2000:]
