@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +61,65 @@ def make_standin() -> Iterator[Callable[..., StandIn]]:
 @pytest.fixture
 def standin(make_standin: Callable[..., StandIn]) -> StandIn:
     return make_standin()
+
+
+@dataclass
+class Tls:
+    server: ssl.SSLContext  # serves the certificate
+    ca_file: str  # the CA that signed it, to trust
+
+
+def make_tls(directory: Path, host: str = "127.0.0.2",
+             ca_name: str = "vm-token test CA") -> Tls:
+    """A CA of its own, in `directory`, and a server certificate for the IP `host` it
+    signed. Each call makes a new CA: a second one plays a CA nobody trusts."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.now(UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    issuer = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ca_name)])
+    usage = {name: False for name in ("digital_signature", "content_commitment",
+                                      "key_encipherment", "data_encipherment", "key_agreement",
+                                      "key_cert_sign", "crl_sign", "encipher_only",
+                                      "decipher_only")}
+
+    def builder(subject: x509.Name, public: Any) -> x509.CertificateBuilder:
+        return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
+                .public_key(public).serial_number(x509.random_serial_number())
+                .not_valid_before(now - timedelta(minutes=5))
+                .not_valid_after(now + timedelta(hours=1))
+                .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), False))
+
+    ca = (builder(issuer, ca_key.public_key())
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+          .add_extension(x509.KeyUsage(**{**usage, "key_cert_sign": True, "crl_sign": True}),
+                         True)
+          .sign(ca_key, hashes.SHA256()))
+    leaf = (builder(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]),
+                    key.public_key())
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address(host))]), False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                ca_key.public_key()), False)
+            .add_extension(x509.KeyUsage(**{**usage, "digital_signature": True}), True)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    (directory / "ca.pem").write_bytes(ca.public_bytes(pem))
+    (directory / "server.pem").write_bytes(leaf.public_bytes(pem) + key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(directory / "server.pem")
+    return Tls(server, str(directory / "ca.pem"))
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
+    """A CA of this test module, and a server certificate for 127.0.0.2 it signed."""
+    return make_tls(tmp_path_factory.mktemp("tls"))
 
 
 def clean_env(private_dir: Path) -> dict[str, str]:

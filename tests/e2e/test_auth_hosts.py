@@ -10,13 +10,11 @@ host's port is part of its name.
 
 from __future__ import annotations
 
-import ipaddress
 import ssl
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -28,6 +26,7 @@ import requests
 import trio
 
 import vm_token
+from tests.conftest import Tls
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -129,59 +128,6 @@ def recorders() -> Iterator[Callable[..., Recorder]]:
     yield start
     for recorder in started:
         recorder.stop()
-
-
-@dataclass
-class Tls:
-    server: ssl.SSLContext
-    ca_file: str
-
-
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
-    """A CA of this test, and a server certificate for 127.0.0.2 it signed."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.now(UTC)
-    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vm-token test CA")])
-    usage = {name: False for name in ("digital_signature", "content_commitment",
-                                      "key_encipherment", "data_encipherment", "key_agreement",
-                                      "key_cert_sign", "crl_sign", "encipher_only",
-                                      "decipher_only")}
-
-    def builder(subject: x509.Name, public: Any) -> x509.CertificateBuilder:
-        return (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_name)
-                .public_key(public).serial_number(x509.random_serial_number())
-                .not_valid_before(now - timedelta(minutes=5))
-                .not_valid_after(now + timedelta(hours=1))
-                .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), False))
-
-    ca = (builder(ca_name, ca_key.public_key())
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-          .add_extension(x509.KeyUsage(**{**usage, "key_cert_sign": True, "crl_sign": True}),
-                         True)
-          .sign(ca_key, hashes.SHA256()))
-    leaf = (builder(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.2")]),
-                    key.public_key())
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.2"))]), False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                ca_key.public_key()), False)
-            .add_extension(x509.KeyUsage(**{**usage, "digital_signature": True}), True)
-            .sign(ca_key, hashes.SHA256()))
-    directory = tmp_path_factory.mktemp("tls")
-    pem = serialization.Encoding.PEM
-    (directory / "ca.pem").write_bytes(ca.public_bytes(pem))
-    (directory / "server.pem").write_bytes(leaf.public_bytes(pem) + key.private_bytes(
-        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server.load_cert_chain(directory / "server.pem")
-    return Tls(server, str(directory / "ca.pem"))
 
 
 # -- one way to send a request, whichever the client ----------------------------------------
