@@ -603,9 +603,6 @@ def test_an_api_certificate_the_proxy_does_not_trust_gets_no_request_and_a_502(
     assert token not in proxy.log()
 
 
-@pytest.mark.xfail(strict=True, reason="ApiPool._connect leaves the TCP stream of a failed "
-                   "TLS handshake open (no aclose on the error path): the socket lingers "
-                   "in CLOSE-WAIT until the garbage collector finds it")
 def test_the_connection_of_a_refused_handshake_is_closed_at_once(
         tls_api, tls, start_daemon, start_proxy, tmp_path):
     daemon = start_daemon(None, env=tls_env(tls_api, tls))
@@ -643,10 +640,6 @@ def test_over_tls_one_api_connection_carries_a_keep_alive_clients_requests(
     assert tls_api.errors == []
 
 
-@pytest.mark.xfail(strict=True, reason="an EOF before any byte of the answer makes h11 raise "
-                   "RemoteProtocolError (ConnectionClosed in SEND_RESPONSE), which "
-                   "ApiConnection._next_event turns into ApiGone('not HTTP/1.1') without "
-                   "before_answer: the GET is not sent again, the client gets a 502")
 @pytest.mark.parametrize("scheme", ["https", "http"])
 def test_a_get_on_a_reused_connection_the_api_closes_unanswered_is_sent_again(
         scheme, make_api, tls, start_daemon, start_proxy):

@@ -135,6 +135,9 @@ class ApiConnection:
                 event = self.conn.next_event()
             except h11.RemoteProtocolError as exc:
                 self.reusable = False
+                if not self._answered:  # h11's word for a close before any answer
+                    raise ApiGone("the API closed the connection without an answer",
+                                  before_answer=True) from exc
                 raise ApiGone(f"the API's answer is not HTTP/1.1: {exc}") from exc
             if event is h11.NEED_DATA:
                 self.conn.receive_data(await self._receive())
@@ -321,26 +324,38 @@ class ApiPool:
         return await self._connect()
 
     async def _connect(self) -> ApiConnection:
-        with trio.move_on_after(self.connect_timeout) as connecting:
-            try:
-                stream: trio.abc.Stream = await trio.open_tcp_stream(self.host, self.port)
+        tcp: trio.SocketStream | None = None
+        try:
+            with trio.fail_after(self.connect_timeout):
+                tcp = await trio.open_tcp_stream(self.host, self.port)
+                stream: trio.abc.Stream = tcp
                 if self.tls is not None:
-                    secured = trio.SSLStream(stream, self.tls, server_hostname=self.host,
+                    secured = trio.SSLStream(tcp, self.tls, server_hostname=self.host,
                                              https_compatible=True)
                     await secured.do_handshake()
                     stream = secured
-            except (OSError, trio.BrokenResourceError) as exc:
-                raise Refusal(502, "upstream_unavailable",
-                              f"cannot reach the API: {_reason(exc)}") from None
-        if connecting.cancelled_caught:
+        except trio.TooSlowError:
+            await _close(tcp)
             raise Refusal(504, "upstream_timeout",
                           f"the API did not accept a connection within "
-                          f"{self.connect_timeout:g} s")
+                          f"{self.connect_timeout:g} s") from None
+        except (OSError, trio.BrokenResourceError) as exc:
+            await _close(tcp)  # a refused handshake's socket: closed now, not by the GC
+            raise Refusal(502, "upstream_unavailable",
+                          f"cannot reach the API: {_reason(exc)}") from None
+        except BaseException:
+            await _close(tcp)
+            raise
         return ApiConnection(stream, self.read_timeout)
 
     async def aclose(self) -> None:
         while self._idle:
             await self._idle.pop().aclose()
+
+
+async def _close(tcp: trio.SocketStream | None) -> None:
+    if tcp is not None:
+        await trio.aclose_forcefully(tcp)
 
 
 def _reason(exc: BaseException) -> str:
