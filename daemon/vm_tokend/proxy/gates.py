@@ -1,10 +1,15 @@
 """Who may use a listener, and which profile a request is for: one gate per kind.
 
-- The Unix socket (`UnixGate`): peers by SO_PEERCRED (ours or root's), and the Host header
-  names the profile (`localhost`: the default one; a profile's name: that one).
+- The Unix socket (`UnixGate`): peers by SO_PEERCRED (ours or root's, as the daemon's
+  socket), and the Host header names the profile (`localhost`: the default one; a
+  profile's name: that one).
 - A loopback TCP port (`TcpGate`, `--listen`): any local user can connect, and a browser
   can be made to. So: the peer's uid from the kernel (vm_token._loopback, shared with the
-  login listener: sock_diag, else a scan of /proc/net/tcp in a thread), the Host must be
+  login listener: sock_diag, else a scan of /proc/net/tcp in a thread) must be ours — not
+  root's, unlike the Unix socket: a loopback port is reachable by far more of root than a
+  file in our 0700 directory (a container run as root with the host's network, which has
+  no way into our files or memory, would spend our token), and the login listener's
+  helper (`_loopback.serves_peer`) refuses root too. The Host must be
   the listener's own address (DNS rebinding), and a request a browser made for a web page
   (`Origin`, or `Sec-Fetch-Site` other than `none`) is refused; no CORS header is ever
   sent. One profile per port.
@@ -59,8 +64,16 @@ def _header(request: h11.Request, name: bytes) -> str | None:
     return values[0].decode("ascii", "replace") if values else None
 
 
-def _ours(uid: int | None) -> bool:
+def _ours_or_root(uid: int | None) -> bool:
+    """The Unix socket's rule, the daemon's: our uid, or root (who could read our memory
+    and files anyway)."""
     return uid is not None and uid in (os.getuid(), 0)
+
+
+def _ours(uid: int | None) -> bool:
+    """The TCP port's rule, the login listener's (`_loopback.serves_peer`): our uid only;
+    a peer the kernel does not list is refused."""
+    return uid is not None and uid == os.getuid()
 
 
 class UnixGate:
@@ -71,7 +84,7 @@ class UnixGate:
     async def admits(self, stream: trio.abc.Stream) -> Admission:
         cred = socket_peer_cred(stream)
         uid, pid = cred if cred is not None else (None, None)
-        return Admission(_ours(uid), uid, pid)
+        return Admission(_ours_or_root(uid), uid, pid)
 
     async def profile(self, request: h11.Request) -> str | None:
         host = (_header(request, b"host") or DEFAULT_HOST).lower()
