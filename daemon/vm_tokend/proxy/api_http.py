@@ -115,8 +115,10 @@ class ApiConnection:
             return False
         return True
 
-    async def _receive(self) -> bytes:
-        with trio.move_on_after(self.read_timeout) as waiting:
+    async def _receive(self, silence: float | None = None) -> bytes:
+        """One read; one that waits past `silence` (default: read_timeout) ends with the
+        API's silence as ApiGone(timeout). math.inf: the caller's deadline bounds it."""
+        with trio.move_on_after(self.read_timeout if silence is None else silence) as waiting:
             try:
                 data = await self.stream.receive_some(RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -129,7 +131,7 @@ class ApiConnection:
         self._answered = self._answered or bool(data)
         return bytes(data)
 
-    async def _next_event(self) -> h11.Event:
+    async def _next_event(self, silence: float | None = None) -> h11.Event:
         while True:
             try:
                 event = self.conn.next_event()
@@ -140,7 +142,7 @@ class ApiConnection:
                                   before_answer=True) from exc
                 raise ApiGone(f"the API's answer is not HTTP/1.1: {exc}") from exc
             if event is h11.NEED_DATA:
-                self.conn.receive_data(await self._receive())
+                self.conn.receive_data(await self._receive(silence))
                 continue
             if event is h11.PAUSED:  # cannot be: we never send while they do
                 self.reusable = False
@@ -148,10 +150,13 @@ class ApiConnection:
             assert isinstance(event, h11.Event)
             return event
 
-    async def receive_head(self, method: bytes) -> h11.Response:
-        """The API's answer's head; 1xx answers (100 Continue, 103) are skipped."""
+    async def receive_head(self, method: bytes, *, silence: float | None = None
+                           ) -> h11.Response:
+        """The API's answer's head; 1xx answers (100 Continue, 103) are skipped. Each read
+        may wait `silence` (default: read_timeout; math.inf: as long as the caller's
+        cancel scope lets it, which then bounds a stream of 1xx answers too)."""
         while True:
-            event = await self._next_event()
+            event = await self._next_event(silence)
             if isinstance(event, h11.Response):
                 break
             if isinstance(event, h11.ConnectionClosed):

@@ -11,8 +11,8 @@ nowhere but the profile's API origin.
 from __future__ import annotations
 
 import logging
+import math
 import ssl
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -34,11 +34,6 @@ log = logging.getLogger(__name__)
 # A body up to this size is kept while it streams, for one replay after a 401.
 MAX_REPLAY: Final = 1024 * 1024
 REPLACED_HEADER: Final = b"x-vm-token-replaced"
-# Refused-token times kept: a proxy serves a handful of VideoManagers, not thousands.
-MAX_HELD: Final = 256
-# After a token was reported refused, a 401 within this long is passed back as it is: the
-# fresh token was refused too, and the daemon is not asked for another one per request.
-REPORT_INTERVAL: Final = 10.0
 # Headers of the client's that never go upstream: ours replace them, or h11/httpx set them.
 _DROP: Final = frozenset({b"host", b"authorization", b"expect", b"content-length"})
 # The daemon's refusals, as the proxy's statuses: the API is unreachable (502), nobody is
@@ -132,10 +127,6 @@ class Forwarder:
         self._read_timeout = read_timeout
         self._tls = tls  # the TLS context for an API origin (None: the system's CAs)
         self._upstreams: dict[str | None, Upstream] = {}
-        # When a token was last reported refused, per (profile, VideoManager): a 401 soon
-        # after is not the token's fault (the replacement was refused too), so it is passed
-        # back without asking the daemon for yet another token.
-        self._refused_at: dict[tuple[str | None, str | None], float] = {}
         self._pools: dict[str, ApiPool] = {}
 
     async def aclose(self) -> None:
@@ -190,21 +181,27 @@ class Forwarder:
                 not isinstance(await conversation.next_event(), h11.EndOfMessage):
             raise ClientGone("a request without a body went on")  # h11 says its end at once
         api: ApiConnection | None
-        api, response = await self._attempt(pool, exchange, token)
+        api, response = await self._attempt(pool, exchange, token, conversation)
         try:
             replaced = False
-            if response.status_code == 401 and self._may_report(key):
-                # The API refused the token: the daemon gets a fresh one. A request whose
-                # body was kept whole is sent again with it; a longer one's 401 goes back,
-                # marked, and the client's own retry gets the fresh one.
+            if response.status_code == 401:
+                # The API refused the token. The daemon hears of it (a token another
+                # request reported already, or no longer its current one, changes nothing
+                # there) and gives the one it holds now. A request whose body was kept
+                # whole goes again with it; a longer one's 401 goes back marked, and the
+                # client's own retry gets it. Not to an API a reload moved the profile
+                # from: then the 401 goes back marked. The same token again (the daemon
+                # has no other): the API's 401 as it is.
                 await self._invalidate(key, token)
-                if exchange.replayable():
-                    await self._discard(pool, api)
-                    api = None
-                    token, _ = await self._token(key)
-                    api, response = await self._attempt(pool, exchange, token)
-                else:
-                    replaced = True
+                fresh, api_url = await self._token(key)
+                if fresh != token:
+                    if exchange.replayable() and Upstream.from_api_url(api_url) == upstream:
+                        await self._discard(pool, api)
+                        api = None
+                        api, response = await self._attempt(pool, exchange, fresh,
+                                                            conversation)
+                    else:
+                        replaced = True
             sent = await self._relay(conversation, api, response, replaced)
         finally:
             if api is not None:
@@ -221,14 +218,14 @@ class Forwarder:
                 read_timeout=self._read_timeout)
         return pool
 
-    async def _attempt(self, pool: ApiPool, exchange: _Exchange, token: str
-                       ) -> tuple[ApiConnection, h11.Response]:
+    async def _attempt(self, pool: ApiPool, exchange: _Exchange, token: str,
+                       conversation: Conversation) -> tuple[ApiConnection, h11.Response]:
         """Send the request on a connection; its answer's head. A reused connection the API
         had closed meanwhile is tried once more on a new one, when nothing is lost by it."""
         for _ in range(2):
             api = await pool.checkout()
             try:
-                return api, await self._send(api, exchange, token)
+                return api, await self._send(api, exchange, token, conversation)
             except ApiGone as exc:
                 await pool.checkin(api)
                 if exc.timeout:
@@ -241,8 +238,12 @@ class Forwarder:
                 raise
         raise Refusal(502, "upstream_unavailable", "the API closes every connection")
 
-    async def _send(self, api: ApiConnection, exchange: _Exchange, token: str
-                    ) -> h11.Response:
+    async def _send(self, api: ApiConnection, exchange: _Exchange, token: str,
+                    conversation: Conversation) -> h11.Response:
+        """Send the request and wait for the answer's head. The answer is read while the
+        body still goes out (RFC 9112 9.5: an API may answer early, a 401 or a 413, and stop
+        reading); it must come within read_timeout once the body is out. A client that
+        hangs up meanwhile ends the exchange: its connection to the API is not held."""
         outgoing = [*exchange.headers, (b"authorization", f"Bearer {token}".encode())]
         try:
             head = h11.Request(method=exchange.method, target=exchange.target,
@@ -250,11 +251,40 @@ class Forwarder:
         except h11.LocalProtocolError:
             raise Refusal(400, "bad_request", "not a request the API can take") from None
         await api.send(head)
-        if exchange.body is not None:
-            await api.send_body(exchange.content())
-        else:
-            await api.send(h11.EndOfMessage())
-        return await api.receive_head(exchange.method)
+        response: h11.Response | None = None
+        failure: Exception | None = None
+        gone = False
+        answering = trio.CancelScope()  # its deadline: read_timeout once the body is out
+        async with trio.open_nursery() as nursery:
+
+            async def receive() -> None:
+                nonlocal response, failure
+                try:
+                    with answering:
+                        response = await api.receive_head(exchange.method, silence=math.inf)
+                except ApiGone as exc:
+                    failure = exc
+                nursery.cancel_scope.cancel()  # stops the body, or the watch, too
+
+            nursery.start_soon(receive)
+            try:
+                if exchange.body is not None:
+                    await api.send_body(exchange.content())
+                else:
+                    await api.send(h11.EndOfMessage())
+                answering.deadline = trio.current_time() + api.read_timeout
+                await conversation.hung_up()
+                gone = True
+            except (ApiGone, ClientGone) as exc:
+                failure = exc
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        if gone:
+            raise ClientGone("the client left before the API answered")
+        if response is None:
+            raise ApiGone("the API did not answer in time", timeout=True)
+        return response
 
     async def _discard(self, pool: ApiPool, api: ApiConnection) -> None:
         """Drop an answer not passed on: read it when it is short, else close."""
@@ -276,7 +306,10 @@ class Forwarder:
         drop = {b"x-vm-token-error", REPLACED_HEADER}  # ours alone say the proxy answered
         if any(name == b"transfer-encoding" for name, _ in response.headers):
             drop.add(b"content-length")  # framed by chunks: a length beside it is a lie
-        headers = end_to_end(list(response.headers), drop=frozenset(drop))
+        # no CORS header is ever passed on: the proxy serves programs, never web pages
+        headers = [(name, value) for name, value in
+                   end_to_end(list(response.headers), drop=frozenset(drop))
+                   if not name.startswith(b"access-control-")]
         if replaced:
             headers.append((REPLACED_HEADER, b"1"))
         head = h11.Response(status_code=response.status_code, headers=headers,
@@ -312,16 +345,7 @@ class Forwarder:
                           "the API it is for (a vm-tokend older than this proxy?)")
         return token, api_url
 
-    def _may_report(self, key: _Key) -> bool:
-        """Whether a 401 for `key` may cost the daemon a fresh token: not again within
-        REPORT_INTERVAL, when the last replacement was refused as well."""
-        return time.monotonic() - self._refused_at.get(key, -REPORT_INTERVAL) \
-            >= REPORT_INTERVAL
-
     async def _invalidate(self, key: _Key, token: str) -> None:
-        if len(self._refused_at) > MAX_HELD:
-            self._refused_at.clear()
-        self._refused_at[key] = time.monotonic()
         try:
             await self.daemon.request("invalidate", token=token, **_fields(key))
         except vm_token.Error as exc:

@@ -9,10 +9,13 @@ never mistakes them for the API's.
 from __future__ import annotations
 
 import json
+import socket
 from typing import Final
 
 import h11
 import trio
+
+from ..server.listener import hung_up
 
 __all__ = ["ClientGone", "Conversation", "ERROR_HEADER"]
 
@@ -38,6 +41,7 @@ class Conversation:
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         self.idle_timeout = idle_timeout  # between requests
         self.read_timeout = read_timeout  # within a request (its body)
+        self.method = b""  # of the request being answered
 
     async def next_event(self, *, between_requests: bool = False) -> h11.Event:
         """The next event from the client; ClientGone if it closes, stalls or breaks the
@@ -55,6 +59,8 @@ class Conversation:
                 raise ClientGone("the connection is paused")
             if event is not h11.NEED_DATA:
                 assert isinstance(event, h11.Event)
+                if isinstance(event, h11.Request):
+                    self.method = event.method
                 return event
             with trio.move_on_at(deadline) as waited:
                 try:
@@ -92,6 +98,24 @@ class Conversation:
             if sending.cancelled_caught:
                 raise ClientGone("client stopped reading")
 
+    async def hung_up(self) -> None:
+        """Return once the client is gone while it waits for an answer; never while it may
+        still read one. Bytes it sends meanwhile (a pipelined request) say it is there:
+        then this waits for ever. An end of input is a hang-up on TCP (as nginx takes it);
+        on a Unix socket only with POLLHUP, since a client may shut down its sending side
+        and still read (curl does not, `nc -N` does)."""
+        sock = getattr(self.stream, "socket", None)
+        if not isinstance(sock, trio.socket.SocketType):
+            await trio.sleep_forever()  # a stream without a socket (tests): never told
+        assert isinstance(sock, trio.socket.SocketType)
+        await trio.lowlevel.wait_readable(sock)
+        try:
+            peeked = await sock.recv(1, socket.MSG_PEEK)
+        except OSError:
+            return  # reset: gone
+        if peeked or (sock.family == socket.AF_UNIX and not hung_up(sock)):
+            await trio.sleep_forever()
+
     async def continue_if_asked(self) -> None:
         """`100 Continue` for a client that waits for it before sending its body."""
         if self.conn.they_are_waiting_for_100_continue:
@@ -99,17 +123,20 @@ class Conversation:
 
     async def answer(self, status: int, code: str, message: str,
                      headers: list[tuple[bytes, bytes]] | None = None) -> None:
-        """An answer of the proxy's own: `X-VM-Token-Error: code`, `{"error", "message"}`."""
+        """An answer of the proxy's own: `X-VM-Token-Error: code`, `{"error", "message"}`
+        (its head only, to a HEAD)."""
         body = json.dumps({"error": code, "message": message}).encode() + b"\n"
-        await self.send(h11.Response(status_code=status, headers=[
+        head = h11.Response(status_code=status, headers=[
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
             (ERROR_HEADER, code.encode()),
             (b"cache-control", b"no-store"),
             *(headers or []),
-        ]))
-        await self.send(h11.Data(data=body))
-        await self.send(h11.EndOfMessage())
+        ])
+        if self.method == b"HEAD":
+            await self.send(head, h11.EndOfMessage())
+        else:
+            await self.send(head, h11.Data(data=body), h11.EndOfMessage())
 
     async def _refuse_malformed(self, exc: h11.RemoteProtocolError) -> None:
         if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
@@ -138,3 +165,4 @@ class Conversation:
             self.conn.start_next_cycle()
             return True
         return False
+

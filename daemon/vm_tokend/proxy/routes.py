@@ -80,6 +80,8 @@ def _dot_segment(path: str) -> bool:
 def videomanager_of(path: str, root: str) -> str | None:
     """The VideoManager a path names (`{root}/{id}/…`), None if it names none."""
     rest = path[len(root):] if path.startswith(root) else ""
+    # as the API reads it: %31%30%30%32 is 1002, and so is //1002
+    rest = "/" + unquote(rest).lstrip("/")
     found = _VM_IN_PATH.match(rest)
     return found.group(1) if found else None
 
