@@ -553,3 +553,12 @@ def test_a_logout_counts_from_the_next_request(standin, start_daemon, start_prox
     status, headers, body = proxy.curl(path="/v1/vms/1001/videos")
     assert (status, headers.get("x-vm-token-error")) == (503, "not_logged_in"), body
     assert "vm-token login" in json.loads(body)["message"]
+
+
+def test_a_client_done_sending_still_gets_its_answer(proxied, standin):
+    # raw() shuts down its sending side after the request, as `nc -N` does: on a Unix
+    # socket that is no hang-up, and the answer comes
+    answer = raw(proxied, b"GET /v1/vms/_bulk/slow?seconds=0.5 HTTP/1.1\r\n"
+                          b"Host: localhost\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert b'"slow": true' in answer
