@@ -7,6 +7,10 @@ by the proxy itself (see http11.Conversation.answer); a client that breaks the p
 stalls is dropped. One debug line per request: method, path without its query, status,
 bytes each way, milliseconds, the peer's uid and pid — never a header value or a query
 string. Refused peers are logged at most once a minute (RefusalLog).
+
+Stopping (stop(), on SIGTERM): no new connections; a connection waiting between requests
+(a client's keep-alive pool) is closed at once, having nothing in flight; a request in
+flight gets up to drain_timeout to finish.
 """
 
 from __future__ import annotations
@@ -104,11 +108,18 @@ class ProxyServer:
         self._read_timeout = read_timeout
         self._drain_timeout = drain_timeout
         self._stop = trio.Event()
+        # The connections waiting for their client's next request, each with the scope
+        # that stop() cancels: they have nothing in flight, and a client's keep-alive
+        # pool must not hold the drain for its whole time.
+        self._idle: dict[trio.CancelScope, Conversation] = {}
         self.refused_peers = 0
         self._refusals = RefusalLog()
 
     def stop(self) -> None:
         self._stop.set()
+        for scope, conversation in self._idle.items():
+            if not conversation.conn.trailing_data[0]:  # not a request's head begun
+                scope.cancel()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                     ) -> None:
@@ -152,7 +163,14 @@ class ProxyServer:
                                         read_timeout=self._read_timeout)
             try:
                 while not self._stop.is_set():
-                    event = await conversation.next_event(between_requests=True)
+                    with trio.CancelScope() as idle:
+                        self._idle[idle] = conversation
+                        try:
+                            event = await conversation.next_event(between_requests=True)
+                        finally:
+                            del self._idle[idle]
+                    if idle.cancelled_caught:
+                        return  # stopping, and nothing in flight here
                     if not isinstance(event, h11.Request):
                         return  # ConnectionClosed: the client is done
                     await self._exchange(conversation, event, gate, peer.uid, peer.pid)
