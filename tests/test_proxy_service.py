@@ -131,3 +131,21 @@ async def test_a_head_begun_when_stopping_is_read_and_answered(autojump_clock):
     [(answer, at)] = got
     assert answer.startswith(b"HTTP/1.1 200 ") and at == 11.0
 
+
+async def test_health_names_the_profile_the_daemon_answered_for(autojump_clock):
+    """With no profile named (Host: localhost), the daemon answers for its default_profile,
+    or the client library for $VM_TOKEN_PROFILE: the health answer says which, not
+    "default"."""
+    for answers_for, expected in (("customer", b'"profile": "customer"'),
+                                  (None, b'"profile": "default"')):
+        listener = MemoryListener()
+        daemon = FakeDaemon(answers_for)
+        server = ProxyServer([(listener, EveryoneGate())], daemon)  # type: ignore[arg-type]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            stream = await listener.connect()
+            await stream.send_all(health(close=True))
+            answer, _ = await read_all(stream)
+            server.stop()
+        assert answer.startswith(b"HTTP/1.1 200 ") and expected in answer, answer
+        assert daemon.asked == [{"op": "status"}]

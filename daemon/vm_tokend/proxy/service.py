@@ -220,7 +220,11 @@ class ProxyServer:
             raise Refusal(405, "bad_request", f"{HEALTH_PATH.decode()} takes a GET only")
         fields = {"profile": profile} if profile is not None else {}
         status = await ask_daemon(self.daemon.request("status", **fields))
-        body = json.dumps({"daemon": "reachable", "profile": profile or "default",
+        # the profile the daemon answered for: with none named, the client's choice
+        # ($VM_TOKEN_PROFILE) or the daemon's default_profile, which the proxy cannot know
+        named = status.get("profile")
+        body = json.dumps({"daemon": "reachable",
+                           "profile": named if isinstance(named, str) else profile or "default",
                            "state": status.get("state")}).encode() + b"\n"
         await conversation.send(h11.Response(status_code=200, headers=[
             (b"content-type", b"application/json"), (b"cache-control", b"no-store"),
