@@ -38,6 +38,9 @@ REPLACED_HEADER: Final = b"x-vm-token-replaced"
 _DROP: Final = frozenset({b"host", b"authorization", b"expect", b"content-length"})
 # The daemon's refusals, as the proxy's statuses: the API is unreachable (502), nobody is
 # logged in (503), the request names what does not exist (404/421).
+# While an answer is awaited, whether its client is still there is asked this often: a
+# client that left gives its API connection back within this long.
+HANGUP_CHECK: Final = 1.0
 _Key = tuple[str | None, str | None]  # (profile, VideoManager)
 _STATUS: Final = {
     "not_logged_in": 503, "login_required": 503, "credentials_rejected": 503,
@@ -251,40 +254,62 @@ class Forwarder:
         except h11.LocalProtocolError:
             raise Refusal(400, "bad_request", "not a request the API can take") from None
         await api.send(head)
+        if exchange.body is None:
+            await api.send(h11.EndOfMessage())
+            return await self._answer_head(api, exchange.method, conversation)
+        # with a body: its answer is read while the body goes out
         response: h11.Response | None = None
         failure: Exception | None = None
-        gone = False
-        answering = trio.CancelScope()  # its deadline: read_timeout once the body is out
         async with trio.open_nursery() as nursery:
 
             async def receive() -> None:
                 nonlocal response, failure
                 try:
-                    with answering:
-                        response = await api.receive_head(exchange.method, silence=math.inf)
+                    response = await api.receive_head(exchange.method, silence=math.inf)
                 except ApiGone as exc:
                     failure = exc
-                nursery.cancel_scope.cancel()  # stops the body, or the watch, too
+                nursery.cancel_scope.cancel()  # the body, or the wait below, ends too
 
             nursery.start_soon(receive)
             try:
-                if exchange.body is not None:
-                    await api.send_body(exchange.content())
-                else:
-                    await api.send(h11.EndOfMessage())
-                answering.deadline = trio.current_time() + api.read_timeout
-                await conversation.hung_up()
-                gone = True
+                await api.send_body(exchange.content())
+                await self._await_answer(api, conversation)
             except (ApiGone, ClientGone) as exc:
                 failure = exc
             nursery.cancel_scope.cancel()
         if failure is not None:
             raise failure
-        if gone:
-            raise ClientGone("the client left before the API answered")
-        if response is None:
-            raise ApiGone("the API did not answer in time", timeout=True)
+        assert response is not None
         return response
+
+    async def _answer_head(self, api: ApiConnection, method: bytes,
+                           conversation: Conversation) -> h11.Response:
+        """The head of the answer to a request sent whole: within read_timeout, and while
+        the client is there (asked every HANGUP_CHECK seconds)."""
+        deadline = trio.current_time() + api.read_timeout
+        while True:
+            with trio.move_on_at(min(deadline, trio.current_time() + HANGUP_CHECK)):
+                return await api.receive_head(method, silence=math.inf)
+            self._check_waiting(api, deadline, conversation)
+
+    async def _await_answer(self, api: ApiConnection, conversation: Conversation) -> None:
+        """Wait, once the body is out, for the task reading the answer to end this
+        exchange's nursery: within read_timeout, and while the client is there."""
+        deadline = trio.current_time() + api.read_timeout
+        while True:
+            with trio.move_on_at(min(deadline, trio.current_time() + HANGUP_CHECK)):
+                await trio.sleep_forever()
+            self._check_waiting(api, deadline, conversation)
+
+    @staticmethod
+    def _check_waiting(api: ApiConnection, deadline: float,
+                       conversation: Conversation) -> None:
+        if trio.current_time() >= deadline:
+            api.reusable = False
+            raise ApiGone("the API did not answer in time", timeout=True)
+        if conversation.gone():
+            api.reusable = False  # its answer will never be read
+            raise ClientGone("the client left before the API answered")
 
     async def _discard(self, pool: ApiPool, api: ApiConnection) -> None:
         """Drop an answer not passed on: read it when it is short, else close."""

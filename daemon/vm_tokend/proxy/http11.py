@@ -9,13 +9,12 @@ never mistakes them for the API's.
 from __future__ import annotations
 
 import json
+import select
 import socket
 from typing import Final
 
 import h11
 import trio
-
-from ..server.listener import hung_up
 
 __all__ = ["ClientGone", "Conversation", "ERROR_HEADER"]
 
@@ -98,23 +97,21 @@ class Conversation:
             if sending.cancelled_caught:
                 raise ClientGone("client stopped reading")
 
-    async def hung_up(self) -> None:
-        """Return once the client is gone while it waits for an answer; never while it may
-        still read one. Bytes it sends meanwhile (a pipelined request) say it is there:
-        then this waits for ever. An end of input is a hang-up on TCP (as nginx takes it);
-        on a Unix socket only with POLLHUP, since a client may shut down its sending side
-        and still read (curl does not, `nc -N` does)."""
+    def gone(self) -> bool:
+        """Whether the client has left, asked without waiting (while it waits for an
+        answer). On TCP an end of input counts (as nginx takes it); on a Unix socket only
+        a hang-up, since a client may shut down its sending side and still read (`nc -N`
+        does). Bytes it sent meanwhile (a pipelined request) leave it present."""
         sock = getattr(self.stream, "socket", None)
         if not isinstance(sock, trio.socket.SocketType):
-            await trio.sleep_forever()  # a stream without a socket (tests): never told
-        assert isinstance(sock, trio.socket.SocketType)
-        await trio.lowlevel.wait_readable(sock)
-        try:
-            peeked = await sock.recv(1, socket.MSG_PEEK)
-        except OSError:
-            return  # reset: gone
-        if peeked or (sock.family == socket.AF_UNIX and not hung_up(sock)):
-            await trio.sleep_forever()
+            return False  # a stream without a socket (tests): never told
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLRDHUP)
+        events = poller.poll(0)
+        flags = events[0][1] if events else 0
+        if flags & (select.POLLHUP | select.POLLERR):  # closed, or shut down both ways
+            return True
+        return sock.family != socket.AF_UNIX and bool(flags & select.POLLRDHUP)
 
     async def continue_if_asked(self) -> None:
         """`100 Continue` for a client that waits for it before sending its body."""
