@@ -450,6 +450,23 @@ def test_an_api_silent_past_the_read_timeout_is_a_504_and_the_socket_is_a_settin
     assert (status, headers["x-vm-token-error"]) == (504, "upstream_timeout")
 
 
+def test_a_client_idle_past_the_proxy_idle_timeout_setting_is_closed(
+        standin, start_daemon, start_proxy):
+    """`proxy_idle_timeout` (60 s unless set) reaches the proxy: at 1 s, a keep-alive
+    client that asks nothing more is closed well within the 10 s this test waits."""
+    daemon = start_daemon(standin)
+    daemon.env["VM_TOKEN_PROXY_IDLE_TIMEOUT"] = "1"
+    proxy = start_proxy(daemon)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(proxy.socket))
+        sock.sendall(b"GET /v1/vms HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        sock.settimeout(10)  # the default idle timeout would leave it open for 60 s
+        got = b""
+        while chunk := sock.recv(65536):
+            got += chunk
+    assert got.startswith(b"HTTP/1.1 200 ") and got.count(b"HTTP/1.1 ") == 1, got[:200]
+
+
 @pytest.mark.timeout(120)
 def test_two_hundred_streams_at_once_and_a_stalled_reader_delays_nobody(
         standin, start_daemon, start_proxy):

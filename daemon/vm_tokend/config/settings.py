@@ -107,10 +107,13 @@ class Settings(Profile, BaseSettings):
     )
 
     socket: Path | None = None
-    # `vm-tokend proxy`: its socket (default: beside the daemon's), and how long the API
-    # may be silent within an answer (an upload's processing can be long).
+    # `vm-tokend proxy`: its socket (default: beside the daemon's); how long the API may
+    # take to accept a connection, and be silent within an answer (an upload's
+    # processing can be long); how long a client may be idle between requests.
     proxy_socket: Path | None = None
+    proxy_connect_timeout: float = Field(default=10.0, gt=0, le=86400)
     proxy_read_timeout: float = Field(default=300.0, gt=0, le=86400)
+    proxy_idle_timeout: float = Field(default=60.0, gt=0, le=86400)
     max_backoff: float = Field(default=60.0, gt=0)
     log_level: LogLevel = "info"
     default_profile: str = DEFAULT_PROFILE

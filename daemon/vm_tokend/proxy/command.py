@@ -1,14 +1,16 @@
-"""`vm-tokend proxy [--socket PATH] [--listen ADDR:PORT [--profile NAME]]`: serve until
-SIGTERM or SIGINT, then drain the requests in flight (bounded) and exit 0."""
+"""`vm-tokend proxy [--socket PATH] [--listen ADDR:PORT [--profile NAME]] [--min-ttl S]`:
+serve until SIGTERM or SIGINT, then drain the requests in flight (bounded) and exit 0."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import ssl
 import sys
 from pathlib import Path
+from typing import Final
 
 import trio
 
@@ -25,7 +27,7 @@ from ..server.listener import (
 )
 from .gates import TcpGate, UnixGate, parse_listen
 from .routes import Upstream
-from .service import Listening, ProxyServer
+from .service import MIN_TTL, Listening, ProxyServer
 
 __all__ = ["run"]
 
@@ -33,6 +35,9 @@ log = logging.getLogger(__name__)
 
 # FileDescriptorName= of vm-token-proxy.socket
 PROXY_FD_NAME = "vm-token-proxy"
+# The largest --min-ttl: tokens of the API live 300 s (the daemon refuses a min_ttl not
+# below a token's lifetime, which would then refuse every request).
+MAX_MIN_TTL: Final = 300.0
 
 
 def tls_context(origin: str, flags: dict[str, object]) -> ssl.SSLContext | None:
@@ -59,6 +64,18 @@ def tls_context(origin: str, flags: dict[str, object]) -> ssl.SSLContext | None:
     return context
 
 
+def min_ttl(text: str) -> float:
+    """--min-ttl: seconds from 0 to below MAX_MIN_TTL."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < MAX_MIN_TTL:  # NaN too
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of seconds from 0 to below {MAX_MIN_TTL:g}")
+    return value
+
+
 def run(argv: list[str], parser_class: type[argparse.ArgumentParser]) -> int:
     parser = parser_class(
         prog="vm-tokend proxy",
@@ -82,6 +99,10 @@ def run(argv: list[str], parser_class: type[argparse.ArgumentParser]) -> int:
     parser.add_argument("--read-timeout", metavar="S", type=float, dest="proxy_read_timeout",
                         help="how long the API may be silent within an answer "
                              "(default: the setting proxy_read_timeout, 300)")
+    parser.add_argument("--min-ttl", metavar="S", type=min_ttl, default=MIN_TTL,
+                        help="forward a token only if it is valid this long, else get a "
+                             f"fresh one first (default: {MIN_TTL:g}; below "
+                             f"{MAX_MIN_TTL:g}, the API's token lifetime)")
     parser.add_argument("--config", metavar="PATH")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
@@ -122,7 +143,11 @@ def run(argv: list[str], parser_class: type[argparse.ArgumentParser]) -> int:
                     listeners.append((tcp, TcpGate(address, bound_port, args.profile)))
                     log.info("vm-tokend proxy also serving on %s port %d (profile %s)",
                              address, bound_port, args.profile or "default")
-            server = ProxyServer(listeners, daemon, read_timeout=settings.proxy_read_timeout,
+            server = ProxyServer(listeners, daemon,
+                                 connect_timeout=settings.proxy_connect_timeout,
+                                 read_timeout=settings.proxy_read_timeout,
+                                 idle_timeout=settings.proxy_idle_timeout,
+                                 min_ttl=args.min_ttl,
                                  tls=lambda origin: tls_context(origin, flags))
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async with trio.open_nursery() as nursery:
