@@ -9,6 +9,7 @@ given and ends the run; the settings are isolated as in tests/test_settings.py.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -89,3 +90,21 @@ def test_a_bad_timeout_setting_is_one_line_and_exit_2(name, value, proxy_server,
     assert line.startswith("vm-tokend proxy: invalid configuration: ") and \
         name.lower() in line, line
     assert proxy_server == []
+
+
+def test_a_port_in_use_is_one_line_and_exit_2_and_leaves_no_socket(proxy_server, tmp_path,
+                                                                   capsys):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert run(["--listen", f"127.0.0.1:{port}"], ArgumentParser) == 2
+    assert capsys.readouterr().err == (
+        f"vm-tokend proxy: cannot listen on 127.0.0.1:{port}: Address already in use\n")
+    assert proxy_server == []
+    assert not (tmp_path / "run" / "vm-token" / "proxy").exists()
+
+
+def test_the_listen_port_reaches_the_proxy_bound(proxy_server):
+    start("--listen", "127.0.0.1:0", "--profile", "customer")
+    [_, (tcp, gate)] = proxy_server[0]["listeners"]
+    port = tcp.socket.getsockname()[1]
+    assert port != 0 and gate.hosts == {f"127.0.0.1:{port}", f"localhost:{port}"}

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from standin.server import bulk_block
-from tests.conftest import BIN, Daemon
+from tests.conftest import BIN, Daemon, clean_env
 from tests.e2e.test_auth_hosts import Recorder
 from tests.e2e.test_login_takeover import as_other_user
 
@@ -193,6 +193,17 @@ def test_listen_takes_only_a_loopback_address(start_daemon, standin, private_dir
                               check=False)
         assert done.returncode == 2, (bad, done.stderr)
         assert len(done.stderr.splitlines()) == 1 and "--listen" in done.stderr, done.stderr
+
+
+def test_a_listen_port_in_use_is_one_line_and_exit_2(private_dir):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        done = subprocess.run([str(BIN / "vm-tokend"), "proxy", "--listen",
+                               f"127.0.0.1:{port}"], env=clean_env(private_dir),
+                              capture_output=True, text=True, timeout=20, check=False)
+    assert (done.returncode, done.stderr) == (
+        2, f"vm-tokend proxy: cannot listen on 127.0.0.1:{port}: Address already in use\n")
+    assert not (private_dir / "vm-token" / "proxy").exists()
 
 
 GIB = 1 << 30

@@ -7,6 +7,7 @@ import argparse
 import logging
 import math
 import signal
+import socket
 import ssl
 import sys
 from pathlib import Path
@@ -40,6 +41,10 @@ PROXY_FD_NAME = "vm-token-proxy"
 MAX_MIN_TTL: Final = 300.0
 
 
+class ListenError(Exception):
+    """A --listen address that cannot be listened on; the message says why."""
+
+
 def tls_context(origin: str, flags: dict[str, object]) -> ssl.SSLContext | None:
     """What the proxy trusts for an API origin: what the daemon trusts for it, the
     `ca_bundle` of the profiles with that API (read when the proxy first goes there), or
@@ -62,6 +67,25 @@ def tls_context(origin: str, flags: dict[str, object]) -> ssl.SSLContext | None:
                     ", ".join(bundles), type(exc).__name__, origin)
         return None
     return context
+
+
+def bind_tcp(address: str, port: int) -> socket.socket:
+    """A listening socket on a loopback `address` and `port` (0: any free one), bound
+    before anything starts, so that a port in use is one line and exit 2; ListenError."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as trio's listeners
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address, port))
+        sock.listen(socket.SOMAXCONN)
+    except OSError as exc:
+        sock.close()
+        shown = f"[{address}]" if family == socket.AF_INET6 else address
+        raise ListenError(f"cannot listen on {shown}:{port}: "
+                          f"{exc.strerror or type(exc).__name__}") from None
+    return sock
 
 
 def min_ttl(text: str) -> float:
@@ -123,12 +147,18 @@ def run(argv: list[str], parser_class: type[argparse.ArgumentParser]) -> int:
             parser.error(str(exc))
     logging.getLogger("vm_tokend").setLevel(settings.log_level.upper())
     path = settings.proxy_socket_path
+    tcp: socket.socket | None = None
     try:
+        if listen is not None:  # first: nothing to undo when its port is taken
+            tcp = bind_tcp(*listen)
         activated = systemd.activated_socket(process_environment(), PROXY_FD_NAME)
         # systemd's socket is never ours to remove; our own is
         bound = BoundSocket(activated, path=None) if activated is not None \
             else bind_unix_socket(path)
-    except (SocketAlreadyServed, SocketSetupError, systemd.ActivationError) as exc:
+    except (ListenError, SocketAlreadyServed, SocketSetupError,
+            systemd.ActivationError) as exc:
+        if tcp is not None:
+            tcp.close()
         print(f"vm-tokend proxy: {exc}", file=sys.stderr)
         return 2
     where = path if activated is None else "the socket systemd passed"
@@ -136,13 +166,12 @@ def run(argv: list[str], parser_class: type[argparse.ArgumentParser]) -> int:
     async def main() -> None:
         async with vm_token.AsyncClient(settings.socket_path) as daemon:
             listeners: list[Listening] = [(bound.listener(), UnixGate(daemon.hello))]
-            if listen is not None:
-                address, port = listen
-                for tcp in await trio.open_tcp_listeners(port, host=address):
-                    bound_port = tcp.socket.getsockname()[1]
-                    listeners.append((tcp, TcpGate(address, bound_port, args.profile)))
-                    log.info("vm-tokend proxy also serving on %s port %d (profile %s)",
-                             address, bound_port, args.profile or "default")
+            if tcp is not None:
+                address, port = tcp.getsockname()[:2]
+                listeners.append((trio.SocketListener(trio.socket.from_stdlib_socket(tcp)),
+                                  TcpGate(address, port, args.profile)))
+                log.info("vm-tokend proxy also serving on %s port %d (profile %s)",
+                         address, port, args.profile or "default")
             server = ProxyServer(listeners, daemon,
                                  connect_timeout=settings.proxy_connect_timeout,
                                  read_timeout=settings.proxy_read_timeout,
