@@ -8,17 +8,21 @@ given and ends the run; the settings are isolated as in tests/test_settings.py.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import trio
+import trio.testing
 
+from tests.test_server import on_a_socket
 from tests.test_settings import isolated, write_config  # noqa: F401 (isolated: autouse fixture)
 from vm_tokend.__main__ import ArgumentParser
 from vm_tokend.proxy import command
-from vm_tokend.proxy.command import run
+from vm_tokend.proxy.command import DAEMON_CONNECTIONS, DAEMON_TIMEOUT, ProfileClients, run
 
 
 class Started(Exception):
@@ -108,3 +112,40 @@ def test_the_listen_port_reaches_the_proxy_bound(proxy_server):
     [_, (tcp, gate)] = proxy_server[0]["listeners"]
     port = tcp.socket.getsockname()[1]
     assert port != 0 and gate.hosts == {f"127.0.0.1:{port}", f"localhost:{port}"}
+
+
+# -- the daemon's client: a profile whose API hangs holds its own connections only ----
+
+async def test_requests_hung_on_one_profile_leave_the_others_their_connections(tmp_path):
+    """The daemon holds every `get` for the profile `down` (its API does not answer) and
+    answers `slow` after 6 s, past the client library's default 5 s: three times the
+    connections a profile has are taken by `down`, yet the default profile and `up` are
+    answered at once, and `slow` gets the daemon's answer."""
+    async def handle(request: dict[str, Any]) -> dict[str, Any]:
+        if request.get("profile") == "down":
+            await trio.sleep_forever()
+        if request.get("profile") == "slow":
+            await trio.sleep(6)
+        return {"ok": True, "profile": request.get("profile")}
+
+    assert DAEMON_TIMEOUT > 4 * 15  # the daemon's own upstream deadlines, and then some
+    async with on_a_socket(tmp_path, handle, max_connections=1024) as (_, path), \
+            ProfileClients(path) as daemon, trio.open_nursery() as nursery:
+        for _ in range(3 * DAEMON_CONNECTIONS):
+            nursery.start_soon(functools.partial(daemon.request, "get", profile="down"))
+        slow: list[dict[str, Any]] = []
+        answered = trio.Event()
+
+        async def ask_slow() -> None:
+            slow.append(await daemon.request("get", profile="slow"))
+            answered.set()
+        nursery.start_soon(ask_slow)
+        await trio.testing.wait_all_tasks_blocked(cushion=0.1)
+        with trio.fail_after(2):
+            assert await daemon.request("get", profile="up") == {"ok": True,
+                                                                  "profile": "up"}
+            assert await daemon.request("get") == {"ok": True, "profile": None}
+        with trio.fail_after(10):
+            await answered.wait()
+        assert slow == [{"ok": True, "profile": "slow"}]
+        nursery.cancel_scope.cancel()
