@@ -439,3 +439,41 @@ def test_sigterm_does_not_wait_for_idle_keep_alive_clients(api, proxy):
         assert proxy.proc.wait(timeout=20) == 0
         took = time.monotonic() - started
     assert took < 3.0, f"stopped after {took:.1f} s"
+
+
+# -- 8. a CA bundle the proxy cannot read: it trusted the system's CAs instead -----------
+
+def test_a_ca_bundle_that_cannot_be_read_makes_the_proxy_trust_nothing_else(
+        make_api, tls, start_daemon, start_proxy, private_dir):
+    """command.py `tls_context` answered "the system's CAs" when the configuration or a
+    profile's ca_bundle could not be read (removed, replaced, unreadable) — fail open: a
+    ca_bundle is there to trust one private CA, and the system's trust hundreds, any of
+    which may sign for the API's name. Expected: the proxy's own 502 naming the file, and
+    nothing sent to the API (not even a connection); once the bundle is back, served."""
+    import json
+    import shutil
+
+    bundle = private_dir / "ca.pem"
+    shutil.copy(tls.ca_file, bundle)  # the module's CA file is shared: a copy to remove
+    api = make_api(host="127.0.0.2", tls=tls.server)
+    daemon = start_daemon(None, env={**daemon_env(api), "VM_TOKEN_CA_BUNDLE": str(bundle)})
+    proxy = start_proxy(daemon)
+    daemon_token(daemon)  # the daemon logged in over TLS with that bundle
+    connections = api.connections
+
+    aside = bundle.rename(private_dir / "ca.aside")  # removed after the daemon read it
+    reply = curl(proxy)
+    assert (reply.status, reply.headers.get("x-vm-token-error")) == (
+        502, "upstream_unavailable"), reply
+    assert f"{bundle} is not a readable file" in json.loads(reply.body)["message"], reply
+
+    bundle.write_text("not a certificate\n")  # replaced by something that is not PEM
+    reply = curl(proxy)
+    assert (reply.status, reply.headers.get("x-vm-token-error")) == (
+        502, "upstream_unavailable"), reply
+    assert f"cannot read the CA bundle {bundle}" in json.loads(reply.body)["message"], reply
+    assert (api.connections, api.requests()) == (connections, [])  # nothing reached the API
+
+    aside.replace(bundle)  # back: trusted as before
+    assert curl(proxy).status == 200
+    assert len(api.requests()) == 1
