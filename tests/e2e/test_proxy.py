@@ -9,6 +9,7 @@ import re
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ from hypothesis import strategies as st
 from standin.server import bulk_block
 from tests.conftest import BIN, Daemon, clean_env
 from tests.e2e.test_auth_hosts import Recorder
-from tests.e2e.test_login_takeover import as_other_user
+from tests.e2e.test_login_takeover import OTHER_UID, as_other_user
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -204,6 +205,66 @@ def test_a_listen_port_in_use_is_one_line_and_exit_2(private_dir):
     assert (done.returncode, done.stderr) == (
         2, f"vm-tokend proxy: cannot listen on 127.0.0.1:{port}: Address already in use\n")
     assert not (private_dir / "vm-token" / "proxy").exists()
+
+
+# A client of another uid, on a Unix socket: what it could do, and what it got back.
+OTHER_CLIENT = r"""
+import socket, sys
+sock = socket.socket(socket.AF_UNIX)
+try:
+    sock.connect(sys.argv[1])
+except PermissionError:
+    sys.exit(print("not allowed to connect"))
+got = b""
+try:
+    sock.sendall(b"GET /v1/vms HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    sock.settimeout(10)
+    while chunk := sock.recv(65536):
+        got += chunk
+except (ConnectionResetError, BrokenPipeError):
+    pass
+print(f"connected, {len(got)} bytes back")
+"""
+
+
+def test_another_uid_on_the_unix_socket_is_refused_by_the_proxy_itself(
+        standin, start_daemon, start_proxy):
+    """The proxy makes its socket 0600 in a 0700 directory: another uid is stopped by the
+    file system before the proxy's own check (SO_PEERCRED) is reached. Here the way is
+    opened afterwards (the directories 0711, the socket 0666: a careless chmod, or a
+    directory some tool made wider), and the proxy itself must close the connection
+    without a byte, while our own uid is served on the same socket."""
+    python = "/usr/bin/python3"  # the venv's may be in a directory closed to that uid
+    if os.getuid() != 0 or shutil.which("setpriv") is None or not os.path.exists(python):
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must run the other-uid tests (root, setpriv, python3)")
+        pytest.skip("needs root, setpriv and /usr/bin/python3 to act as another uid")
+    # under /tmp itself: the pytest and private directories are closed to other uids
+    opened = Path(tempfile.mkdtemp(prefix="vmt-open-"))
+    try:
+        daemon = start_daemon(standin)
+        daemon.env["VM_TOKEN_PROXY_SOCKET"] = str(opened / "proxy" / "socket")
+        proxy = start_proxy(daemon)
+
+        def as_other_uid() -> str:
+            done = subprocess.run(
+                ["setpriv", f"--reuid={OTHER_UID}", f"--regid={OTHER_UID}", "--clear-groups",
+                 python, "-c", OTHER_CLIENT, str(proxy.socket)],
+                capture_output=True, text=True, timeout=20, check=True)
+            return done.stdout.strip()
+
+        # as the proxy made them, the directory stops that uid
+        assert as_other_uid() == "not allowed to connect"
+        for directory in (opened, proxy.socket.parent):
+            directory.chmod(0o711)
+        proxy.socket.chmod(0o666)
+        before = standin.counts["api"]
+        assert as_other_uid() == "connected, 0 bytes back"
+        assert proxy.curl()[0] == 200  # our own uid, on the same socket
+        assert standin.counts["api"] == before + 1
+        assert f"refused a connection from uid {OTHER_UID}" in proxy.log_path.read_text()
+    finally:
+        shutil.rmtree(opened, ignore_errors=True)
 
 
 GIB = 1 << 30
