@@ -210,6 +210,16 @@ def test_a_bundle_that_is_not_pem_trusts_nothing(tmp_path):
     assert "system's CAs are not trusted" in refused.value.message
 
 
+def test_a_profile_whose_api_url_is_not_a_url_is_no_api_of_ours(tmp_path):
+    write_config(tmp_path, f'''
+[profiles.broken]
+api_url = "https://[::1/v1/vms"
+username = "me@example.com"
+ca_bundle = "{tmp_path / 'gone.pem'}"
+''')
+    assert tls_context(API, {}) is None
+
+
 def test_a_configuration_that_cannot_be_read_trusts_nothing(tmp_path):
     write_config(tmp_path, "this is = not toml [\n")
     with pytest.raises(Refusal) as refused:

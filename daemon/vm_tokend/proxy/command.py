@@ -114,8 +114,12 @@ def tls_context(origin: str, flags: dict[str, object]) -> ssl.SSLContext | None:
             continue
         api_url, bundle = table.get("api_url", settings.api_url), \
             table.get("ca_bundle", settings.ca_bundle)
-        if bundle is not None and isinstance(api_url, str) and \
-                Upstream.from_api_url(api_url.strip()).origin == origin:
+        try:
+            same = isinstance(api_url, str) and \
+                Upstream.from_api_url(api_url.strip()).origin == origin
+        except ValueError:  # not even a URL: no API the daemon could be serving
+            same = False
+        if same and bundle is not None:
             bundles.add(str(Path(str(bundle)).expanduser()))
     context: ssl.SSLContext | None = None  # None: no bundle, the system's CAs
     for bundle in sorted(bundles):  # profiles on one API may name different bundles
