@@ -128,7 +128,9 @@ def main() -> int:
                 f"{proxy.BULK / bulk['down_proxied'] / 2**20:,.0f} MiB/s; proxy peak RSS "
                 f"{bulk['peak_rss']:.0f} MiB",
                 f"straight: up {proxy.BULK / bulk['up_direct'] / 2**20:,.0f} MiB/s, down "
-                f"{proxy.BULK / bulk['down_direct'] / 2**20:,.0f} MiB/s",
+                f"{proxy.BULK / bulk['down_direct'] / 2**20:,.0f} MiB/s; down through a "
+                f"bare trio relay {proxy.BULK / bulk['down_bare'] / 2**20:,.0f} MiB/s "
+                f"({bulk['down_direct'] / bulk['down_bare']:.2f} × straight)",
                 f"{up:.2f} / {down:.2f} (≥ {proxy.BULK_FLOOR}); RSS ≤ {proxy.RSS_LIMIT:.0f}",
                 min(up, down) >= proxy.BULK_FLOOR and bulk["peak_rss"] <= proxy.RSS_LIMIT,
             ))

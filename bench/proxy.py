@@ -9,6 +9,7 @@ import os
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -17,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import vm_token
-from bench.harness import BIN, Running
+from bench.harness import BIN, Running, child_env
 
 CLIENTS = 8
 SECONDS = 3.0
@@ -41,6 +42,25 @@ def proxy(running: Running) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
     finally:
         process.terminate()
         process.wait(timeout=20)
+
+
+@contextmanager
+def bare_relay(running: Running) -> Iterator[Path]:
+    """bench.bare_relay in its own process, relaying to the stand-in; its socket."""
+    path = running.socket.parent / "bare-relay"
+    host, port = running.standin.url.split("//")[1].split("/")[0].split(":")
+    process = subprocess.Popen([sys.executable, "-m", "bench.bare_relay", str(path), host,
+                                port], env=child_env())
+    try:
+        deadline = time.monotonic() + 15
+        while not path.exists():
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise SystemExit("bench: the bare relay did not start")
+            time.sleep(0.02)
+        yield path
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
 
 
 class _Unix(http.client.HTTPConnection):
@@ -112,6 +132,10 @@ def bulk(running: Running, path: Path, process: subprocess.Popen[bytes]
                                  f"{base}/_bulk/download?bytes={BULK}")
     times["down_proxied"] = _curl("--unix-socket", str(path),
                                   f"http://localhost/v1/vms/_bulk/download?bytes={BULK}")
+    with bare_relay(running) as relay:
+        times["down_bare"] = _curl("--unix-socket", str(relay), "-H",
+                                   f"Authorization: Bearer {token}",
+                                   f"{base}/_bulk/download?bytes={BULK}")
     status = Path(f"/proc/{process.pid}/status").read_text()
     hwm = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
     times["peak_rss"] = int(hwm.split()[1]) / 1024

@@ -344,6 +344,7 @@ class Forwarder:
             await conversation.send(head, h11.Data(data=body), h11.EndOfMessage())
             return len(body)
         await conversation.send(head)
+        conversation.streaming()
         sent = 0
         try:
             async with aclosing(api.body()) as pieces:

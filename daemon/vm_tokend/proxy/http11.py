@@ -25,6 +25,10 @@ MAX_HEAD: Final = 64 * 1024
 ERROR_HEADER: Final = b"x-vm-token-error"
 # A request's head (request line and headers) must be whole this long after its first byte.
 HEAD_TIMEOUT: Final = 10.0
+# The send buffer asked for once a body streams to a client. The default (208 KiB on
+# Linux) makes every 1 MiB read from the API four or five passes through the event loop;
+# 4 MiB made a bare relay twice as fast here. The kernel grants at most net.core.wmem_max.
+STREAM_SNDBUF: Final = 4 * 1024 * 1024
 
 
 class ClientGone(Exception):
@@ -41,6 +45,7 @@ class Conversation:
         self.idle_timeout = idle_timeout  # between requests
         self.read_timeout = read_timeout  # within a request (its body)
         self.method = b""  # of the request being answered
+        self._sndbuf_set = False
 
     async def next_event(self, *, between_requests: bool = False) -> h11.Event:
         """The next event from the client; ClientGone if it closes, stalls or breaks the
@@ -112,6 +117,18 @@ class Conversation:
         if flags & (select.POLLHUP | select.POLLERR):  # closed, or shut down both ways
             return True
         return sock.family != socket.AF_UNIX and bool(flags & select.POLLRDHUP)
+
+    def streaming(self) -> None:
+        """A long body is about to go to the client: a send buffer for it (once)."""
+        if self._sndbuf_set:
+            return
+        self._sndbuf_set = True
+        sock = getattr(self.stream, "socket", None)
+        if isinstance(sock, trio.socket.SocketType):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SNDBUF)
+            except OSError:
+                pass  # the default buffer works, only slower
 
     async def continue_if_asked(self) -> None:
         """`100 Continue` for a client that waits for it before sending its body."""
