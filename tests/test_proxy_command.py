@@ -25,14 +25,10 @@ from tests.test_server import on_a_socket
 from tests.test_settings import isolated, write_config  # noqa: F401 (isolated: autouse fixture)
 from vm_tokend.__main__ import ArgumentParser
 from vm_tokend.proxy import command
-from vm_tokend.proxy.command import (
-    DAEMON_CONNECTIONS,
-    DAEMON_TIMEOUT,
-    ProfileClients,
-    run,
-    tls_context,
-)
+from vm_tokend.proxy.command import run
+from vm_tokend.proxy.daemon_client import DAEMON_CONNECTIONS, DAEMON_TIMEOUT, ProfileClients
 from vm_tokend.proxy.routes import Refusal
+from vm_tokend.proxy.trust import tls_context
 
 
 class Started(Exception):

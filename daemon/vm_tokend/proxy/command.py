@@ -8,14 +8,11 @@ import logging
 import math
 import signal
 import socket
-import ssl
 import sys
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import trio
-
-import vm_token
 
 from .. import systemd
 from ..config.environment import process_environment
@@ -26,9 +23,10 @@ from ..server.listener import (
     SocketSetupError,
     bind_unix_socket,
 )
+from .daemon_client import ProfileClients
 from .gates import TcpGate, UnixGate, parse_listen
-from .routes import Refusal, Upstream
 from .service import MIN_TTL, Listening, ProxyServer
+from .trust import tls_context
 
 __all__ = ["run"]
 
@@ -36,20 +34,6 @@ log = logging.getLogger(__name__)
 
 # FileDescriptorName= of vm-token-proxy.socket
 PROXY_FD_NAME = "vm-token-proxy"
-# The daemon's answer to a `get` may wait on the profile's API: a login or a refresh in
-# flight. The longest such wait, a guess from the daemon's own bounds: a first OpenID
-# Connect login is up to four requests in a row (WebFinger, discovery, the grant, the
-# VideoManager list), each cut at the daemon's upstream TOTAL_TIMEOUT (15 s,
-# upstream/base.py), and a client may first wait for an attempt about to start
-# (keeper/slot.py RETRY_WAIT, 3 s); a quarter more to spare. Within it the daemon's own
-# answer (`upstream_unavailable`, "no answer from the API within 15 s") reaches the
-# client; past it the daemon itself is in trouble. The client's default, 5 s, made a
-# hung API look like a missing daemon, and delayed every other request behind it.
-DAEMON_TIMEOUT: Final = 4 * 15.0 + 15.0
-# Connections to the daemon, per profile (see ProfileClients): a `get` the daemon
-# answers from what it holds takes ~0.2 ms, so this many serve thousands of requests a
-# second; the daemon takes 512 at once and makes room by closing the longest idle one.
-DAEMON_CONNECTIONS: Final = 32
 # The largest --min-ttl: tokens of the API live 300 s (the daemon refuses a min_ttl not
 # below a token's lifetime, which would then refuse every request).
 MAX_MIN_TTL: Final = 300.0
@@ -57,84 +41,6 @@ MAX_MIN_TTL: Final = 300.0
 
 class ListenError(Exception):
     """A --listen address that cannot be listened on; the message says why."""
-
-
-class ProfileClients(vm_token.AsyncClient):
-    """The daemon's client, with connections of their own for each profile's requests.
-
-    A `get` waits in the daemon while its profile's API is slow to log in or refresh (up
-    to DAEMON_TIMEOUT); requests for a profile whose API hangs must not take every
-    connection and keep another profile's requests waiting in line. Requests that name no
-    profile (the default one) use this client's own connections."""
-
-    def __init__(self, socket_path: Path) -> None:
-        super().__init__(socket_path, timeout=DAEMON_TIMEOUT,
-                         max_connections=DAEMON_CONNECTIONS)
-        self._named: dict[str, vm_token.AsyncClient] = {}  # the proxy serves known ones
-
-    async def request(self, op: str, **fields: Any) -> dict[str, Any]:
-        profile = fields.get("profile")
-        if not isinstance(profile, str) or profile == self.profile:
-            return await super().request(op, **fields)
-        client = self._named.get(profile)
-        if client is None:
-            client = self._named[profile] = vm_token.AsyncClient(
-                self.socket_path, timeout=self.timeout, max_connections=self.max_connections,
-                profile=profile)
-        return await client.request(op, **fields)
-
-    async def aclose(self) -> None:
-        for client in self._named.values():
-            await client.aclose()
-        await super().aclose()
-
-
-def tls_context(origin: str, flags: dict[str, object]) -> ssl.SSLContext | None:
-    """What the proxy trusts for an API origin (read when it first goes there): what the
-    daemon trusts for it, the `ca_bundle` of the profiles with that API, or the system's
-    CAs when none names one. Certificates are always verified. Fails closed: when the
-    configuration, or a bundle a profile of that API names, cannot be read, the system's
-    CAs are not trusted instead (a bundle is often there to trust *fewer*: a private CA)
-    — Refusal, the proxy's own 502, and nothing is sent."""
-    if not origin.startswith("https:"):
-        return None  # plain http (loopback only): nothing to trust
-    try:
-        settings, profiles = load_config(flags, strict=False)
-    except ConfigError as exc:
-        raise Refusal(502, "upstream_unavailable", f"cannot tell which CAs to trust for "
-                      f"{origin}, so nothing was sent: {exc}") from None
-    bundles = {str(profile.ca_bundle) for profile in profiles.valid.values()
-               if profile.ca_bundle is not None
-               and Upstream.from_api_url(profile.api_url).origin == origin}
-    # a profile that fails validation (its ca_bundle was removed, say) may still be served
-    # by a daemon that read it before: its bundle counts, read or refused like the others
-    for name in profiles.errors:
-        table = settings.profiles.get(name)
-        if not isinstance(table, dict):
-            continue
-        api_url, bundle = table.get("api_url", settings.api_url), \
-            table.get("ca_bundle", settings.ca_bundle)
-        try:
-            same = isinstance(api_url, str) and \
-                Upstream.from_api_url(api_url.strip()).origin == origin
-        except ValueError:  # not even a URL: no API the daemon could be serving
-            same = False
-        if same and bundle is not None:
-            bundles.add(str(Path(str(bundle)).expanduser()))
-    context: ssl.SSLContext | None = None  # None: no bundle, the system's CAs
-    for bundle in sorted(bundles):  # profiles on one API may name different bundles
-        try:
-            if context is None:
-                context = ssl.create_default_context(cafile=bundle)
-            else:
-                context.load_verify_locations(cafile=bundle)
-        except (OSError, ssl.SSLError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror \
-                else type(exc).__name__
-            raise Refusal(502, "upstream_unavailable", f"cannot read the CA bundle {bundle} "
-                          f"({reason}) that a profile names for {origin}; nothing was sent, "
-                          "and the system's CAs are not trusted instead") from None
-    return context
 
 
 def bind_tcp(address: str, port: int) -> socket.socket:
