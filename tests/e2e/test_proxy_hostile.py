@@ -1,4 +1,5 @@
-"""A hostile reading of `vm-tokend proxy`: each test here shows a defect, and fails today.
+"""A hostile reading of `vm-tokend proxy`: each test here showed a defect (and failed on
+635fced, before the fixes); they stay as the regression tests of those fixes.
 
 Black-box, as tests/e2e/test_proxy_upstream.py: the real vm-tokend and `vm-tokend proxy`,
 an API of our own (tests/h11_api.py) that logs vm-tokend in and records what it got, and
