@@ -48,6 +48,7 @@ def proxy(running: Running) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
 def bare_relay(running: Running) -> Iterator[Path]:
     """bench.bare_relay in its own process, relaying to the stand-in; its socket."""
     path = running.socket.parent / "bare-relay"
+    path.unlink(missing_ok=True)
     host, port = running.standin.url.split("//")[1].split("/")[0].split(":")
     process = subprocess.Popen([sys.executable, "-m", "bench.bare_relay", str(path), host,
                                 port], env=child_env())
@@ -61,6 +62,7 @@ def bare_relay(running: Running) -> Iterator[Path]:
     finally:
         process.terminate()
         process.wait(timeout=10)
+        path.unlink(missing_ok=True)
 
 
 class _Unix(http.client.HTTPConnection):

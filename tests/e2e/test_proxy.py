@@ -651,3 +651,23 @@ def test_a_client_done_sending_still_gets_its_answer(proxied, standin):
                           b"Host: localhost\r\nConnection: close\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
     assert b'"slow": true' in answer
+
+
+def test_the_tcp_port_carries_posts_uploads_and_downloads(standin, start_daemon, start_proxy,
+                                                          tmp_path):
+    proxy = start_proxy(start_daemon(standin), "--listen", "127.0.0.1:0")
+    status, _, body = proxy.tcp("-X", "POST", "-H", "Content-Type: application/json",
+                                "--data", json.dumps({"title": "over TCP"}),
+                                path="/v1/vms/1001/videos")
+    assert status == 201, body
+    size = 64 << 20
+    upload = tmp_path / "upload.bin"
+    upload.write_bytes(bytes(range(256)) * (size // 256))
+    # curl -T sends `Expect: 100-continue` for a body this long
+    status, _, body = proxy.tcp("-T", str(upload), path="/v1/vms/_bulk/upload")
+    assert status == 200, body
+    assert json.loads(body) == {"bytes": size,
+                                "sha256": hashlib.sha256(upload.read_bytes()).hexdigest()}
+    status, _, body = proxy.tcp(path=f"/v1/vms/_bulk/download?bytes={size}")
+    block = bulk_block()
+    assert status == 200 and body == (block * (size // len(block)))

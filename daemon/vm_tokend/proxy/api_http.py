@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import select
 import ssl
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, Iterable
+from contextlib import aclosing
 from typing import Final
 from urllib.parse import urlsplit
 
@@ -99,15 +100,16 @@ class ApiConnection:
             self.reusable = False
             raise ApiGone("the API stopped reading", timeout=True)
 
-    async def send_body(self, chunks: AsyncIterator[bytes] | bytes) -> bool:
+    async def send_body(self, chunks: AsyncGenerator[bytes, None] | bytes) -> bool:
         """Send the request's body; False when the API hung up meanwhile (it may have
         answered early, e.g. a 401 before reading a long body: read its answer next)."""
         try:
             if isinstance(chunks, bytes):
                 await self.send(h11.Data(data=chunks))
             else:
-                async for chunk in chunks:
-                    await self.send(h11.Data(data=chunk))
+                async with aclosing(chunks):  # closed at once if an early answer ends it
+                    async for chunk in chunks:
+                        await self.send(h11.Data(data=chunk))
             await self.send(h11.EndOfMessage())
         except ApiGone as exc:
             if exc.timeout:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -58,7 +58,7 @@ class _Body:
     complete: bool = False
     sent: int = 0
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
         await self.conversation.continue_if_asked()
         while True:
             event = await self.conversation.next_event()
@@ -88,7 +88,7 @@ class _Exchange:
     body: _Body | None
     _started: bool = False
 
-    def content(self) -> AsyncIterator[bytes] | bytes:
+    def content(self) -> AsyncGenerator[bytes, None] | bytes:
         """The body: from the client the first time, from what was kept after that."""
         assert self.body is not None
         if self._started:

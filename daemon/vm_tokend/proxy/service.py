@@ -67,18 +67,20 @@ class RefusalLog:
         self._count = 0  # refused since the last line
         self._uids: set[int | None] = set()
 
-    async def refused(self, uid: int | None, stopping: trio.Event) -> None:
-        """Log a refusal of `uid`'s connection, or count it. The task of the first one
-        counted waits for the interval's end (or `stopping`) to write the count."""
+    def refused(self, uid: int | None) -> bool:
+        """Log a refusal of `uid`'s connection, or count it; True for the first one
+        counted, whose task is then to write the count (write_count)."""
         now = trio.current_time()
         if now >= self._quiet_until and not self._count:
             log.warning("refused a connection from uid %s", uid)
             self._logged_at, self._quiet_until = now, now + self.interval
-            return
+            return False
         self._count += 1
         self._uids.add(uid)
-        if self._count > 1:
-            return  # the first one counted writes the line
+        return self._count == 1
+
+    async def write_count(self, stopping: trio.Event) -> None:
+        """At the interval's end (or `stopping`), one line for the refusals counted."""
         try:
             with trio.move_on_at(self._quiet_until):
                 await stopping.wait()
@@ -156,8 +158,10 @@ class ProxyServer:
             peer = await gate.admits(stream)
             if not peer.admitted:
                 self.refused_peers += 1
-                await stream.aclose()  # at once: this task may stay to log the minute's count
-                await self._refusals.refused(peer.uid, self._stop)
+                counting = self._refusals.refused(peer.uid)  # logged before it is closed
+                await stream.aclose()
+                if counting:  # this task stays to write the minute's count
+                    await self._refusals.write_count(self._stop)
                 return
             conversation = Conversation(stream, idle_timeout=self._idle_timeout,
                                         read_timeout=self._read_timeout)
