@@ -13,7 +13,6 @@ import os
 import socket
 import ssl
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -157,68 +156,34 @@ async def test_requests_hung_on_one_profile_leave_the_others_their_connections(t
         nursery.cancel_scope.cancel()
 
 
-# -- what the proxy trusts for an API: fails closed -------------------------------------
+# -- what the proxy trusts for an API: the daemon's bundle, failing closed -------------
 
 API = "https://127.0.0.2:8443"
 
 
-def config_with_bundle(tmp_path: Path, bundle: Path | str, *, at_top: bool = False) -> None:
-    """A profile on API naming `bundle` (at the top level: the profile default)."""
-    line = f'ca_bundle = "{bundle}"\n'
-    write_config(tmp_path, (line if at_top else "") + f'''
-[profiles.work]
-api_url = "{API}/v1/vms"
-username = "me@example.com"
-password = "pw"
-''' + ("" if at_top else line))
-
-
-def test_the_bundle_a_profile_names_is_what_is_trusted(tmp_path):
-    config_with_bundle(tmp_path, make_tls(tmp_path).ca_file)
-    context = tls_context(API, {})
+def test_the_bundle_the_daemon_names_is_what_is_trusted(tmp_path):
+    context = tls_context(API, make_tls(tmp_path).ca_file)
     assert isinstance(context, ssl.SSLContext)
     assert [ca["subject"] for ca in context.get_ca_certs()] == [
         ((("commonName", "vm-token test CA"),),)]  # that CA alone, not the system's
-    assert tls_context("https://elsewhere.example", {}) is None  # no bundle: the system's
+    system = tls_context(API, None)  # no bundle: the system's CAs, verified
+    assert isinstance(system, ssl.SSLContext) and system.verify_mode == ssl.CERT_REQUIRED
+    assert tls_context("http://127.0.0.1:8080", None) is None  # plain http: nothing to trust
 
 
-@pytest.mark.parametrize("at_top", [False, True], ids=["a profile's", "the top level's"])
-def test_a_bundle_that_is_gone_trusts_nothing(at_top, tmp_path):
-    """A bundle removed after the daemon read it: the proxy refuses to reach the API (the
-    top level's makes the whole configuration invalid; a profile's only that profile)."""
+def test_a_bundle_that_is_gone_trusts_nothing(tmp_path):
     gone = tmp_path / "gone.pem"
-    config_with_bundle(tmp_path, gone, at_top=at_top)
     with pytest.raises(Refusal) as refused:
-        tls_context(API, {})
+        tls_context(API, str(gone))
     assert (refused.value.status, refused.value.code) == (502, "upstream_unavailable")
     assert str(gone) in refused.value.message, refused.value.message
-    assert tls_context("http://127.0.0.1:8080", {}) is None  # plain http: nothing to trust
 
 
 def test_a_bundle_that_is_not_pem_trusts_nothing(tmp_path):
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a certificate\n")
-    config_with_bundle(tmp_path, garbage)
     with pytest.raises(Refusal) as refused:
-        tls_context(API, {})
+        tls_context(API, str(garbage))
     assert refused.value.code == "upstream_unavailable"
     assert f"cannot read the CA bundle {garbage}" in refused.value.message
     assert "system's CAs are not trusted" in refused.value.message
-
-
-def test_a_profile_whose_api_url_is_not_a_url_is_no_api_of_ours(tmp_path):
-    write_config(tmp_path, f'''
-[profiles.broken]
-api_url = "https://[::1/v1/vms"
-username = "me@example.com"
-ca_bundle = "{tmp_path / 'gone.pem'}"
-''')
-    assert tls_context(API, {}) is None
-
-
-def test_a_configuration_that_cannot_be_read_trusts_nothing(tmp_path):
-    write_config(tmp_path, "this is = not toml [\n")
-    with pytest.raises(Refusal) as refused:
-        tls_context(API, {})
-    assert refused.value.code == "upstream_unavailable"
-    assert "cannot tell which CAs to trust" in refused.value.message

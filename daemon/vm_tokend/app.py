@@ -177,6 +177,7 @@ class App:
             "version": __version__,
             "pid": os.getpid(),
             "api_url": profile.api_url,
+            "ca_bundle": str(profile.ca_bundle) if profile.ca_bundle is not None else None,
             "profile_apis": {name: r.profile.api_url for name, r in runtimes.items()},
             "uptime": round(time.time() - self.started_at, 3),
             "connections_accepted": self.server.accepted if self.server else 0,

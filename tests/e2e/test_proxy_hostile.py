@@ -466,7 +466,7 @@ def test_a_ca_bundle_that_cannot_be_read_makes_the_proxy_trust_nothing_else(
     reply = curl(proxy)
     assert (reply.status, reply.headers.get("x-vm-token-error")) == (
         502, "upstream_unavailable"), reply
-    assert f"{bundle} is not a readable file" in json.loads(reply.body)["message"], reply
+    assert f"cannot read the CA bundle {bundle}" in json.loads(reply.body)["message"], reply
 
     bundle.write_text("not a certificate\n")  # replaced by something that is not PEM
     reply = curl(proxy)

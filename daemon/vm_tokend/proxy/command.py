@@ -26,7 +26,6 @@ from ..server.listener import (
 from .daemon_client import ProfileClients
 from .gates import TcpGate, UnixGate, parse_listen
 from .service import MIN_TTL, Listening, ProxyServer
-from .trust import tls_context
 
 __all__ = ["run"]
 
@@ -150,8 +149,7 @@ def run(argv: list[str], parser_class: type[argparse.ArgumentParser]) -> int:
                                  connect_timeout=settings.proxy_connect_timeout,
                                  read_timeout=settings.proxy_read_timeout,
                                  idle_timeout=settings.proxy_idle_timeout,
-                                 min_ttl=args.min_ttl,
-                                 tls=lambda origin: tls_context(origin, flags))
+                                 min_ttl=args.min_ttl)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(server.serve)

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-import ssl
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -26,6 +25,7 @@ import vm_token
 from .api_http import ApiConnection, ApiGone, ApiPool
 from .http11 import ClientGone, Conversation
 from .routes import Refusal, Upstream, end_to_end, videomanager_of
+from .trust import tls_context
 
 __all__ = ["Forwarder", "ask_daemon"]
 
@@ -41,6 +41,8 @@ _DROP: Final = frozenset({b"host", b"authorization", b"expect", b"content-length
 # While an answer is awaited, whether its client is still there is asked this often: a
 # client that left gives its API connection back within this long.
 HANGUP_CHECK: Final = 1.0
+# (profile, VideoManager, path) entries kept of refused replays: a handful in practice.
+MAX_FUTILE: Final = 256
 _Key = tuple[str | None, str | None]  # (profile, VideoManager)
 _STATUS: Final = {
     "not_logged_in": 503, "login_required": 503, "credentials_rejected": 503,
@@ -118,19 +120,41 @@ def _content_length(request: h11.Request) -> bytes | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Grant:
+    """The daemon's answer to a `get`: a token, the API it is for, and what that API's
+    certificate is checked against (the daemon's own ca_bundle for the profile)."""
+
+    token: str
+    upstream: Upstream
+    ca_bundle: str | None
+
+
+@dataclass
+class _BodyGoing:
+    """A request body on its way to the API, in a task of its own, while the answer is
+    awaited: when it ended (or how it failed)."""
+
+    done_at: float | None = None
+    failure: Exception | None = None
+
+
 class Forwarder:
     """Forwards requests for any profile: one daemon client, one connection pool per API."""
 
     def __init__(self, daemon: vm_token.AsyncClient, *, connect_timeout: float,
-                 read_timeout: float, min_ttl: float,
-                 tls: Callable[[str], ssl.SSLContext | None] = lambda origin: None) -> None:
+                 read_timeout: float, min_ttl: float) -> None:
         self.daemon = daemon
         self.min_ttl = min_ttl
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
-        self._tls = tls  # the TLS context for an API origin (None: the system's CAs)
         self._upstreams: dict[str | None, Upstream] = {}
-        self._pools: dict[str, ApiPool] = {}
+        self._pools: dict[tuple[str, str | None], ApiPool] = {}
+        # (profile, VideoManager, path) -> a token whose replay was refused there too: a
+        # 401 for it on that path is the path's, not the token's, and is passed back
+        # without costing the daemon a fresh token (which would soon make it back off,
+        # and refuse every other program)
+        self._futile: dict[tuple[_Key, str], str] = {}
 
     async def aclose(self) -> None:
         for pool in self._pools.values():
@@ -162,14 +186,15 @@ class Forwarder:
         for _ in range(2):  # a second time only if the profile's API changed meanwhile
             upstream = await self.upstream(profile)
             target = upstream.url_for(request.target)[len(upstream.origin):]
-            key = (profile, videomanager_of(target.split("?", 1)[0], upstream.root))
-            token, api_url = await self._token(key)
-            if Upstream.from_api_url(api_url) == upstream:
+            path = target.split("?", 1)[0]
+            key = (profile, videomanager_of(path, upstream.root))
+            grant = await self._token(key)
+            if grant.upstream == upstream:
                 break
-            self._upstreams[profile] = Upstream.from_api_url(api_url)  # a reload moved it
+            self._upstreams[profile] = grant.upstream  # a reload moved it
         else:
             raise Refusal(503, "upstream_unavailable", "the profile's API keeps changing")
-        pool = self._pool(upstream.origin)
+        pool = self._pool(upstream.origin, grant.ca_bundle)
         headers = [(b"host", pool.authority), *end_to_end(list(request.headers), drop=_DROP)]
         if not any(name == b"accept-encoding" for name, _ in headers):
             headers.append((b"accept-encoding", b"identity"))  # bodies pass through raw
@@ -183,11 +208,30 @@ class Forwarder:
         if exchange.body is None and \
                 not isinstance(await conversation.next_event(), h11.EndOfMessage):
             raise ClientGone("a request without a body went on")  # h11 says its end at once
+        # A body goes out in a task of this nursery, so that an answer the API gives
+        # before it has all (a 401, a 413) is passed on while the body still goes: over
+        # TLS, a send cut short leaves the connection unusable for the answer's rest.
+        failure: Exception | None = None
+        async with trio.open_nursery() as background:
+            try:
+                done = await self._exchange(conversation, exchange, pool, key, path, grant,
+                                            background)
+            except Exception as exc:  # raised here, not wrapped in the nursery's group
+                failure = exc
+            background.cancel_scope.cancel()  # a body the API no longer reads
+        if failure is not None:
+            raise failure
+        return done
+
+    async def _exchange(self, conversation: Conversation, exchange: _Exchange,
+                        pool: ApiPool, key: _Key, path: str, grant: _Grant,
+                        background: trio.Nursery) -> tuple[int, int, int]:
+        token = grant.token
         api: ApiConnection | None
-        api, response = await self._attempt(pool, exchange, token, conversation)
+        api, response = await self._attempt(pool, exchange, token, conversation, background)
         try:
             replaced = False
-            if response.status_code == 401:
+            if response.status_code == 401 and self._futile.get((key, path)) != token:
                 # The API refused the token. The daemon hears of it (a token another
                 # request reported already, or no longer its current one, changes nothing
                 # there) and gives the one it holds now. A request whose body was kept
@@ -196,13 +240,18 @@ class Forwarder:
                 # from: then the 401 goes back marked. The same token again (the daemon
                 # has no other): the API's 401 as it is.
                 await self._invalidate(key, token)
-                fresh, api_url = await self._token(key)
-                if fresh != token:
-                    if exchange.replayable() and Upstream.from_api_url(api_url) == upstream:
+                fresh = await self._token(key)
+                if fresh.token != token:
+                    if exchange.replayable() and fresh.upstream == grant.upstream \
+                            and fresh.ca_bundle == grant.ca_bundle:
                         await self._discard(pool, api)
                         api = None
-                        api, response = await self._attempt(pool, exchange, fresh,
-                                                            conversation)
+                        api, response = await self._attempt(pool, exchange, fresh.token,
+                                                            conversation, background)
+                        if response.status_code == 401:  # the path's doing, not the token's
+                            if len(self._futile) > MAX_FUTILE:
+                                self._futile.clear()
+                            self._futile[(key, path)] = fresh.token
                     else:
                         replaced = True
             sent = await self._relay(conversation, api, response, replaced)
@@ -213,22 +262,23 @@ class Forwarder:
 
     # -- the API side -------------------------------------------------------------------
 
-    def _pool(self, origin: str) -> ApiPool:
-        pool = self._pools.get(origin)
+    def _pool(self, origin: str, ca_bundle: str | None) -> ApiPool:
+        pool = self._pools.get((origin, ca_bundle))
         if pool is None:
-            pool = self._pools[origin] = ApiPool(
-                origin, self._tls(origin), connect_timeout=self._connect_timeout,
+            pool = self._pools[(origin, ca_bundle)] = ApiPool(
+                origin, tls_context(origin, ca_bundle), connect_timeout=self._connect_timeout,
                 read_timeout=self._read_timeout)
         return pool
 
     async def _attempt(self, pool: ApiPool, exchange: _Exchange, token: str,
-                       conversation: Conversation) -> tuple[ApiConnection, h11.Response]:
+                       conversation: Conversation, background: trio.Nursery
+                       ) -> tuple[ApiConnection, h11.Response]:
         """Send the request on a connection; its answer's head. A reused connection the API
         had closed meanwhile is tried once more on a new one, when nothing is lost by it."""
         for _ in range(2):
             api = await pool.checkout()
             try:
-                return api, await self._send(api, exchange, token, conversation)
+                return api, await self._send(api, exchange, token, conversation, background)
             except ApiGone as exc:
                 await pool.checkin(api)
                 if exc.timeout:
@@ -242,11 +292,12 @@ class Forwarder:
         raise Refusal(502, "upstream_unavailable", "the API closes every connection")
 
     async def _send(self, api: ApiConnection, exchange: _Exchange, token: str,
-                    conversation: Conversation) -> h11.Response:
-        """Send the request and wait for the answer's head. The answer is read while the
-        body still goes out (RFC 9112 9.5: an API may answer early, a 401 or a 413, and stop
-        reading); it must come within read_timeout once the body is out. A client that
-        hangs up meanwhile ends the exchange: its connection to the API is not held."""
+                    conversation: Conversation, background: trio.Nursery) -> h11.Response:
+        """Send the request and wait for the answer's head: within read_timeout once the
+        request is out, and while the client is there (asked every HANGUP_CHECK seconds:
+        a client that left does not hold a connection to the API). A body goes out in a
+        task of `background` while the answer is awaited (RFC 9112 9.5: an API may answer
+        early and stop reading)."""
         outgoing = [*exchange.headers, (b"authorization", f"Bearer {token}".encode())]
         try:
             head = h11.Request(method=exchange.method, target=exchange.target,
@@ -254,62 +305,34 @@ class Forwarder:
         except h11.LocalProtocolError:
             raise Refusal(400, "bad_request", "not a request the API can take") from None
         await api.send(head)
+        going = _BodyGoing()
         if exchange.body is None:
             await api.send(h11.EndOfMessage())
-            return await self._answer_head(api, exchange.method, conversation)
-        # with a body: its answer is read while the body goes out
-        response: h11.Response | None = None
-        failure: Exception | None = None
-        async with trio.open_nursery() as nursery:
-
-            async def receive() -> None:
-                nonlocal response, failure
-                try:
-                    response = await api.receive_head(exchange.method, silence=math.inf)
-                except ApiGone as exc:
-                    failure = exc
-                nursery.cancel_scope.cancel()  # the body, or the wait below, ends too
-
-            nursery.start_soon(receive)
-            try:
-                await api.send_body(exchange.content())
-                await self._await_answer(api, conversation)
-            except (ApiGone, ClientGone) as exc:
-                failure = exc
-            nursery.cancel_scope.cancel()
-        if failure is not None:
-            raise failure
-        assert response is not None
-        return response
-
-    async def _answer_head(self, api: ApiConnection, method: bytes,
-                           conversation: Conversation) -> h11.Response:
-        """The head of the answer to a request sent whole: within read_timeout, and while
-        the client is there (asked every HANGUP_CHECK seconds)."""
-        deadline = trio.current_time() + api.read_timeout
+            going.done_at = trio.current_time()
+        else:
+            background.start_soon(self._send_body, api, exchange, going)
         while True:
-            with trio.move_on_at(min(deadline, trio.current_time() + HANGUP_CHECK)):
-                return await api.receive_head(method, silence=math.inf)
-            self._check_waiting(api, deadline, conversation)
-
-    async def _await_answer(self, api: ApiConnection, conversation: Conversation) -> None:
-        """Wait, once the body is out, for the task reading the answer to end this
-        exchange's nursery: within read_timeout, and while the client is there."""
-        deadline = trio.current_time() + api.read_timeout
-        while True:
-            with trio.move_on_at(min(deadline, trio.current_time() + HANGUP_CHECK)):
-                await trio.sleep_forever()
-            self._check_waiting(api, deadline, conversation)
+            with trio.move_on_after(HANGUP_CHECK):
+                return await api.receive_head(exchange.method, silence=math.inf)
+            if going.failure is not None:
+                api.reusable = False
+                raise going.failure
+            if going.done_at is not None \
+                    and trio.current_time() >= going.done_at + api.read_timeout:
+                api.reusable = False
+                raise ApiGone("the API did not answer in time", timeout=True)
+            if conversation.gone():
+                api.reusable = False  # its answer will never be read
+                raise ClientGone("the client left before the API answered")
 
     @staticmethod
-    def _check_waiting(api: ApiConnection, deadline: float,
-                       conversation: Conversation) -> None:
-        if trio.current_time() >= deadline:
-            api.reusable = False
-            raise ApiGone("the API did not answer in time", timeout=True)
-        if conversation.gone():
-            api.reusable = False  # its answer will never be read
-            raise ClientGone("the client left before the API answered")
+    async def _send_body(api: ApiConnection, exchange: _Exchange, going: _BodyGoing
+                         ) -> None:
+        try:
+            await api.send_body(exchange.content())
+        except (ApiGone, ClientGone) as exc:
+            going.failure = exc
+        going.done_at = trio.current_time()
 
     async def _discard(self, pool: ApiPool, api: ApiConnection) -> None:
         """Drop an answer not passed on: read it when it is short, else close."""
@@ -358,18 +381,21 @@ class Forwarder:
 
     # -- the daemon side ----------------------------------------------------------------
 
-    async def _token(self, key: _Key) -> tuple[str, str]:
-        """The daemon's token for `key` and the API it is for, asked per request: a
-        logout, a reload or a refresh counts from the next request on. (Holding the
-        answer for its min_ttl saved 0.17 ms per request, and served a logged-out
-        user or a moved API until the token ran out.)"""
+    async def _token(self, key: _Key) -> _Grant:
+        """The daemon's token for `key`, the API it is for and how that API is verified,
+        asked per request: a logout, a reload or a refresh counts from the next request
+        on. (Holding the answer for its min_ttl saved 0.17 ms per request, and served a
+        logged-out user or a moved API until the token ran out.)"""
         reply = await ask_daemon(self.daemon.request("get", min_ttl=self.min_ttl,
                                                      **_fields(key)))
-        token, api_url = reply.get("token"), reply.get("api_url")
-        if not isinstance(token, str) or not isinstance(api_url, str):
-            raise Refusal(502, "daemon_unreachable", "vm-tokend answered without a token or "
-                          "the API it is for (a vm-tokend older than this proxy?)")
-        return token, api_url
+        token, api_url, ca_bundle = reply.get("token"), reply.get("api_url"), \
+            reply.get("ca_bundle", False)
+        if not isinstance(token, str) or not isinstance(api_url, str) \
+                or not (ca_bundle is None or isinstance(ca_bundle, str)):
+            raise Refusal(502, "daemon_unreachable", "vm-tokend answered without a token, "
+                          "the API it is for or what that API is checked against (a "
+                          "vm-tokend older than this proxy?)")
+        return _Grant(token, Upstream.from_api_url(api_url), ca_bundle)
 
     async def _invalidate(self, key: _Key, token: str) -> None:
         try:

@@ -104,9 +104,10 @@ class Conversation:
 
     def gone(self) -> bool:
         """Whether the client has left, asked without waiting (while it waits for an
-        answer). On TCP an end of input counts (as nginx takes it); on a Unix socket only
-        a hang-up, since a client may shut down its sending side and still read (`nc -N`
-        does). Bytes it sent meanwhile (a pipelined request) leave it present."""
+        answer). On TCP an end of input counts, as nginx takes it (a client that shuts
+        down its sending side and waits, as `nc -N` does, loses an answer slower than
+        HANGUP_CHECK); on a Unix socket only a hang-up (POLLHUP), so such a client is
+        served there."""
         sock = getattr(self.stream, "socket", None)
         if not isinstance(sock, trio.socket.SocketType):
             return False  # a stream without a socket (tests): never told

@@ -18,10 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import ssl
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
@@ -100,12 +98,11 @@ class ProxyServer:
     def __init__(self, listeners: list[Listening], daemon: vm_token.AsyncClient, *,
                  idle_timeout: float = IDLE_TIMEOUT, read_timeout: float = READ_TIMEOUT,
                  connect_timeout: float = CONNECT_TIMEOUT, min_ttl: float = MIN_TTL,
-                 drain_timeout: float = DRAIN_TIMEOUT,
-                 tls: Callable[[str], ssl.SSLContext | None] = lambda origin: None) -> None:
+                 drain_timeout: float = DRAIN_TIMEOUT) -> None:
         self.listeners = listeners
         self.daemon = daemon
         self.forwarder = Forwarder(daemon, connect_timeout=connect_timeout,
-                                   read_timeout=read_timeout, min_ttl=min_ttl, tls=tls)
+                                   read_timeout=read_timeout, min_ttl=min_ttl)
         self._idle_timeout = idle_timeout
         self._read_timeout = read_timeout
         self._drain_timeout = drain_timeout

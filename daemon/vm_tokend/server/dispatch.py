@@ -203,6 +203,7 @@ class Dispatcher:
         return self._got(info, profile)
 
     def _got(self, info: TokenInfo, profile: str | None) -> dict[str, Any]:
+        described = self._describe(profile)
         return {
             "ok": True,
             "token": info.token,
@@ -211,9 +212,11 @@ class Dispatcher:
             "expires_at": info.expires_at,
             "username": self.keeper.account(profile).username,
             "profile": profile if profile is not None else self.keeper.default_profile,
-            # the API the token is for: a client that forwards it (the proxy) sends it there
-            # and nowhere else, even when a reload changed the profile's api_url
-            "api_url": self._describe(profile).get("api_url"),
+            # the API the token is for, and the CAs its certificate is checked against: a
+            # client that forwards the token (the proxy) sends it there, so verified, and
+            # nowhere else, even when a reload changed the profile's api_url or ca_bundle
+            "api_url": described.get("api_url"),
+            "ca_bundle": described.get("ca_bundle"),
         }
 
     def fast_reply(self, body: bytes) -> bytes | None:
