@@ -438,3 +438,9 @@ def wait_for(check: Callable[[], object], seconds: float = 10.0, what: str = "")
         assert time.monotonic() < deadline, f"timed out waiting for {what or check}"
         time.sleep(0.02)
     raise AssertionError("unreachable")
+
+
+def daemon_env(api: FakeApi) -> dict[str, str]:
+    """The settings that point vm-tokend at `api`, as conftest does for the stand-in."""
+    return {"VM_TOKEN_API_URL": api.url, "VM_TOKEN_USERNAME": api.username,
+            "VM_TOKEN_PASSWORD": api.password, "VM_TOKEN_AUTH": "legacy"}

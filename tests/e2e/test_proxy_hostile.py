@@ -17,15 +17,15 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 import vm_token
 from tests.conftest import BIN, Daemon
-from tests.h11_api import Answer, FakeApi, Seen, json_answer, wait_for
+from tests.e2e.conftest import Proxy
+from tests.h11_api import Answer, FakeApi, Seen, daemon_env, json_answer, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -33,67 +33,6 @@ VIDEOS = "/v1/vms/1001/videos"
 
 
 # -- the pieces -------------------------------------------------------------------------
-
-@pytest.fixture
-def make_api() -> Iterator[Callable[..., FakeApi]]:
-    started: list[FakeApi] = []
-
-    def make(**options: object) -> FakeApi:
-        api = FakeApi(**options).start()  # type: ignore[arg-type]
-        started.append(api)
-        return api
-
-    yield make
-    for api in started:
-        api.stop()
-
-
-@pytest.fixture
-def api(make_api: Callable[..., FakeApi]) -> FakeApi:
-    return make_api()
-
-
-def daemon_env(api: FakeApi) -> dict[str, str]:
-    return {"VM_TOKEN_API_URL": api.url, "VM_TOKEN_USERNAME": api.username,
-            "VM_TOKEN_PASSWORD": api.password, "VM_TOKEN_AUTH": "legacy"}
-
-
-@dataclass
-class Proxy:
-    proc: subprocess.Popen[bytes]
-    socket: Path
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-
-@pytest.fixture
-def start_proxy(private_dir: Path) -> Iterator[Callable[..., Proxy]]:
-    proxies: list[Proxy] = []
-
-    def start(daemon: Daemon, *args: str) -> Proxy:
-        path = private_dir / "vm-token" / "proxy"
-        log_path = private_dir / f"proxy-{len(proxies)}.log"
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                [str(BIN / "vm-tokend"), "proxy", "--log-level", "debug", *args],
-                env=daemon.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        proxy = Proxy(proc, path, log_path)
-        proxies.append(proxy)
-        deadline = time.monotonic() + 10
-        while not path.exists():
-            assert proc.poll() is None, proxy.log()
-            assert time.monotonic() < deadline, proxy.log()
-            time.sleep(0.02)
-        return proxy
-
-    yield start
-    for proxy in proxies:
-        if proxy.proc.poll() is None:
-            proxy.proc.terminate()
-            proxy.proc.wait(timeout=15)
-
 
 @pytest.fixture
 def daemon(api: FakeApi, start_daemon: Callable[..., Daemon]) -> Daemon:

@@ -15,12 +15,13 @@ import pytest
 
 from tests.conftest import BIN, make_tls
 from tests.e2e import test_proxy_hostile as hostile
-from tests.e2e.test_proxy_hostile import VIDEOS, Proxy, curl, daemon_env, daemon_token
-from tests.h11_api import Answer, FakeApi, Seen, json_answer
+from tests.e2e.conftest import Proxy
+from tests.e2e.test_proxy_hostile import VIDEOS, curl, daemon_token
+from tests.h11_api import Answer, FakeApi, Seen, daemon_env, json_answer
 
-# the fixtures of test_proxy_hostile.py, as they are there
-make_api, api, daemon, start_proxy, proxy = (
-    hostile.make_api, hostile.api, hostile.daemon, hostile.start_proxy, hostile.proxy)
+# the fixtures of test_proxy_hostile.py, as they are there (make_api, api, start_proxy
+# come from tests/e2e/conftest.py)
+daemon, proxy = hostile.daemon, hostile.proxy
 
 pytestmark = pytest.mark.timeout(120)
 
