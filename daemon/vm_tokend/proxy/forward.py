@@ -34,16 +34,16 @@ log = logging.getLogger(__name__)
 # A body up to this size is kept while it streams, for one replay after a 401.
 MAX_REPLAY: Final = 1024 * 1024
 REPLACED_HEADER: Final = b"x-vm-token-replaced"
-# Headers of the client's that never go upstream: ours replace them, or h11/httpx set them.
+# Headers of the client's that never go upstream: ours replace them, or we set them.
 _DROP: Final = frozenset({b"host", b"authorization", b"expect", b"content-length"})
-# The daemon's refusals, as the proxy's statuses: the API is unreachable (502), nobody is
-# logged in (503), the request names what does not exist (404/421).
 # While an answer is awaited, whether its client is still there is asked this often: a
 # client that left gives its API connection back within this long.
 HANGUP_CHECK: Final = 1.0
 # (profile, VideoManager, path) entries kept of refused replays: a handful in practice.
 MAX_FUTILE: Final = 256
 _Key = tuple[str | None, str | None]  # (profile, VideoManager)
+# The daemon's refusals, as the proxy's statuses: the API is unreachable (502), nobody is
+# logged in (503), the request names what does not exist (404/421).
 _STATUS: Final = {
     "not_logged_in": 503, "login_required": 503, "credentials_rejected": 503,
     "login_failed": 503, "upstream_unavailable": 502, "unknown_videomanager": 404,
@@ -244,7 +244,7 @@ class Forwarder:
                 if fresh.token != token:
                     if exchange.replayable() and fresh.upstream == grant.upstream \
                             and fresh.ca_bundle == grant.ca_bundle:
-                        await self._discard(pool, api)
+                        await _discard(pool, api)
                         api = None
                         api, response = await self._attempt(pool, exchange, fresh.token,
                                                             conversation, background)
@@ -254,7 +254,7 @@ class Forwarder:
                             self._futile[(key, path)] = fresh.token
                     else:
                         replaced = True
-            sent = await self._relay(conversation, api, response, replaced)
+            sent = await _relay(conversation, api, response, replaced)
         finally:
             if api is not None:
                 await pool.checkin(api)
@@ -310,7 +310,7 @@ class Forwarder:
             await api.send(h11.EndOfMessage())
             going.done_at = trio.current_time()
         else:
-            background.start_soon(self._send_body, api, exchange, going)
+            background.start_soon(_send_body, api, exchange, going)
         while True:
             with trio.move_on_after(HANGUP_CHECK):
                 return await api.receive_head(exchange.method, silence=math.inf)
@@ -324,60 +324,6 @@ class Forwarder:
             if conversation.gone():
                 api.reusable = False  # its answer will never be read
                 raise ClientGone("the client left before the API answered")
-
-    @staticmethod
-    async def _send_body(api: ApiConnection, exchange: _Exchange, going: _BodyGoing
-                         ) -> None:
-        try:
-            await api.send_body(exchange.content())
-        except (ApiGone, ClientGone) as exc:
-            going.failure = exc
-        going.done_at = trio.current_time()
-
-    async def _discard(self, pool: ApiPool, api: ApiConnection) -> None:
-        """Drop an answer not passed on: read it when it is short, else close."""
-        try:
-            with trio.move_on_after(1):
-                seen = 0
-                async with aclosing(api.body()) as pieces:
-                    async for piece in pieces:
-                        seen += len(piece)
-                        if seen > MAX_REPLAY:
-                            api.reusable = False
-                            break
-        except ApiGone:
-            pass
-        await pool.checkin(api)
-
-    async def _relay(self, conversation: Conversation, api: ApiConnection,
-                     response: h11.Response, replaced: bool) -> int:
-        drop = {b"x-vm-token-error", REPLACED_HEADER}  # ours alone say the proxy answered
-        if any(name == b"transfer-encoding" for name, _ in response.headers):
-            drop.add(b"content-length")  # framed by chunks: a length beside it is a lie
-        # no CORS header is ever passed on: the proxy serves programs, never web pages
-        headers = [(name, value) for name, value in
-                   end_to_end(list(response.headers), drop=frozenset(drop))
-                   if not name.startswith(b"access-control-")]
-        if replaced:
-            headers.append((REPLACED_HEADER, b"1"))
-        head = h11.Response(status_code=response.status_code, headers=headers,
-                            reason=response.reason)
-        body, complete = api.take_buffered()
-        if complete:  # a short answer: head and body leave in one write
-            await conversation.send(head, h11.Data(data=body), h11.EndOfMessage())
-            return len(body)
-        await conversation.send(head)
-        conversation.streaming()
-        sent = 0
-        try:
-            async with aclosing(api.body()) as pieces:
-                async for piece in pieces:
-                    sent += len(piece)
-                    await conversation.send(h11.Data(data=piece))
-        except ApiGone as exc:
-            raise ClientGone(f"the API's answer broke off: {exc}") from exc
-        await conversation.send(h11.EndOfMessage())
-        return sent
 
     # -- the daemon side ----------------------------------------------------------------
 
@@ -402,6 +348,64 @@ class Forwarder:
             await self.daemon.request("invalidate", token=token, **_fields(key))
         except vm_token.Error as exc:
             log.debug("could not report a refused token: %s", type(exc).__name__)
+
+
+async def _send_body(api: ApiConnection, exchange: _Exchange, going: _BodyGoing
+                     ) -> None:
+    """The task that sends a request body while its answer is awaited (see _send)."""
+    try:
+        await api.send_body(exchange.content())
+    except (ApiGone, ClientGone) as exc:
+        going.failure = exc
+    going.done_at = trio.current_time()
+
+
+async def _discard(pool: ApiPool, api: ApiConnection) -> None:
+    """Drop an answer not passed on: read it when it is short, else close."""
+    try:
+        with trio.move_on_after(1):
+            seen = 0
+            async with aclosing(api.body()) as pieces:
+                async for piece in pieces:
+                    seen += len(piece)
+                    if seen > MAX_REPLAY:
+                        api.reusable = False
+                        break
+    except ApiGone:
+        pass
+    await pool.checkin(api)
+
+
+async def _relay(conversation: Conversation, api: ApiConnection, response: h11.Response,
+                 replaced: bool) -> int:
+    """Pass the API's answer on (its body raw); the bytes of body sent."""
+    drop = {b"x-vm-token-error", REPLACED_HEADER}  # ours alone say the proxy answered
+    if any(name == b"transfer-encoding" for name, _ in response.headers):
+        drop.add(b"content-length")  # framed by chunks: a length beside it is a lie
+    # no CORS header is ever passed on: the proxy serves programs, never web pages
+    headers = [(name, value) for name, value in
+               end_to_end(list(response.headers), drop=frozenset(drop))
+               if not name.startswith(b"access-control-")]
+    if replaced:
+        headers.append((REPLACED_HEADER, b"1"))
+    head = h11.Response(status_code=response.status_code, headers=headers,
+                        reason=response.reason)
+    body, complete = api.take_buffered()
+    if complete:  # a short answer: head and body leave in one write
+        await conversation.send(head, h11.Data(data=body), h11.EndOfMessage())
+        return len(body)
+    await conversation.send(head)
+    conversation.streaming()
+    sent = 0
+    try:
+        async with aclosing(api.body()) as pieces:
+            async for piece in pieces:
+                sent += len(piece)
+                await conversation.send(h11.Data(data=piece))
+    except ApiGone as exc:
+        raise ClientGone(f"the API's answer broke off: {exc}") from exc
+    await conversation.send(h11.EndOfMessage())
+    return sent
 
 
 async def ask_daemon(call: Awaitable[dict[str, Any]]) -> dict[str, Any]:
