@@ -122,22 +122,24 @@ def bulk(running: Running, path: Path, process: subprocess.Popen[bytes]
          ) -> dict[str, float]:
     token = vm_token.get_token(socket=running.socket).access_token
     base = running.standin.url
-    with tempfile.NamedTemporaryFile(prefix="vmt-bulk-") as upload:
+    with tempfile.NamedTemporaryFile(prefix="vmt-bulk-") as upload, \
+            tempfile.NamedTemporaryFile("w", prefix="vmt-header-") as header:
+        # the direct runs' header from a 0600 file (`-H @FILE`): a token never in argv
+        header.write(f"Authorization: Bearer {token}\n")
+        header.flush()
+        bearer = f"@{header.name}"
         upload.truncate(BULK)  # sparse: a gigabyte of zeros, no disk
         times = {
-            "up_direct": _curl("-T", upload.name, "-H", f"Authorization: Bearer {token}",
-                               f"{base}/_bulk/upload"),
+            "up_direct": _curl("-T", upload.name, "-H", bearer, f"{base}/_bulk/upload"),
             "up_proxied": _curl("-T", upload.name, "--unix-socket", str(path),
                                 "http://localhost/v1/vms/_bulk/upload"),
         }
-    times["down_direct"] = _curl("-H", f"Authorization: Bearer {token}",
-                                 f"{base}/_bulk/download?bytes={BULK}")
-    times["down_proxied"] = _curl("--unix-socket", str(path),
-                                  f"http://localhost/v1/vms/_bulk/download?bytes={BULK}")
-    with bare_relay(running) as relay:
-        times["down_bare"] = _curl("--unix-socket", str(relay), "-H",
-                                   f"Authorization: Bearer {token}",
-                                   f"{base}/_bulk/download?bytes={BULK}")
+        times["down_direct"] = _curl("-H", bearer, f"{base}/_bulk/download?bytes={BULK}")
+        times["down_proxied"] = _curl("--unix-socket", str(path),
+                                      f"http://localhost/v1/vms/_bulk/download?bytes={BULK}")
+        with bare_relay(running) as relay:
+            times["down_bare"] = _curl("--unix-socket", str(relay), "-H", bearer,
+                                       f"{base}/_bulk/download?bytes={BULK}")
     status = Path(f"/proc/{process.pid}/status").read_text()
     hwm = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
     times["peak_rss"] = int(hwm.split()[1]) / 1024
