@@ -75,13 +75,13 @@ def test_errors_are_one_line_with_documented_exit_codes(standin, start_daemon, p
 
 def test_login_and_logout(standin, start_daemon):
     daemon = start_daemon(standin, password="")  # no password: waits for a login
-    assert_one_line_error(daemon.cli("token"), 1, "not_logged_in", "vm-token login")
+    assert_one_line_error(daemon.cli("token"), 4, "not_logged_in", "vm-token login")
     bad = daemon.cli("login", "--username", "demo", "--password-stdin", input="nope\n")
-    assert_one_line_error(bad, 1, "credentials_rejected")
+    assert_one_line_error(bad, 4, "credentials_rejected")
     good = daemon.cli("login", "--username", "demo", "--password-stdin",
                       input=standin.password + "\n")
     assert good.returncode == 0 and "logged in as demo; 3 VideoManagers" in good.stdout
     assert standin.token_valid(daemon.cli("token").stdout.strip())
     assert daemon.cli("logout").returncode == 0
-    assert_one_line_error(daemon.cli("token"), 1, "not_logged_in")
+    assert_one_line_error(daemon.cli("token"), 4, "not_logged_in")
     assert standin.password not in daemon.log()

@@ -159,7 +159,7 @@ async def test_wrong_password_one_attempt_until_credentials_change(make_standin,
                 await in_thread(client.get_token)
             await trio.sleep(0.5)
         result = await in_thread(daemon.cli, "token")
-        assert result.returncode == 1
+        assert result.returncode == 4  # log in first: new credentials
         assert "rejected the credentials" in result.stderr
         assert standin.counts["login"] == 1
         # New credentials through `vm-token login`: one more attempt, and it works.

@@ -175,6 +175,22 @@ def test_not_logged_in_falls_through(standin, start_daemon):
     assert "not_logged_in" in result.stderr and len(result.stderr.splitlines()) == 1
 
 
+def test_exit_code_4_says_log_in_first(standin, start_daemon):
+    daemon = start_daemon(standin, password="")  # nobody logged in
+    for command in (["token"], ["header"], ["list"], ["exec", "--", "true"]):
+        result = daemon.cli(*command)
+        assert result.returncode == 4, (command, result)
+        assert result.stdout == "" and "not_logged_in" in result.stderr, (command, result)
+        assert "vm-token login" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert "4  log in first" in daemon.cli("token", "--help").stdout
+
+
+def test_an_unknown_videomanager_is_exit_code_1(standin, start_daemon):
+    unknown = start_daemon(standin).cli("token", "--vm", "Nowhere")
+    assert (unknown.returncode, unknown.stdout) == (1, ""), unknown
+    assert "unknown_videomanager" in unknown.stderr
+
+
 def test_curl_with_header(standin, start_daemon):
     daemon = start_daemon(standin)
     header = subprocess.Popen([HELPER, "header", "--vm", "Sales"], stdout=subprocess.PIPE,

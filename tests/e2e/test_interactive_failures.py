@@ -315,7 +315,7 @@ def test_a_revoked_session_asks_for_a_new_login_and_is_never_retried(make_standi
         time.sleep(0.1)
     before = token_requests(standin)
     token = daemon.cli("token", "--vm", "1001")
-    assert token.returncode == 1 and token.stdout == ""
+    assert token.returncode == 4 and token.stdout == ""  # log in first
     assert "vm-token login --browser" in token.stderr, token.stderr
     assert len(token.stderr.splitlines()) == 1
     # git's helper says nothing to git (exit 0), so git goes on to its next helper

@@ -2,7 +2,7 @@
 
 With socket activation every first command meets a daemon that is still logging in: like
 `get`, `list` and `status` wait for that login (bounded by --timeout) instead of answering
-"no VideoManagers"; a login that failed makes `list` say why and exit 1.
+"no VideoManagers"; a login that failed makes `list` say why and exit 4 (log in first).
 """
 
 from __future__ import annotations
@@ -50,11 +50,11 @@ def test_status_right_after_start_shows_the_login(make_standin, start_daemon):
     assert status["state"] == "logged_in" and status["videomanagers_total"] == 3
 
 
-def test_a_failed_login_makes_list_say_why_and_exit_1(make_standin, start_daemon):
+def test_a_failed_login_makes_list_say_why_and_exit_4(make_standin, start_daemon):
     standin = slow_standin(make_standin)
     daemon = start_daemon(standin, password="not-the-password")
     listed = daemon.cli("list")
-    assert listed.returncode == 1, listed
+    assert listed.returncode == 4, listed  # log in first: the credentials were rejected
     assert listed.stdout == ""
     assert "rejected the credentials" in listed.stderr and "credentials_rejected" in \
         listed.stderr, listed.stderr
@@ -77,7 +77,7 @@ def test_with_several_profiles_list_shows_what_it_can_and_names_the_failed_one(
     write_config(private_dir, profile_table("agency", other, password="wrong-pw"))
     daemon = start_daemon(slow_standin(make_standin))
     listed = daemon.cli("list")
-    assert listed.returncode == 1, listed
+    assert listed.returncode == 4, listed  # the one profile that failed needs a login
     profiles = [re.match(r"[* ] (\S+) ", line) for line in listed.stdout.splitlines()]
     assert [match and match[1] for match in profiles] == ["default"] * 3, listed.stdout
     [said] = listed.stderr.splitlines()

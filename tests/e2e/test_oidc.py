@@ -210,7 +210,7 @@ async def test_auth_oidc_against_a_legacy_only_api_is_a_configuration_error(make
     daemon = start_daemon(standin, env={"VM_TOKEN_AUTH": "oidc", "VM_TOKEN_MAX_BACKOFF": "1"})
     with trio.fail_after(30):
         token = await in_thread(daemon.cli, "token")
-        assert token.returncode == 1 and token.stdout == ""
+        assert token.returncode == 4 and token.stdout == ""  # not logged in: fix and reload
         assert "oidc" in token.stderr and "oidc_issuer" in token.stderr, token.stderr
         assert "Traceback" not in token.stderr
         before = status_json(daemon)
@@ -338,7 +338,7 @@ async def test_wrong_password_is_credentials_rejected_and_never_retried(make_sta
             with pytest.raises(vm_token.CredentialsRejected):
                 await in_thread(client.get_token)
         token = await in_thread(daemon.cli, "token")
-        assert token.returncode == 1 and "credentials_rejected" in token.stderr
+        assert token.returncode == 4 and "credentials_rejected" in token.stderr  # log in first
         assert wrong not in token.stderr
         assert standin.counts["oidc_login"] == 1
         await trio.sleep(2)  # a timer would have tried again by now (max_backoff 1 s)
@@ -356,7 +356,7 @@ async def test_a_discovery_document_naming_another_issuer_is_refused(make_standi
     daemon = start_daemon(standin, env={"VM_TOKEN_MAX_BACKOFF": "1"})
     with trio.fail_after(30):
         token = await in_thread(daemon.cli, "token")
-        assert token.returncode == 1 and token.stdout == ""
+        assert token.returncode == 4 and token.stdout == ""  # not logged in (and why)
         assert "login.example.net" in token.stderr and "issuer" in token.stderr, token.stderr
         await trio.sleep(2)  # a timer would have asked again by now (max_backoff 1 s)
         status = status_json(daemon)

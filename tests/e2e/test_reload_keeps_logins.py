@@ -81,7 +81,7 @@ async def test_a_reload_keeps_the_session_a_person_logged_in(how, make_standin, 
             if how == "configured" and change == "the password":
                 # The configured session starts again, with the new password: refused.
                 result = await trio.to_thread.run_sync(daemon.cli, "token")
-                assert result.returncode == 1 and "rejected" in result.stderr, result
+                assert result.returncode == 4 and "rejected" in result.stderr, result
                 assert standin.counts["oidc_login"] == logins["oidc_login"] + 1
                 continue
             # The same session: the token it held, and not one login at the stand-in.
@@ -107,5 +107,5 @@ async def test_a_reload_that_names_another_user_ends_a_persons_session(make_stan
         config.write_text('username = "somebody-else"\n')
         await trio.to_thread.run_sync(reload, daemon)
         result = await trio.to_thread.run_sync(daemon.cli, "token")
-    assert result.returncode == 1 and "login" in result.stderr, result
+    assert result.returncode == 4 and "login" in result.stderr, result  # log in first
     assert daemon.stop() == 0

@@ -16,10 +16,12 @@ from .parser import ArgumentParser
 from .shared import (
     DEFAULT_TIMEOUT,
     EXIT_CODES_HELP,
+    EXIT_LOGIN,
     EXIT_OK,
     EXIT_REFUSED,
     EXIT_USAGE,
     GIT_OPERATIONS,
+    LOGIN_CODES,
     exit_code,
     fail,
 )
@@ -158,7 +160,10 @@ def _cmd_list(client: Client, args: argparse.Namespace) -> int:
             print(line)
     for item in failed:
         fail(f"profile {item.get('profile')}: {item.get('message')} ({item.get('code')})")
-    return EXIT_REFUSED if failed else EXIT_OK
+    if not failed:
+        return EXIT_OK
+    return EXIT_LOGIN if all(item.get("code") in LOGIN_CODES for item in failed) \
+        else EXIT_REFUSED
 
 
 def _vm_lines(videomanagers: list[VideoManager], *, refreshed: bool,

@@ -20,14 +20,20 @@ EXIT_OK = 0
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
+EXIT_LOGIN = 4  # log in first (as `gh auth token`'s 4: "authentication required")
+# The daemon's refusals that a login ends: none yet, or the session ended (sent as
+# not_logged_in, its message naming the kind of login), or the password was rejected.
+LOGIN_CODES = frozenset({_frames.NOT_LOGGED_IN, "login_required",
+                         _frames.CREDENTIALS_REJECTED})
 
 EXIT_CODES_HELP = """\
 exit codes:
   0  success (and, for git's get/store/erase, also when there is nothing to answer)
-  1  refused by the daemon: not logged in, credentials rejected, unknown VideoManager,
-     API unavailable, ...
+  1  refused by the daemon: unknown VideoManager, API unavailable, ...
   2  usage error, or unreadable input from git
   3  the daemon is not reachable
+  4  log in first: not logged in, the login session ended, or the credentials were
+     rejected (the message says which, and what to run)
 """
 
 
@@ -39,7 +45,7 @@ def exit_code(exc: errors.Error) -> int:
     """Report `exc` on one line of stderr; the exit code that goes with it."""
     if isinstance(exc, errors.DaemonError):
         fail(f"{exc.message} ({exc.code})")
-        return EXIT_REFUSED
+        return EXIT_LOGIN if exc.code in LOGIN_CODES else EXIT_REFUSED
     fail(str(exc))
     return EXIT_UNREACHABLE
 
