@@ -37,7 +37,9 @@ def _parser() -> ArgumentParser:
             "credentials, or `vm-token login`."
         ),
         epilog="example: vm-tokend --username me@example.com --password-command 'pass show vmpro'"
-               "\n\nvm-tokend install-units [--enable] sets it up as a systemd user service.",
+               "\n\nvm-tokend install-units [--enable] sets it up as a systemd user service."
+               "\nvm-tokend run [--proxy] [options] -- CMD runs CMD under a daemon of its "
+               "own (CI jobs).",
     )
     parser.add_argument("--version", action="version", version=f"vm-tokend {__version__}")
     parser.add_argument("--config", metavar="PATH",
@@ -117,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["install-units"]:
         return _install_units(argv[1:])
+    if argv[:1] == ["run"]:
+        from .run import run
+
+        return run(argv[1:], _parser)
     if argv[:1] == ["proxy"]:
         from . import systemd
         from .config.environment import process_environment
