@@ -198,7 +198,9 @@ def run(argv: list[str], daemon_parser: Callable[[], argparse.ArgumentParser]) -
     except _Stop as stop:  # before CMD ran: it never will
         return 128 + stop.signum
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        for signum in FORWARDED:  # a signal now must not cut the clean-up short
+            signal.signal(signum, signal.SIG_IGN)
         children.stop()
         shutil.rmtree(directory, ignore_errors=True)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
