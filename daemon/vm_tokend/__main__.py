@@ -39,7 +39,8 @@ def _parser() -> ArgumentParser:
         epilog="example: vm-tokend --username me@example.com --password-command 'pass show vmpro'"
                "\n\nvm-tokend install-units [--enable] sets it up as a systemd user service."
                "\nvm-tokend run [--proxy] [options] -- CMD runs CMD under a daemon of its "
-               "own (CI jobs).",
+               "own (CI jobs);\nvm-tokend start [--sh|--csh|--env|--json] [options] and "
+               "vm-tokend stop serve steps that run in separate shells.",
     )
     parser.add_argument("--version", action="version", version=f"vm-tokend {__version__}")
     parser.add_argument("--config", metavar="PATH",
@@ -123,6 +124,14 @@ def main(argv: list[str] | None = None) -> int:
         from .run import run
 
         return run(argv[1:], _parser)
+    if argv[:1] in (["start"], ["stop"], ["_supervise"]):
+        from . import background
+
+        if argv[0] == "start":
+            return background.start(argv[1:], _parser)
+        if argv[0] == "stop":
+            return background.stop(argv[1:], ArgumentParser)
+        return background.supervise(argv[1:])
     if argv[:1] == ["proxy"]:
         from . import systemd
         from .config.environment import process_environment
