@@ -37,10 +37,15 @@ def _parser() -> ArgumentParser:
             "credentials, or `vm-token login`."
         ),
         epilog="example: vm-tokend --username me@example.com --password-command 'pass show vmpro'"
-               "\n\nvm-tokend install-units [--enable] sets it up as a systemd user service."
-               "\nvm-tokend run [--proxy] [options] -- CMD runs CMD under a daemon of its "
-               "own (CI jobs);\nvm-tokend start [--sh|--csh|--env|--json] [options] and "
-               "vm-tokend stop serve steps that run in separate shells.",
+               "\n\nmore:\n"
+               "  vm-tokend install-units [--enable]   set it up as a systemd user service\n"
+               "  vm-tokend proxy [--listen ADDR:PORT]  the API with your token, for any "
+               "program\n"
+               "  vm-tokend run [--proxy] [options] -- CMD\n"
+               "                                       CMD under a daemon of its own (CI)\n"
+               "  vm-tokend start [--sh|--csh|--env|--json] [--lifetime S] [options]\n"
+               "  vm-tokend stop                       the same for steps in separate shells",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"vm-tokend {__version__}")
     parser.add_argument("--config", metavar="PATH",

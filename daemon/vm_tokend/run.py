@@ -41,10 +41,7 @@ from .private import (
 __all__ = ["run"]
 
 def run(argv: list[str], daemon_parser: Callable[[], argparse.ArgumentParser]) -> int:
-    if "--" not in argv:
-        fail("vm-tokend run: give the command to run after `--` (see vm-tokend run --help)")
-        return EXIT_USAGE
-    split = argv.index("--")
+    split = argv.index("--") if "--" in argv else len(argv)
     own, command = argv[:split], argv[split + 1:]
     parser = daemon_parser()
     parser.prog = "vm-tokend run"
@@ -53,13 +50,15 @@ def run(argv: list[str], daemon_parser: Callable[[], argparse.ArgumentParser]) -
         "with --proxy the API proxy) started there with the options given, CMD started once "
         "the first login succeeded, with VM_TOKEN_SOCKET (and VM_TOKEN_PROXY_SOCKET) set. "
         "Exits with CMD's status; stops the daemon and removes the directory however it ends.")
-    parser.epilog = "example: VM_TOKEN_PASSWORD=… vm-tokend run --username ci@example.com " \
+    parser.epilog = "example:\n  VM_TOKEN_PASSWORD=… vm-tokend run --username ci@example.com " \
                     "-- ./deploy.sh"
     parser.add_argument("--proxy", action="store_true",
                         help="also run `vm-tokend proxy` (VM_TOKEN_PROXY_SOCKET)")
+    if "--" not in argv and not {"-h", "--help", "--version"} & set(argv):
+        parser.error("give the command to run after `--`")
     args = parser.parse_args(own)
     if not command:
-        parser.error("no command after `--`")
+        parser.error("give the command to run after `--`")
     if args.socket is not None:
         parser.error("--socket: `run` makes a private socket of its own")
     daemon_flags = [flag for flag in own if flag != "--proxy"]
