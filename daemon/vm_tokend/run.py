@@ -28,7 +28,6 @@ from types import FrameType
 from .config.environment import ENV_PREFIX, process_environment
 from .private import (
     EXIT_FAILED,
-    EXIT_USAGE,
     FORWARDED,
     Children,
     Stop,
