@@ -6,7 +6,8 @@ and `erase` run on a hand-written fast path that imports nothing but the wire pr
 `--help`, a typo, the other subcommands — goes to the argparse front end, which may import
 what it likes.
 
-Exit codes: 0 success, 1 refused by the daemon, 2 usage, 3 daemon not reachable.
+Exit codes: 0 success, 1 refused by the daemon, 2 usage, 3 daemon not reachable, 4 log in
+first (not logged in, the session ended, credentials rejected).
 """
 
 from __future__ import annotations

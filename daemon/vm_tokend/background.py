@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import shutil
@@ -25,7 +26,6 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import Final
 
 from .config.environment import ENV_PREFIX, process_environment
@@ -33,13 +33,18 @@ from .private import (
     EXIT_FAILED,
     EXIT_USAGE,
     FORWARDED,
+    LOG_NAME,
     Children,
     Stop,
+    block_signals,
+    child_setup,
     fail,
     make_directory,
+    restore_signals,
     wait_for_file,
     wait_for_login,
 )
+from .systemd import harden_process
 
 __all__ = ["start", "stop", "supervise"]
 
@@ -87,6 +92,7 @@ def start(argv: list[str], daemon_parser: Callable[[], argparse.ArgumentParser])
                                  "json": "one JSON object"}[form])
     parser.add_argument("--lifetime", type=float, metavar="S",
                         help="stop by itself after S seconds (as ssh-agent -t)")
+    parser.allow_abbrev = False  # what is not ours goes to the daemon: no guessing
     parser.add_argument("--proxy", action="store_true", help="also run `vm-tokend proxy`")
     args = parser.parse_args(argv)
     if args.socket is not None:
@@ -95,27 +101,57 @@ def start(argv: list[str], daemon_parser: Callable[[], argparse.ArgumentParser])
         parser.error("--lifetime: a number of seconds above 0")
     daemon_flags = _daemon_flags(argv)
     environ = dict(process_environment())
-    quiet = args.log_level is None and f"{ENV_PREFIX}LOG_LEVEL" not in environ
+    # the password goes to the supervisor on its stdin, not in an environment a later
+    # step could read from /proc/$VM_TOKEN_PID/environ
+    password = environ.pop(f"{ENV_PREFIX}PASSWORD", None)
+    mask = block_signals()  # taken at points of our choosing, never mid-fork
     directory = make_directory(environ)
-    supervisor = subprocess.Popen(
-        [sys.executable, "-m", "vm_tokend", SUPERVISE, str(directory),
-         str(args.lifetime or 0), "proxy" if args.proxy else "-", "--", *daemon_flags],
-        env=environ, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,  # not our stdout:
-        stderr=subprocess.DEVNULL if quiet else None,  # $(vm-tokend start) would never end
-        start_new_session=True)
-    problem = wait_for_login(directory / "socket", supervisor)
-    if problem is None and args.proxy:
-        problem = wait_for_file(directory / "proxy", supervisor, "vm-tokend proxy")
-    if problem is not None:
-        supervisor.terminate()
-        supervisor.wait()
-        shutil.rmtree(directory, ignore_errors=True)
-        fail(f"vm-tokend start: {problem}")
-        return EXIT_FAILED
-    sys.stdout.write(_render(_variables(directory, supervisor.pid, args.proxy),
-                             args.form or "sh"))
-    supervisor.returncode = 0  # it runs on without us: no "still running" warning at exit
-    return 0
+    supervisor: subprocess.Popen[bytes] | None = None
+    try:
+        supervisor = subprocess.Popen(
+            [sys.executable, "-m", "vm_tokend", SUPERVISE, str(directory),
+             str(args.lifetime or 0), "proxy" if args.proxy else "-", "--", *daemon_flags],
+            env=environ, stdin=subprocess.PIPE,
+            # never our stdout or stderr: a capture of them would not end while it runs;
+            # a pipe of its own says why it ended, if it ends before the login
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            start_new_session=True, preexec_fn=child_setup(die_with_parent=False))
+        assert supervisor.stdin is not None
+        with supervisor.stdin:
+            supervisor.stdin.write(f"{password or ''}\n".encode())
+        log = Children(directory / LOG_NAME)  # what the supervisor's children wrote
+        problem = wait_for_login(directory / "socket", supervisor, log)
+        if problem is None and args.proxy:
+            problem = wait_for_file(directory / "proxy", supervisor, "vm-tokend proxy")
+        if problem is None:
+            try:
+                sys.stdout.write(_render(_variables(directory, supervisor.pid, args.proxy),
+                                         args.form or "sh"))
+                sys.stdout.flush()
+            except OSError as exc:
+                problem = f"cannot write what it started: {exc.strerror or exc}"
+        if problem is not None:
+            assert supervisor.stderr is not None
+            if supervisor.poll() is not None:  # it ended: what it said is all there
+                said = supervisor.stderr.read().decode(errors="replace").strip()
+                problem += f": {said}" if said and said not in problem else ""
+            fail(f"vm-tokend start: {problem}")
+            return EXIT_FAILED
+        assert supervisor.stderr is not None
+        supervisor.stderr.close()  # it writes there no more once logged in
+        supervisor.returncode = 0  # it runs on without us: no "still running" at exit
+        supervisor = None
+        return 0
+    except Stop as stop:
+        return 128 + stop.signum
+    finally:
+        if supervisor is not None:  # it did not start, or we stop: it cleans up
+            supervisor.terminate()
+            supervisor.wait()
+            if supervisor.stderr is not None:
+                supervisor.stderr.close()
+            shutil.rmtree(directory, ignore_errors=True)
+        restore_signals(mask)
 
 
 def _daemon_flags(argv: list[str]) -> list[str]:
@@ -138,36 +174,47 @@ def _daemon_flags(argv: list[str]) -> list[str]:
 
 
 def supervise(argv: list[str]) -> int:
-    """`_supervise DIRECTORY LIFETIME proxy|- -- DAEMON_FLAGS…`: run the daemon (and the
-    proxy) until SIGTERM, the lifetime, or the daemon's end; then stop and clean up."""
+    """`_supervise DIRECTORY LIFETIME proxy|- -- DAEMON_FLAGS…` (the password, if any, on
+    stdin): run the daemon (and the proxy) until SIGTERM, the lifetime, or the daemon's
+    end; then stop them and remove the directory."""
     if len(argv) < 4 or argv[3] != "--":
         fail("vm-tokend _supervise: for `vm-tokend start` only")
         return EXIT_USAGE
     directory, lifetime, proxy = Path(argv[0]), float(argv[1]), argv[2] == "proxy"
+    mask = block_signals()
+    harden_process()  # it holds the password: no ptrace, no core file
+    password = sys.stdin.readline().rstrip("\n")
     environ = dict(process_environment())
-    children = Children(quiet=False)  # our stderr is already what start chose
-
-    def stopping(signum: int, frame: FrameType | None) -> None:
-        raise Stop(signum)
-
-    for signum in FORWARDED:
-        signal.signal(signum, stopping)
+    daemon_environ = {**environ, f"{ENV_PREFIX}PASSWORD": password} if password else environ
+    children = Children(directory / LOG_NAME)
     status = 0
     try:
         executable = [sys.executable, "-m", "vm_tokend"]
         daemon = children.start([*executable, *argv[4:], "--socket",
-                                 str(directory / "socket")], environ)
-        if proxy:
+                                 str(directory / "socket")], daemon_environ)
+        if proxy:  # it asks the daemon: no password
             children.start([*executable, "proxy", "--socket", str(directory / "proxy"),
                             "--daemon-socket", str(directory / "socket")], environ)
-        status = daemon.wait(timeout=lifetime or None)  # it ended by itself: its status
-    except (Stop, subprocess.TimeoutExpired):
-        pass
+        deadline = time.monotonic() + lifetime if lifetime else math.inf
+        while True:
+            left = min(deadline - time.monotonic(), 3600.0)
+            if left <= 0:
+                break  # --lifetime
+            info = signal.sigtimedwait({*FORWARDED, signal.SIGCHLD}, left)
+            if info is not None and info.si_signo in FORWARDED:
+                break  # vm-tokend stop
+            if daemon.poll() is not None:
+                status = daemon.returncode  # it ended by itself: its status, and why
+                try:
+                    sys.stderr.write(children.reason() + "\n")
+                    sys.stderr.flush()
+                except OSError:
+                    pass  # start is gone: nobody to tell
+                break
     finally:
-        for signum in FORWARDED:  # a signal now must not cut the clean-up short
-            signal.signal(signum, signal.SIG_IGN)
         children.stop()
         shutil.rmtree(directory, ignore_errors=True)
+        restore_signals(mask)
     return status
 
 

@@ -18,21 +18,25 @@ three children.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import signal
 import subprocess
 import sys
 from collections.abc import Callable
-from types import FrameType
 
 from .config.environment import ENV_PREFIX, process_environment
 from .private import (
     EXIT_FAILED,
     FORWARDED,
+    LOG_NAME,
     Children,
     Stop,
+    block_signals,
+    child_setup,
     fail,
     make_directory,
+    restore_signals,
     wait_for_file,
     wait_for_login,
 )
@@ -51,6 +55,7 @@ def run(argv: list[str], daemon_parser: Callable[[], argparse.ArgumentParser]) -
         "Exits with CMD's status; stops the daemon and removes the directory however it ends.")
     parser.epilog = "example:\n  VM_TOKEN_PASSWORD=… vm-tokend run --username ci@example.com " \
                     "-- ./deploy.sh"
+    parser.allow_abbrev = False  # what is not ours goes to the daemon: no guessing
     parser.add_argument("--proxy", action="store_true",
                         help="also run `vm-tokend proxy` (VM_TOKEN_PROXY_SOCKET)")
     if "--" not in argv and not {"-h", "--help", "--version"} & set(argv):
@@ -61,52 +66,57 @@ def run(argv: list[str], daemon_parser: Callable[[], argparse.ArgumentParser]) -
     if args.socket is not None:
         parser.error("--socket: `run` makes a private socket of its own")
     daemon_flags = [flag for flag in own if flag != "--proxy"]
-
     environ = dict(process_environment())
+    verbose = args.log_level is not None or f"{ENV_PREFIX}LOG_LEVEL" in environ
+
+    mask = block_signals()  # taken with sigwaitinfo, never as an exception mid-fork
     directory = make_directory(environ)
     socket = directory / "socket"
     proxy_socket = directory / "proxy"
-    children = Children(quiet=args.log_level is None
-                         and f"{ENV_PREFIX}LOG_LEVEL" not in environ)
-    cmd: subprocess.Popen[bytes] | None = None
-
-    def forward(signum: int, frame: FrameType | None) -> None:
-        if cmd is None:
-            raise Stop(signum)  # out of the wait for the login, into the clean-up
-        if cmd.poll() is None:
-            cmd.send_signal(signum)
-
-    previous = {signum: signal.signal(signum, forward) for signum in FORWARDED}
+    children = Children(None if verbose else directory / LOG_NAME)
     try:
         environment = {**environ, f"{ENV_PREFIX}SOCKET": str(socket)}
+        without_password = {name: value for name, value in environment.items()
+                            if name != f"{ENV_PREFIX}PASSWORD"}
         executable = [sys.executable, "-m", "vm_tokend"]
         daemon = children.start([*executable, *daemon_flags, "--socket", str(socket)],
                                 environment)
-        problem = wait_for_login(socket, daemon)
-        if problem is None and args.proxy:
+        problem = wait_for_login(socket, daemon, children)
+        if problem is None and args.proxy:  # the proxy needs no password: it asks the daemon
             proxy = children.start([*executable, "proxy", "--socket", str(proxy_socket),
-                                    "--daemon-socket", str(socket)], environment)
+                                    "--daemon-socket", str(socket)], without_password)
             problem = wait_for_file(proxy_socket, proxy, "vm-tokend proxy")
         if problem is not None:
             fail(f"vm-tokend run: {problem}")
             return EXIT_FAILED
-        cmd_environment = {name: value for name, value in environment.items()
-                           if name != f"{ENV_PREFIX}PASSWORD"}
         if args.proxy:
-            cmd_environment[f"{ENV_PREFIX}PROXY_SOCKET"] = str(proxy_socket)
+            without_password[f"{ENV_PREFIX}PROXY_SOCKET"] = str(proxy_socket)
         try:
-            cmd = subprocess.Popen(command, env=cmd_environment)
+            cmd = subprocess.Popen(command, env=without_password,
+                                   preexec_fn=child_setup(die_with_parent=False))
         except OSError as exc:
             fail(f"vm-tokend run: cannot run {command[0]}: {exc.strerror or exc}")
             return 127 if isinstance(exc, FileNotFoundError) else 126
-        status = cmd.wait()
-        return 128 - status if status < 0 else status
+        return _until_done(cmd)
     except Stop as stop:  # before CMD ran: it never will
         return 128 + stop.signum
     finally:
-        for signum in FORWARDED:  # a signal now must not cut the clean-up short
-            signal.signal(signum, signal.SIG_IGN)
         children.stop()
         shutil.rmtree(directory, ignore_errors=True)
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        restore_signals(mask)
+
+
+def _until_done(cmd: subprocess.Popen[bytes]) -> int:
+    """Pass stop signals on to CMD until it ends; its status (128+N for signal N). A
+    signal the terminal sent our whole process group (Ctrl-C: the kernel's, no sender)
+    reached CMD too, and is not sent twice."""
+    ours = os.getpgrp()
+    while True:
+        info = signal.sigwaitinfo({*FORWARDED, signal.SIGCHLD})
+        if info.si_signo != signal.SIGCHLD:
+            from_terminal = info.si_pid == 0 and os.getpgid(cmd.pid) == ours
+            if not from_terminal and cmd.poll() is None:
+                cmd.send_signal(info.si_signo)
+        status = cmd.poll()
+        if status is not None:
+            return 128 - status if status < 0 else status

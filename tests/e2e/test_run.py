@@ -67,6 +67,7 @@ def test_the_proxy_too_and_nothing_secret_in_any_argv_or_file(standin, private_d
     env = run_env(standin, private_dir)
     script = ('cat /proc/[0-9]*/cmdline 2>/dev/null | tr "\\0" " " > "$OUT/argv"; '
               'ls -A "$(dirname "$VM_TOKEN_SOCKET")" > "$OUT/files"; '
+              'cat "$(dirname "$VM_TOKEN_SOCKET")/vm-tokend.log" > "$OUT/log"; '
               'curl -sS --unix-socket "$VM_TOKEN_PROXY_SOCKET" http://localhost/v1/vms '
               '> "$OUT/listed"')
     out = private_dir / "out"
@@ -75,8 +76,10 @@ def test_the_proxy_too_and_nothing_secret_in_any_argv_or_file(standin, private_d
     assert result.returncode == 0, result
     assert "Marketing" in (out / "listed").read_text()
     assert standin.password not in (out / "argv").read_text()
+    assert standin.password not in (out / "log").read_text()
     assert "vm-tokend" in (out / "argv").read_text()  # the daemon was listed
-    assert sorted((out / "files").read_text().split()) == ["proxy", "socket"]  # no file
+    # the sockets, and the children's log (for the one line a failure prints): no secret
+    assert sorted((out / "files").read_text().split()) == ["proxy", "socket", "vm-tokend.log"]
 
 
 def test_bad_credentials_exit_1_with_one_line_and_cmd_never_runs(standin, private_dir):

@@ -3,10 +3,13 @@ reproduces a defect and fails until it is fixed."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pty
 import signal
 import subprocess
 import sys
+import termios
 import textwrap
 import time
 from pathlib import Path
@@ -180,9 +183,10 @@ def _environ(pid: int) -> bytes:
 
 def test_ctrl_c_reaches_cmd_once(standin, private_dir):
     """A terminal's Ctrl-C goes to the whole foreground process group: `vm-tokend run` and
-    CMD (the daemon is in a session of its own for exactly that reason). run then passes
-    the SIGINT on to CMD as well: CMD gets two. Programs that take a second interrupt as
-    "stop now, skip the clean-up" (terraform, docker compose, many deploy scripts) do so."""
+    CMD (the daemon is in a session of its own for exactly that reason). run must not pass
+    that SIGINT on to CMD as well: programs that take a second interrupt as "stop now,
+    skip the clean-up" (terraform, docker compose, many deploy scripts) would. A real
+    terminal here: a pty whose line discipline turns ^C into the kernel's SIGINT."""
     counter = textwrap.dedent("""
         import signal, sys, time
         got = []
@@ -191,18 +195,35 @@ def test_ctrl_c_reaches_cmd_once(standin, private_dir):
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline:
             time.sleep(0.01)
-        print(len(got), flush=True)
+        print("got", len(got), flush=True)
     """)
     env = run_env(standin, private_dir)
     counts = []
     for _ in range(3):
+        master, slave = pty.openpty()
+
+        def controlling_terminal() -> None:
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
         run = subprocess.Popen([str(BIN / "vm-tokend"), "run", "--", sys.executable, "-c",
-                                counter], env=env, stdout=subprocess.PIPE, text=True,
-                               start_new_session=True)  # a terminal's foreground job
-        assert run.stdout is not None and run.stdout.readline() == "ready\n"
-        os.killpg(run.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
-        out, _ = run.communicate(timeout=30)
-        counts.append(int(out.strip()))
+                                counter], env=env, stdin=slave, stdout=slave, stderr=slave,
+                               start_new_session=True, preexec_fn=controlling_terminal)
+        os.close(slave)
+        seen = b""
+        deadline = time.monotonic() + 30
+        while b"ready" not in seen:
+            assert time.monotonic() < deadline, seen
+            seen += os.read(master, 4096)
+        os.write(master, b"\x03")  # Ctrl-C
+        while b"got" not in seen or not seen.rstrip().endswith((b"0", b"1", b"2", b"3")):
+            assert time.monotonic() < deadline, seen
+            try:
+                seen += os.read(master, 4096)
+            except OSError:
+                break
+        run.wait(timeout=30)
+        os.close(master)
+        counts.append(int(seen.split(b"got")[1].split()[0]))
     assert counts == [1, 1, 1], f"SIGINTs CMD received per Ctrl-C: {counts}"
 
 
@@ -262,12 +283,16 @@ _SLOW_FORK = textwrap.dedent("""
     from vm_tokend import private
     from vm_tokend.__main__ import main
 
-    arm = private._die_with_parent
-    def slow() -> None:
-        Path(sys.argv[1]).touch()
-        time.sleep(1.5)
-        arm()
-    private._die_with_parent = slow
+    real = private.child_setup
+    def slow_setup(*, die_with_parent):
+        arm = real(die_with_parent=die_with_parent)
+        def slow() -> None:
+            if die_with_parent:
+                Path(sys.argv[1]).touch()
+                time.sleep(1.5)
+            arm()
+        return slow
+    private.child_setup = slow_setup
     sys.exit(main(["run", "--", "true"]))
 """)
 
