@@ -104,7 +104,7 @@ def test_start_that_cannot_print_its_variables_leaves_nothing(standin, private_d
         result = subprocess.run([str(BIN / "vm-tokend"), "start", "--sh"], env=env,
                                 stdout=full, stderr=subprocess.PIPE, text=True, timeout=60,
                                 check=False)
-    [private] = private_dirs(private_dir) or [None]
+    [private] = private_dirs(private_dir) or [None]  # type: ignore[list-item]
     try:
         assert private is None or settle(
             lambda: not private.exists() and not leftovers(str(private)), 10), \
