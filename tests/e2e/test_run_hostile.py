@@ -192,14 +192,14 @@ def test_ctrl_c_reaches_cmd_once(standin, private_dir):
         got = []
         signal.signal(signal.SIGINT, lambda *a: got.append(1))
         print("ready", flush=True)
-        deadline = time.monotonic() + 3
+        deadline = time.monotonic() + 1.5
         while time.monotonic() < deadline:
             time.sleep(0.01)
         print("got", len(got), flush=True)
     """)
     env = run_env(standin, private_dir)
     counts = []
-    for _ in range(3):
+    for _ in range(2):
         master, slave = pty.openpty()
 
         def controlling_terminal() -> None:
@@ -224,7 +224,7 @@ def test_ctrl_c_reaches_cmd_once(standin, private_dir):
         run.wait(timeout=30)
         os.close(master)
         counts.append(int(seen.split(b"got")[1].split()[0]))
-    assert counts == [1, 1, 1], f"SIGINTs CMD received per Ctrl-C: {counts}"
+    assert counts == [1, 1], f"SIGINTs CMD received per Ctrl-C: {counts}"
 
 
 def test_two_signals_at_once_before_cmd_runs_still_clean_up(standin, private_dir):
