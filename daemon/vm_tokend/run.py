@@ -114,7 +114,10 @@ def _until_done(cmd: subprocess.Popen[bytes]) -> int:
     while True:
         info = signal.sigwaitinfo({*FORWARDED, signal.SIGCHLD})
         if info.si_signo != signal.SIGCHLD:
-            from_terminal = info.si_pid == 0 and os.getpgid(cmd.pid) == ours
+            try:
+                from_terminal = info.si_pid == 0 and os.getpgid(cmd.pid) == ours
+            except ProcessLookupError:  # CMD ended meanwhile
+                from_terminal = True
             if not from_terminal and cmd.poll() is None:
                 cmd.send_signal(info.si_signo)
         status = cmd.poll()
