@@ -117,8 +117,11 @@ def start(argv: list[str], daemon_parser: Callable[[], argparse.ArgumentParser])
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             start_new_session=True, preexec_fn=child_setup(die_with_parent=False))
         assert supervisor.stdin is not None
-        with supervisor.stdin:
-            supervisor.stdin.write(f"{password or ''}\n".encode())
+        try:
+            with supervisor.stdin:
+                supervisor.stdin.write(f"{password or ''}\n".encode())
+        except BrokenPipeError:
+            pass  # it is gone already: the wait below says so
         log = Children(directory / LOG_NAME)  # what the supervisor's children wrote
         problem = wait_for_login(directory / "socket", supervisor, log)
         if problem is None and args.proxy:
