@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import select
 import traceback
 import types
 from collections.abc import Awaitable, Callable, Coroutine, Generator
@@ -27,7 +28,7 @@ import trio
 from vm_token import protocol
 
 from ..text import quote
-from .listener import hung_up, socket_peer_uid
+from .listener import socket_peer_uid
 
 __all__ = ["Server", "error_reply"]
 
@@ -92,6 +93,15 @@ MAX_LONG_WAITS: Final = 32
 # read and kept, up to this much; beyond it the rest waits in the kernel (and a hang-up
 # is noticed only once the request is done).
 PIPELINE_ROOM: Final = protocol.HEADER_SIZE + protocol.MAX_FRAME
+
+
+def _hung_up(sock: trio.socket.SocketType) -> bool:
+    """After end-of-file: whether the peer is gone, rather than done sending (a client
+    may shut down its writing side and still read its reply). A Unix stream socket whose
+    peer closed, or shut down both ways, reports POLLHUP."""
+    poller = select.poll()
+    poller.register(sock.fileno(), 0)  # POLLHUP and POLLERR are always reported
+    return any(events & (select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
 
 
 class _Watcher:
@@ -444,7 +454,7 @@ async def _watch(connection: _Connection, watcher: _Watcher) -> None:
                     buffer += data
                     continue
                 if data is None or (connection.sock is not None
-                                    and hung_up(connection.sock)):
+                                    and _hung_up(connection.sock)):
                     log.debug("a client hung up while its request was in progress")
                     connection.scope.cancel()
                 return  # or only done sending: it still reads its reply

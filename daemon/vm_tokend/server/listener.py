@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import os
-import select
 import socket as stdlib_socket
 import stat
 import struct
@@ -23,7 +22,6 @@ __all__ = [
     "SocketAlreadyServed",
     "SocketSetupError",
     "bind_unix_socket",
-    "hung_up",
     "socket_peer_cred",
     "socket_peer_uid",
 ]
@@ -145,12 +143,3 @@ def socket_peer_uid(stream: trio.abc.Stream) -> int | None:
     """The uid of a Unix socket's peer (SO_PEERCRED); None for anything else."""
     cred = socket_peer_cred(stream)
     return None if cred is None else cred[0]
-
-
-def hung_up(sock: trio.socket.SocketType) -> bool:
-    """After end-of-file: whether the peer is gone, rather than done sending (a client
-    may shut down its writing side and still read its reply). A Unix stream socket whose
-    peer closed, or shut down both ways, reports POLLHUP."""
-    poller = select.poll()
-    poller.register(sock.fileno(), 0)  # POLLHUP and POLLERR are always reported
-    return any(events & (select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
