@@ -28,16 +28,21 @@ BULK_FLOOR = 0.8
 RSS_LIMIT = 80.0
 
 
+def _wait_for(path: Path, process: subprocess.Popen[bytes], what: str) -> None:
+    """Until `process` listens on `path` (15 s at most)."""
+    deadline = time.monotonic() + 15
+    while not path.exists():
+        if time.monotonic() > deadline or process.poll() is not None:
+            raise SystemExit(f"bench: {what} did not start")
+        time.sleep(0.02)
+
+
 @contextmanager
 def proxy(running: Running) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
     path = running.socket.parent / "proxy"
     process = subprocess.Popen([str(BIN / "vm-tokend"), "proxy"], env=running.env)
     try:
-        deadline = time.monotonic() + 15
-        while not path.exists():
-            if time.monotonic() > deadline or process.poll() is not None:
-                raise SystemExit("bench: vm-tokend proxy did not start")
-            time.sleep(0.02)
+        _wait_for(path, process, "vm-tokend proxy")
         yield path, process
     finally:
         process.terminate()
@@ -53,11 +58,7 @@ def bare_relay(running: Running) -> Iterator[Path]:
     process = subprocess.Popen([sys.executable, "-m", "bench.bare_relay", str(path), host,
                                 port], env=child_env())
     try:
-        deadline = time.monotonic() + 15
-        while not path.exists():
-            if time.monotonic() > deadline or process.poll() is not None:
-                raise SystemExit("bench: the bare relay did not start")
-            time.sleep(0.02)
+        _wait_for(path, process, "the bare relay")
         yield path
     finally:
         process.terminate()

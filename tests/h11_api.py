@@ -35,6 +35,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import h11
 
@@ -444,3 +445,10 @@ def daemon_env(api: FakeApi) -> dict[str, str]:
     """The settings that point vm-tokend at `api`, as conftest does for the stand-in."""
     return {"VM_TOKEN_API_URL": api.url, "VM_TOKEN_USERNAME": api.username,
             "VM_TOKEN_PASSWORD": api.password, "VM_TOKEN_AUTH": "legacy"}
+
+
+def point_config_at(config: Path, api: FakeApi) -> None:
+    """A config file that points vm-tokend at `api` alone (what a reload then reads)."""
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(f'api_url = "{api.url}"\nusername = "{api.username}"\n'
+                      f'password = "{api.password}"\nauth = "legacy"\n')

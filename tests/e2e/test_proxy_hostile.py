@@ -25,7 +25,7 @@ import pytest
 import vm_token
 from tests.conftest import BIN, Daemon
 from tests.e2e.conftest import Proxy
-from tests.h11_api import Answer, FakeApi, Seen, daemon_env, json_answer, wait_for
+from tests.h11_api import Answer, FakeApi, Seen, daemon_env, json_answer, point_config_at, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -120,11 +120,9 @@ def test_a_replay_never_takes_a_token_to_the_api_a_reload_left(
     was wrong) hands the NEW API's token to the OLD host."""
     first, second = make_api(), make_api()
     config = private_dir / "config" / "vm-token" / "config.toml"
-    config.parent.mkdir(parents=True, exist_ok=True)
 
     def point_at(api: FakeApi) -> None:
-        config.write_text(f'api_url = "{api.url}"\nusername = "{api.username}"\n'
-                          f'password = "{api.password}"\nauth = "legacy"\n')
+        point_config_at(config, api)
 
     point_at(first)
     daemon = start_daemon(None)

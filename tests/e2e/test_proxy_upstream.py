@@ -27,7 +27,7 @@ import pytest
 
 from tests.conftest import Daemon, Tls, make_tls
 from tests.e2e.conftest import Proxy
-from tests.h11_api import Answer, FakeApi, Seen, daemon_env, json_answer, wait_for
+from tests.h11_api import Answer, FakeApi, Seen, daemon_env, json_answer, point_config_at, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -317,11 +317,9 @@ def test_a_reload_that_moves_the_api_moves_the_proxy_and_its_tokens(
         make_api, start_daemon, start_proxy, private_dir):
     first, second = make_api(), make_api()
     config = private_dir / "config" / "vm-token" / "config.toml"
-    config.parent.mkdir(parents=True, exist_ok=True)
 
     def point_at(api: FakeApi) -> None:
-        config.write_text(f'api_url = "{api.url}"\nusername = "{api.username}"\n'
-                          f'password = "{api.password}"\nauth = "legacy"\n')
+        point_config_at(config, api)
 
     point_at(first)
     daemon = start_daemon(None)  # everything from the config file

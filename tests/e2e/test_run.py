@@ -22,20 +22,26 @@ def run_env(standin, private_dir: Path, password: str | None = None) -> dict[str
     return env
 
 
-def ours(private: str) -> list[str]:
-    """The command lines of live processes that name `private` (our daemon, our proxy)."""
+def live_processes(marker: str) -> list[tuple[int, str]]:
+    """(pid, command line) of the live (not zombie) processes, other than this one, whose
+    command line names `marker` (our private directory: our daemon, our proxy)."""
     found = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except (OSError, IndexError):
             continue
-        if private in cmdline and state != "Z":
-            found.append(cmdline)
+        if marker in cmdline and state != "Z":
+            found.append((int(entry.name), cmdline))
     return found
+
+
+def ours(private: str) -> list[str]:
+    """The command lines of live processes that name `private`."""
+    return [cmdline for _, cmdline in live_processes(private)]
 
 
 def vm_tokend_run(env: dict[str, str], *args: str, script: str) -> subprocess.CompletedProcess:

@@ -17,25 +17,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import BIN
-from tests.e2e.test_run import run_env
+from tests.e2e.test_run import live_processes, run_env
 
 pytestmark = pytest.mark.timeout(90)
 
 
 def leftovers(marker: str) -> list[int]:
     """Live (not zombie) processes whose command line names `marker`, other than us."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if marker in cmdline and state != "Z":
-            found.append(int(entry.name))
-    return found
+    return [pid for pid, _ in live_processes(marker)]
 
 
 def kill_leftovers(marker: str) -> None:
