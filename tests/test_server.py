@@ -45,9 +45,10 @@ from tests.fakes import VMS, FakeBackend, credentials, running_keeper
 from vm_token import protocol
 from vm_tokend.keeper.account import Account
 from vm_tokend.keeper.answers import Answers
+from vm_tokend.peers import Peer, PeerRule, socket_peer
 from vm_tokend.server.connections import IDLE_SLACK, Server
 from vm_tokend.server.dispatch import Dispatcher
-from vm_tokend.server.listener import bind_unix_socket, socket_peer_uid
+from vm_tokend.server.listener import bind_unix_socket
 from vm_tokend.server.routing import Routes
 from vm_tokend.upstream.base import VideoManagerRef
 
@@ -125,8 +126,12 @@ def replies_in_lockstep() -> tuple[trio.abc.Stream, trio.abc.Stream]:
     return trio.StapledStream(up_send, down_receive), trio.StapledStream(down_send, up_receive)
 
 
-def ours(stream: trio.abc.Stream) -> int:
-    return os.getuid()
+def as_uid(uid: int):
+    """A `peer` for memory streams: a peer of this uid (and as its own group)."""
+    return lambda stream: Peer(uid, uid, 1)
+
+
+ours = as_uid(os.getuid())
 
 
 @asynccontextmanager
@@ -141,22 +146,24 @@ async def running(server: Server):
 async def in_memory(handle, **options):
     """A server answering with `handle` on a MemoryListener."""
     listener = MemoryListener()
-    options.setdefault("peer_uid", ours)
+    options.setdefault("peer", ours)
     server = Server(listener, handle, **options)
     async with running(server):
         yield server, listener
 
 
 @asynccontextmanager
-async def serving(backend=None, **options):
-    """A keeper on the fake backend and a server on memory streams, stopped at the end."""
+async def serving(backend=None, *, token_only: bool = False, **options):
+    """A keeper on the fake backend and a server on memory streams, stopped at the end;
+    `token_only`: served as the token socket serves it."""
     async def login(profile: str | None, username: str, password: str) -> None:
         pass  # the keeper's session is not replaced: the dispatcher then waits on it
 
     async with running_keeper(backend or FakeBackend()) as keeper:
         dispatcher = Dispatcher(keeper, version="test", login=login,
                                 describe=lambda profile: {}, routes=Routes(keeper))
-        async with in_memory(dispatcher, fast=dispatcher.fast_reply, **options) as (
+        handle = dispatcher.token_only() if token_only else dispatcher
+        async with in_memory(handle, fast=dispatcher.fast_reply, **options) as (
                 server, listener):
             yield server, listener, keeper
 
@@ -317,14 +324,14 @@ async def test_a_client_done_sending_still_gets_the_reply_it_waits_for(private_d
             assert (waits.cancelled, waits.answered) == (0, 1)
 
 
-def small_send_buffer(stream: trio.abc.Stream) -> int:
-    """peer_uid for a real socket that also shrinks the accepted socket's send buffer, so
+def small_send_buffer(stream: trio.abc.Stream) -> Peer:
+    """`peer` for a real socket that also shrinks the accepted socket's send buffer, so
     that a 60 KB reply is written in parts (the kernel takes ~16 KB at once)."""
     assert isinstance(stream, trio.SocketStream)
     stream.socket.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_SNDBUF, 8192)
-    uid = socket_peer_uid(stream)
-    assert uid is not None
-    return uid
+    peer = socket_peer(stream)
+    assert peer is not None
+    return peer
 
 
 async def test_on_a_socket_a_reply_is_sent_whole_as_the_client_reads_or_it_is_dropped(
@@ -335,7 +342,7 @@ async def test_on_a_socket_a_reply_is_sent_whole_as_the_client_reads_or_it_is_dr
     reply = protocol.encode_frame({"ok": True, "blob": "x" * 60_000})
     with trio.fail_after(10):
         async with on_a_socket(private_dir, waiting_handler(Waits()),
-                               peer_uid=small_send_buffer, send_timeout=0.5) as (server, path):
+                               peer=small_send_buffer, send_timeout=0.5) as (server, path):
             stream = await connect(path)
             await stream.send_all(protocol.encode_frame({"v": 1, "op": "big"}) * 3)
             data = bytearray()
@@ -372,7 +379,7 @@ class FailingOnce(MemoryListener):
 async def test_a_failed_accept_pauses_then_serving_goes_on(autojump_clock, caplog):
     listener = FailingOnce()
     # one slot: had the failed accept kept it, nobody would be served again
-    server = Server(listener, waiting_handler(Waits()), peer_uid=ours, accept_pause=0.25,
+    server = Server(listener, waiting_handler(Waits()), peer=ours, accept_pause=0.25,
                     max_connections=1)
     with trio.fail_after(60):
         async with running(server):
@@ -471,12 +478,12 @@ async def test_the_longest_idle_connection_makes_room(autojump_clock):
 @pytest.mark.parametrize("uid", [4242, None], ids=["another-user", "no-uid"])
 async def test_other_users_are_closed_without_a_reply(autojump_clock, uid):
     """Only our uid and root are served; a stream whose peer's uid is unknown (None: the
-    default peer_uid, SO_PEERCRED, on a stream that is not a socket) is refused too."""
+    default `peer`, SO_PEERCRED, on a stream that is not a socket) is refused too."""
     if uid == os.getuid():
         pytest.skip(f"running as uid {uid}")
-    peer_uid = socket_peer_uid if uid is None else lambda stream: uid
+    peer = socket_peer if uid is None else as_uid(uid)
     with trio.fail_after(5):
-        async with in_memory(waiting_handler(Waits()), peer_uid=peer_uid) as (
+        async with in_memory(waiting_handler(Waits()), peer=peer) as (
                 server, listener):
             stream = await listener.connect()
             with pytest.raises((EOFError, trio.BrokenResourceError)):
@@ -488,10 +495,45 @@ async def test_other_users_are_closed_without_a_reply(autojump_clock, uid):
 @pytest.mark.parametrize("uid", [os.getuid(), 0], ids=["ours", "root"])
 async def test_our_uid_and_root_are_served(autojump_clock, uid):
     with trio.fail_after(5):
-        async with in_memory(waiting_handler(Waits()), peer_uid=lambda stream: uid) as (
+        async with in_memory(waiting_handler(Waits()), peer=as_uid(uid)) as (
                 server, listener):
             assert await ask(await listener.connect(), HELLO) == {"ok": True}
             assert (server.refused_peers, server.accepted) == (0, 1)
+
+
+async def test_the_token_socket_serves_tokens_and_forbids_every_other_op(autojump_clock):
+    with trio.fail_after(30):
+        async with serving(token_only=True) as (server, listener, keeper):
+            stream = await listener.connect()
+            hello = await ask(stream, HELLO)
+            assert hello["ok"] and hello["ops"] == ["get", "hello", "invalidate", "list"]
+            got = await ask(stream, {"v": 1, "op": "get", "vm": "Sales"})
+            assert got["ok"] and got["videomanager_id"] == "2", got
+            assert (await ask(stream, {"v": 1, "op": "list"}))["total"] == len(VMS)
+            assert (await ask(stream, {"v": 1, "op": "invalidate", "token": "x"}))["ok"]
+            for op in sorted(protocol.OPS - {"hello", "get", "list", "invalidate"}):
+                reply = await ask(stream, {"v": 1, "op": op, "username": "u",
+                                           "password": "p", "method": "browser"})
+                assert reply["error"]["code"] == "forbidden_op", (op, reply)
+                assert f"{op} is not served on the token socket" in reply["error"]["message"]
+            unknown = await ask(stream, {"v": 1, "op": "frobnicate"})
+            assert unknown["error"]["code"] == "bad_request"
+            assert keeper.state(None)["state"] == "logged_in"  # the logout was refused
+
+
+async def test_a_new_rule_closes_the_connections_it_does_not_admit(autojump_clock):
+    uids = iter([4242, 4243])
+    with trio.fail_after(10):
+        async with in_memory(waiting_handler(Waits()), peer=lambda stream: Peer(
+                next(uids), 1, 1), rule=PeerRule(root=False, uids=frozenset({4242, 4243}))
+                             ) as (server, listener):
+            kept, dropped = await listener.connect(), await listener.connect()
+            for stream in (kept, dropped):
+                assert await ask(stream, HELLO) == {"ok": True}
+            server.set_rule(PeerRule(root=False, uids=frozenset({4242})))
+            assert await closed(dropped)
+            assert await ask(kept, HELLO) == {"ok": True}
+            assert server.open_connections == 1
 
 
 async def test_a_burst_beyond_the_limit_waits_and_is_served(autojump_clock):
@@ -587,7 +629,7 @@ async def test_stop_closes_idle_connections_and_gives_requests_the_drain_time(au
     waits = Waits()
     listener = MemoryListener()
     closed: list[float] = []
-    server = Server(listener, waiting_handler(waits), peer_uid=ours, drain_timeout=2.0,
+    server = Server(listener, waiting_handler(waits), peer=ours, drain_timeout=2.0,
                     on_close=lambda: closed.append(trio.current_time()))
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:

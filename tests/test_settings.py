@@ -65,6 +65,38 @@ def test_videomanagers_from_env_as_list_or_commas(monkeypatch):
     assert load_settings().videomanagers == ["Sales"]
 
 
+def test_allow_lists_take_numbers_names_commas_and_json(monkeypatch, tmp_path):
+    monkeypatch.setenv("VM_TOKEN_ALLOW_UIDS", "1000, root,12")
+    monkeypatch.setenv("VM_TOKEN_ALLOW_GIDS", "[5, \"root\"]")
+    settings = load_settings()
+    assert (settings.allow_uids, settings.allow_gids) == ([1000, 0, 12], [5, 0])
+    # flags (--allow-uid, repeatable) come as a list of strings
+    assert load_settings({"allow_uids": ["7", "8"]}).allow_uids == [7, 8]
+    write_config(tmp_path, 'allow_uids = [33, "root"]\ntoken_socket_group = "root"\n')
+    monkeypatch.delenv("VM_TOKEN_ALLOW_UIDS")
+    settings = load_settings()
+    assert settings.allow_uids == [33, 0] and settings.token_socket_gid == 0
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("65534", "65534 is the overflow uid"), ("nobody-here-xyz", "no user named"),
+    ("-1", "no user named '-1'"), ("4294967295", "is not a uid"), ("[1.5]", "uid numbers"),
+])
+def test_allow_uids_that_are_no_uid_are_refused_by_name(monkeypatch, value, message):
+    monkeypatch.setenv("VM_TOKEN_ALLOW_UIDS", value)
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_settings()
+    assert "VM_TOKEN_ALLOW_UIDS" in str(caught.value)
+
+
+def test_the_token_socket_is_no_other_socket(tmp_path):
+    settings = load_settings()
+    for taken in (settings.socket_path, settings.proxy_socket_path):
+        with pytest.raises(ConfigError, match="token_socket must be a path of its own"):
+            load_settings({"token_socket": str(taken)})
+    assert load_settings({"token_socket": str(tmp_path / "t")}).token_socket == tmp_path / "t"
+
+
 @pytest.mark.parametrize(("url", "ok"), [
     ("http://127.0.0.1:8080/v1/vms", True), ("http://localhost/v1/vms", True),
     ("http://[::1]:9/v1/vms", True), ("http://127.9.9.9/v1/vms", True),

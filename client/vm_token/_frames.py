@@ -53,6 +53,9 @@ UPSTREAM_UNAVAILABLE: Final = "upstream_unavailable"
 UNSUPPORTED_VERSION: Final = "unsupported_version"
 LOGIN_FAILED: Final = "login_failed"
 UNKNOWN_PROFILE: Final = "unknown_profile"
+# An op the socket does not serve: the token-only socket serves hello, get, invalidate
+# and list.
+FORBIDDEN_OP: Final = "forbidden_op"
 INTERNAL: Final = "internal"
 ERROR_CODES: Final = frozenset(
     {
@@ -66,6 +69,7 @@ ERROR_CODES: Final = frozenset(
         UNSUPPORTED_VERSION,
         LOGIN_FAILED,
         UNKNOWN_PROFILE,
+        FORBIDDEN_OP,
         INTERNAL,
     }
 )

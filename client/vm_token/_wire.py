@@ -5,9 +5,15 @@ more): `vm-token token` runs this on every call and must start almost as fast as
 interpreter itself.
 
 Before anything is sent, a connection proves it leads to our own daemon: the socket's peer
-(SO_PEERCRED) must run as our uid or as root, and the fallback directory
-`/tmp/vm-token-<uid>/` must be ours and private. Otherwise another local user who got there
-first would receive our password and requests, and hand us tokens of their account.
+(SO_PEERCRED) must run as our uid, as root, or as the one uid we were told to trust
+(`daemon_uid`, `$VM_TOKEN_DAEMON_UID`: a daemon of another user or container sharing its
+token socket), and the fallback directory `/tmp/vm-token-<uid>/` must be ours and private.
+Otherwise another local user who got there first would receive our password and requests,
+and hand us tokens of their account.
+
+A peer whose uid is not mapped into our user namespace shows as the overflow uid (65534),
+whoever it is: in a user namespace of our own, such a daemon is refused even when that is
+our own uid there, with a message that says why and how to map it.
 """
 
 from __future__ import annotations
@@ -83,20 +89,69 @@ def check_directory(path: str) -> None:
             "yours")
 
 
-def check_peer(sock: Any, path: str) -> None:
+DAEMON_UID_VARIABLE = "VM_TOKEN_DAEMON_UID"
+
+
+def resolve_daemon_uid(daemon_uid: int | None) -> int | None:
+    """The daemon uid to trust besides ours and root: `daemon_uid`, else
+    `$VM_TOKEN_DAEMON_UID` (if set and not empty); Error when it is no uid."""
+    if daemon_uid is None:
+        text = os.environ.get(DAEMON_UID_VARIABLE, "").strip()
+        if not text:
+            return None
+        if not text.isdecimal() or not text.isascii():
+            raise Error(f"{DAEMON_UID_VARIABLE} must be a uid number, not {text[:20]!r}")
+        daemon_uid = int(text)
+    if isinstance(daemon_uid, bool) or not isinstance(daemon_uid, int) \
+            or not 0 <= daemon_uid < 2**32 - 1:
+        raise Error(f"daemon_uid must be a uid number, not {daemon_uid!r}")
+    return daemon_uid
+
+
+def _read_proc(path: str) -> str:
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read()
+    except (OSError, ValueError):
+        return ""
+
+
+def _unmapped(uid: int) -> bool:
+    """Whether `uid`, as a peer shows here, is the overflow uid of a user namespace that
+    is not the machine's: then it stands for every uid the namespace does not map. (The
+    machine's namespace maps every uid to itself: 65534 there is a real user, nobody.)"""
+    if _read_proc("/proc/self/uid_map").split() == ["0", "0", "4294967295"]:
+        return False
+    overflow = _read_proc("/proc/sys/kernel/overflowuid").strip()
+    return uid == (int(overflow) if overflow.isdecimal() else 65534)
+
+
+def check_peer(sock: Any, path: str, daemon_uid: int | None = None) -> None:
     """Refuse a daemon that runs as another user (root is trusted: it could read our memory
-    anyway). `sock` is anything with `getsockopt`: a `_socket`, trio's or asyncio's socket."""
+    anyway), unless it is `daemon_uid`. `sock` is anything with `getsockopt`: a `_socket`,
+    trio's or asyncio's socket."""
     try:
         raw = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, _UCRED_SIZE)
     except OSError as exc:
         raise Error(f"cannot check who runs vm-tokend at {path}: {exc.strerror or exc}") from exc
     uid = int.from_bytes(raw[_INT:2 * _INT], sys.byteorder)
-    if uid != 0 and uid != os.getuid():
+    if uid == 0:
+        return
+    unmapped = _unmapped(uid)
+    if uid in (os.getuid(), daemon_uid) and not unmapped:
+        return
+    if unmapped:
         raise UntrustedDaemon(
-            f"vm-tokend at {path} is owned by uid {uid}, not you: refusing to use it")
+            f"vm-tokend at {path} shows as uid {uid}, the overflow uid: its real uid is not "
+            "mapped into this user namespace (a container's), so it cannot be told from any "
+            "other user; run the container with `podman run --userns=keep-id`, or run both "
+            "sides as one uid")
+    raise UntrustedDaemon(
+        f"vm-tokend at {path} is owned by uid {uid}, not you: refusing to use it (if you "
+        f"trust that user's daemon, set {DAEMON_UID_VARIABLE}={uid})")
 
 
-def connect(path: str, deadline: float) -> _socket.socket:
+def connect(path: str, deadline: float, daemon_uid: int | None = None) -> _socket.socket:
     """A connection to our own daemon; DaemonNotRunning when nothing answers, UntrustedDaemon
     when another user's process does."""
     check_directory(path)
@@ -113,7 +168,7 @@ def connect(path: str, deadline: float) -> _socket.socket:
                 # EAGAIN rather than queue us. Try again until the deadline.
                 sleep(min(pause, _remaining(deadline)))
                 pause = min(pause * 2, 0.05)
-        check_peer(sock, path)
+        check_peer(sock, path, daemon_uid)
         # From here on the socket blocks, bounded by the kernel's SO_RCVTIMEO/SO_SNDTIMEO
         # (see Connection): Python's own timeouts poll before every call.
         sock.settimeout(None)
@@ -147,9 +202,10 @@ class Connection:
 
     __slots__ = ("_limit_ms", "_unpackb", "_view", "path", "sock")
 
-    def __init__(self, path: str, deadline: float, unpackb: _frames.Unpacker) -> None:
+    def __init__(self, path: str, deadline: float, unpackb: _frames.Unpacker,
+                 daemon_uid: int | None = None) -> None:
         self.path = path
-        self.sock = connect(path, deadline)
+        self.sock = connect(path, deadline, daemon_uid)
         self._limit_ms = 0
         self._unpackb = unpackb
         self._view = memoryview(bytearray(_RECEIVE_SIZE))
@@ -239,7 +295,7 @@ def request_once(path: str, message: dict[str, Any], timeout: float) -> dict[str
     msgpack: for one message, importing the C extension costs more than it saves)."""
     deadline = monotonic() + timeout
     frame = _frames.encode_frame(message, _minipack.packb)
-    connection = Connection(path, deadline, _minipack.unpackb)
+    connection = Connection(path, deadline, _minipack.unpackb, resolve_daemon_uid(None))
     try:
         reply = connection.exchange(frame, deadline)
     except FAILURES as exc:

@@ -202,7 +202,8 @@ class AsyncClient:
 
     Each call takes at most `timeout` seconds, waiting for a free connection included. A
     client belongs to the event loop that first used it. `profile` as for Client: the
-    daemon's profile every request is for (default: `$VM_TOKEN_PROFILE`, else the daemon's).
+    daemon's profile every request is for (default: `$VM_TOKEN_PROFILE`, else the daemon's);
+    `daemon_uid` too: a daemon uid to trust besides ours and root (`$VM_TOKEN_DAEMON_UID`).
     """
 
     def __init__(
@@ -212,12 +213,14 @@ class AsyncClient:
         timeout: float = DEFAULT_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         profile: str | None = None,
+        daemon_uid: int | None = None,
     ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
         self.socket_path = str(socket) if socket is not None else protocol.default_socket_path()
         self.timeout = timeout
         self.profile = resolve_profile(profile)
+        self.daemon_uid = _wire.resolve_daemon_uid(daemon_uid)
         self.max_connections = max_connections
         self._library: _Library | None = None
         self._slots: _Semaphore | None = None
@@ -338,14 +341,14 @@ class AsyncClient:
 
     async def _connect(self, library: _Library) -> _Stream:
         """A new connection, checked before anything is sent (see _wire): the daemon runs
-        as us or as root, and the /tmp fallback directory is ours and private."""
+        as us, as root or as daemon_uid, and the /tmp fallback directory is ours and private."""
         _wire.check_directory(self.socket_path)
         try:
             stream = await library.connect(self.socket_path)
         except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as exc:
             raise DaemonNotRunning(self.socket_path) from exc
         try:
-            _wire.check_peer(stream.socket(), self.socket_path)
+            _wire.check_peer(stream.socket(), self.socket_path, self.daemon_uid)
         except BaseException:
             stream.close()
             raise

@@ -105,6 +105,10 @@ class Client:
     `profile` names the daemon's profile (account) every request is for; without it,
     `$VM_TOKEN_PROFILE` (read here, once) if set, else the daemon's default profile.
     A profile the daemon does not have is `UnknownProfile`.
+
+    The daemon must run as this user or as root, or as `daemon_uid` (default
+    `$VM_TOKEN_DAEMON_UID`): a daemon of another user or container whose token socket
+    this user may use. Any other is `UntrustedDaemon`, before anything is sent.
     """
 
     def __init__(
@@ -113,10 +117,12 @@ class Client:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         profile: str | None = None,
+        daemon_uid: int | None = None,
     ) -> None:
         self.socket_path = str(socket) if socket is not None else protocol.default_socket_path()
         self.timeout = timeout
         self.profile = resolve_profile(profile)
+        self.daemon_uid = _wire.resolve_daemon_uid(daemon_uid)
         # get_token()'s request, encoded once: the profile's, or the plain one (which the
         # daemon answers from its own cache).
         self._get_default_frame = _GET_DEFAULT_FRAME if self.profile is None else (
@@ -215,7 +221,8 @@ class Client:
                     self._drop()
             # Checks the daemon's uid (and /tmp directory) before anything is sent.
             # msgpack's defaults are the protocol's (str keys and values, no bin as str).
-            self._connection = _wire.Connection(self.socket_path, deadline, msgpack.unpackb)
+            self._connection = _wire.Connection(self.socket_path, deadline, msgpack.unpackb,
+                                                self.daemon_uid)
             return self._connection.exchange(frame, deadline)
         except _wire.FAILURES as exc:
             self._drop()
@@ -242,8 +249,9 @@ def get_token(
     socket: str | PathLike[str] | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     profile: str | None = None,
+    daemon_uid: int | None = None,
 ) -> Token:
     """One token from the daemon: for `videomanager` (id or name; None for the default) of
     `profile` (None: `$VM_TOKEN_PROFILE`, else the daemon's default profile)."""
-    with Client(socket, timeout=timeout, profile=profile) as client:
+    with Client(socket, timeout=timeout, profile=profile, daemon_uid=daemon_uid) as client:
         return client.get_token(videomanager, min_ttl=min_ttl)

@@ -15,6 +15,7 @@
         ├── UnsupportedVersion    unsupported_version
         ├── LoginFailed           login_failed (an interactive login ended without tokens)
         ├── UnknownProfile        unknown_profile (no profile of that name is configured)
+        ├── ForbiddenOp           forbidden_op (not served on this socket: a token-only one)
         └── InternalError         internal
 
 Messages never contain a token or a password: the daemon never puts one in an error, and
@@ -32,6 +33,7 @@ __all__ = [
     "DaemonNotRunning",
     "Error",
     "Forbidden",
+    "ForbiddenOp",
     "InternalError",
     "LoginFailed",
     "NotLoggedIn",
@@ -65,8 +67,9 @@ class DaemonNotRunning(Error):
 class UntrustedDaemon(Error):
     """The socket, or the /tmp directory it is in, belongs to another user; nothing was sent.
 
-    A daemon of another uid (root excepted) could be anyone's: it would receive the
-    password and requests, and answer with tokens of its own account."""
+    A daemon of another uid (root excepted, and the uid named by `daemon_uid` or
+    $VM_TOKEN_DAEMON_UID) could be anyone's: it would receive the password and requests,
+    and answer with tokens of its own account."""
 
 
 class ProtocolError(Error):
@@ -123,6 +126,13 @@ class UnknownProfile(DaemonError):
     code = _frames.UNKNOWN_PROFILE
 
 
+class ForbiddenOp(DaemonError):
+    """The socket does not serve that request: a token-only socket (the setting
+    token_socket) serves hello, get, invalidate and list."""
+
+    code = _frames.FORBIDDEN_OP
+
+
 class InternalError(DaemonError):
     code = _frames.INTERNAL
 
@@ -140,6 +150,7 @@ _BY_CODE: dict[str, type[DaemonError]] = {
         UnsupportedVersion,
         LoginFailed,
         UnknownProfile,
+        ForbiddenOp,
         InternalError,
     )
 }

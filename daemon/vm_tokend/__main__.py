@@ -58,6 +58,19 @@ def _parser() -> ArgumentParser:
                         help="run CMD (with /bin/sh) at each login; its first line of output "
                              "is the password")
     parser.add_argument("--socket", metavar="PATH")
+    parser.add_argument("--token-socket", metavar="PATH",
+                        help="also serve tokens (hello, get, invalidate, list: no login, "
+                             "logout or status) on this socket, to this user and those "
+                             "--allow-uid/--allow-gid name: other users, containers")
+    parser.add_argument("--allow-uid", dest="allow_uids", action="append", metavar="UID",
+                        help="a user (number or name) the token socket and the proxy's "
+                             "socket serve too (repeatable)")
+    parser.add_argument("--allow-gid", dest="allow_gids", action="append", metavar="GID",
+                        help="a group whose members (primary or supplementary) they serve "
+                             "too (repeatable)")
+    parser.add_argument("--token-socket-group", metavar="GROUP",
+                        help="the group the token socket belongs to (mode 0660), for a "
+                             "shared volume")
     parser.add_argument("--default-videomanager", metavar="ID|NAME")
     parser.add_argument("--videomanager", dest="videomanagers", action="append",
                         metavar="ID|NAME", help="keep this VideoManager's token warm "
@@ -154,10 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     from .app import App
     from .config.environment import process_environment
     from .config.settings import ConfigError, load_config
+    from .peers import PeerRule
     from .server.listener import (
         BoundSocket,
         SocketAlreadyServed,
         SocketSetupError,
+        bind_shared_socket,
         bind_unix_socket,
     )
 
@@ -183,12 +198,25 @@ def main(argv: list[str] | None = None) -> int:
     except (SocketSetupError, systemd.ActivationError) as exc:
         print(f"vm-tokend: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    token_bound = None
+    try:
+        if settings.token_socket is not None:
+            rule = PeerRule.allowing(settings.allow_uids, settings.allow_gids, root=False)
+            token_bound = bind_shared_socket(settings.token_socket.expanduser(),
+                                             group=settings.token_socket_gid,
+                                             others=rule.opens_to_others)
+    except SocketSetupError as exc:
+        bound.remove()
+        print(f"vm-tokend: token_socket: {exc}", file=sys.stderr)
+        return EXIT_ALREADY_RUNNING if isinstance(exc, SocketAlreadyServed) else EXIT_CONFIG
     app = App(settings, bound, profiles=profiles, flags=flags, notifier=notifier,
-              watchdog_interval=systemd.watchdog_interval(environ))
+              watchdog_interval=systemd.watchdog_interval(environ), token_bound=token_bound)
     try:
         trio.run(app.run)
     finally:
         bound.remove()
+        if token_bound is not None:
+            token_bound.remove()
         notifier.close()
     return EXIT_OK
 

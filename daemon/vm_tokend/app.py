@@ -20,6 +20,7 @@ from vm_token import __version__
 
 from .config.settings import ConfigError, Profiles, Settings, load_config, resolve_profiles
 from .keeper import Keeper
+from .peers import PeerRule, warn_if_unreachable
 from .runtimes import Runtimes
 from .server.connections import Server
 from .server.dispatch import Dispatcher
@@ -44,6 +45,7 @@ class App:
         flags: dict[str, Any] | None = None,
         notifier: Notifier | None = None,
         watchdog_interval: float | None = None,
+        token_bound: BoundSocket | None = None,
     ) -> None:
         self.settings = settings
         self.profiles = profiles if profiles is not None else resolve_profiles(settings)
@@ -51,16 +53,19 @@ class App:
         self.watchdog_interval = watchdog_interval
         self.flags = dict(flags or {})
         self.bound = bound
+        self.token_bound = token_bound  # the token-only socket, if the settings ask for one
         self.started_at = time.time()
         self.keeper: Keeper | None = None
         self.runtimes: Runtimes | None = None
         self.server: Server | None = None
+        self.token_server: Server | None = None
         self._nursery: trio.Nursery | None = None
 
     def stop(self) -> None:
         self.notifier.stopping()
-        if self.server is not None:
-            self.server.stop()
+        for server in (self.server, self.token_server):
+            if server is not None:
+                server.stop()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -72,6 +77,11 @@ class App:
                                     describe=self._describe, routes=routes)
             self.server = Server(self.bound.listener(), dispatcher, fast=dispatcher.fast_reply,
                                  on_close=self.bound.remove)
+            if self.token_bound is not None:
+                self.token_server = Server(
+                    self.token_bound.listener(), dispatcher.token_only(),
+                    fast=dispatcher.fast_reply, rule=self._token_rule(),
+                    name=" on the token socket", on_close=self.token_bound.remove)
             try:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
@@ -82,6 +92,8 @@ class App:
                     await nursery.start(self._serve)
                     where = self.bound.path or "the socket systemd passed"
                     log.info("vm-tokend %s serving on %s", __version__, where)
+                    if self.token_bound is not None:
+                        self._say_token_socket()
                     self.notifier.ready()
                     if self.notifier.enabled:
                         nursery.start_soon(self._report_status)
@@ -97,8 +109,28 @@ class App:
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         assert self.server is not None and self._nursery is not None
-        await self.server.serve(task_status=task_status)
+        async with trio.open_nursery() as servers:
+            for server in (self.server, self.token_server):
+                if server is not None:
+                    await servers.start(server.serve)
+            task_status.started()
         self._nursery.cancel_scope.cancel()  # the keeper and signal tasks end with it
+
+    def _token_rule(self) -> PeerRule:
+        """Whom the token socket serves: our uid and those allowed; root only if listed
+        (a container's root reaches the socket through a volume, not our memory)."""
+        return PeerRule.allowing(self.settings.allow_uids, self.settings.allow_gids,
+                                 root=False)
+
+    def _say_token_socket(self) -> None:
+        assert self.token_bound is not None
+        rule = self._token_rule()
+        who = ", ".join([*(f"uid {uid}" for uid in sorted(rule.uids)),
+                         *(f"gid {gid}" for gid in sorted(rule.gids))]) or "no one else"
+        log.info("token socket on %s: hello, get, invalidate and list for this user and %s",
+                 self.token_bound.path, who)
+        warn_if_unreachable(rule, self.token_bound.path, self.settings.token_socket_gid,
+                            setting="token_socket")
 
     async def _watchdog(self, interval: float) -> None:
         # Runs on the event loop: if the loop is stuck, the pings stop and systemd restarts us.
@@ -206,9 +238,13 @@ class App:
             log.error("reload: %s; that profile keeps its running configuration", error)
         old, self.settings = self.settings, new
         self.profiles = profiles
-        for name in ("socket",):
+        for name in ("socket", "token_socket", "token_socket_group"):
             if getattr(new, name) != getattr(old, name):
                 log.warning("a change of %s takes effect only after a restart", name)
+        if self.token_server is not None and (new.allow_uids, new.allow_gids) != (
+                old.allow_uids, old.allow_gids):
+            self.token_server.set_rule(self._token_rule())
+            self._say_token_socket()
         logging.getLogger("vm_tokend").setLevel(new.log_level.upper())
         runtimes = self.runtimes
         runtimes.max_backoff = new.max_backoff

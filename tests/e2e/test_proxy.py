@@ -267,6 +267,38 @@ def test_another_uid_on_the_unix_socket_is_refused_by_the_proxy_itself(
         shutil.rmtree(opened, ignore_errors=True)
 
 
+ALLOWED_UID = 12345
+
+
+def curl_as(uid: int, *args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "curl", "-sS",
+         "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10", *args],
+        capture_output=True, timeout=20, check=False)
+
+
+def test_allow_uids_opens_the_socket_and_the_port_to_that_uid_only(
+        standin, start_daemon, start_proxy, private_dir):
+    if os.getuid() != 0 or shutil.which("setpriv") is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the other-uid tests (root, setpriv)")
+        pytest.skip("needs root and setpriv to act as another uid")
+    private_dir.chmod(0o711)
+    daemon = start_daemon(standin)
+    daemon.env["VM_TOKEN_PROXY_SOCKET"] = str(private_dir / "shared" / "proxy")
+    daemon.env["VM_TOKEN_ALLOW_UIDS"] = str(ALLOWED_UID)
+    proxy = start_proxy(daemon, "--listen", "127.0.0.1:0")
+    assert proxy.socket.stat().st_mode & 0o777 == 0o666
+    before = standin.counts["api"]
+    for where in (["--unix-socket", str(proxy.socket), "http://localhost/v1/vms"],
+                  [f"http://127.0.0.1:{proxy.port}/v1/vms"]):
+        allowed = curl_as(ALLOWED_UID, *where)
+        assert allowed.stdout == b"200", allowed.stderr
+        refused = curl_as(OTHER_UID, *where)
+        assert refused.stdout == b"000" and refused.returncode in (52, 56), refused  # no answer
+    assert standin.counts["api"] == before + 2
+    assert standin.counts["api_rejected"] == 0
+
 GIB = 1 << 30
 
 

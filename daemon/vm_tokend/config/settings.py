@@ -16,20 +16,24 @@ value came from, so `__main__` can print it and exit 2 without a traceback.
 
 from __future__ import annotations
 
+import grp
+import json
 import math
 import os
+import pwd
 import re
 import tomllib
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
@@ -114,6 +118,15 @@ class Settings(Profile, BaseSettings):
     proxy_connect_timeout: float = Field(default=10.0, gt=0, le=86400)
     proxy_read_timeout: float = Field(default=300.0, gt=0, le=86400)
     proxy_idle_timeout: float = Field(default=60.0, gt=0, le=86400)
+    # The token-only socket, off by default: a second socket that serves hello, get,
+    # invalidate and list only, to our uid and to the users and groups allowed — other
+    # users, containers sharing it through a volume. allow_uids and allow_gids open the
+    # proxy's socket to them too. token_socket_group: the group the socket (and the
+    # directory, when the daemon makes it) belongs to.
+    token_socket: Path | None = None
+    token_socket_group: str | None = None
+    allow_uids: Annotated[list[int], NoDecode] = Field(default_factory=list)
+    allow_gids: Annotated[list[int], NoDecode] = Field(default_factory=list)
     max_backoff: float = Field(default=60.0, gt=0)
     log_level: LogLevel = "info"
     default_profile: str = DEFAULT_PROFILE
@@ -123,6 +136,42 @@ class Settings(Profile, BaseSettings):
     @classmethod
     def _lower_level(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("allow_uids", "allow_gids", mode="before")
+    @classmethod
+    def _ids(cls, value: Any, info: Any) -> Any:
+        # From the environment or a flag: a JSON list or a comma-separated string; names
+        # or numbers (a container's users often have no name on the host).
+        if isinstance(value, str):
+            text = value.strip()
+            value = json.loads(text) if text.startswith("[") else \
+                [part for part in text.split(",") if part.strip()]
+        elif isinstance(value, int):
+            value = [value]
+        if not isinstance(value, list):
+            return value
+        lookup = _uid_of if info.field_name == "allow_uids" else _gid_of
+        return [lookup(item) for item in value]
+
+    @field_validator("token_socket_group")
+    @classmethod
+    def _group(cls, value: str | None) -> str | None:
+        if value is not None:
+            _gid_of(value.strip())
+            return value.strip()
+        return value
+
+    @model_validator(mode="after")
+    def _token_socket_apart(self) -> Settings:
+        if self.token_socket is not None and self.token_socket.expanduser() in (
+                self.socket_path, self.proxy_socket_path):
+            raise ValueError("token_socket must be a path of its own, not the daemon's or "
+                             "the proxy's socket")
+        return self
+
+    @property
+    def token_socket_gid(self) -> int | None:
+        return None if self.token_socket_group is None else _gid_of(self.token_socket_group)
 
     @field_validator("max_backoff")
     @classmethod
@@ -164,6 +213,47 @@ class Settings(Profile, BaseSettings):
             _CredentialsDirectorySource(settings_cls),
             _TomlSource(settings_cls),
         )
+
+
+def _overflow_id(kind: str) -> int:
+    """The id a user namespace shows for every uid (gid) it does not map: 65534 unless
+    the kernel says otherwise."""
+    try:
+        with open(f"/proc/sys/kernel/overflow{kind}", encoding="ascii") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return 65534
+
+
+def _an_id(item: Any, kind: str, by_name: Callable[[str], int]) -> int:
+    """A uid or gid from a number or a name; ValueError saying what is wrong."""
+    noun = "user" if kind == "uid" else "group"
+    if isinstance(item, bool) or not isinstance(item, int | str):
+        raise ValueError(f"must be {noun} names or {kind} numbers")
+    text = str(item).strip()
+    if text.isdecimal():
+        number = int(text)
+    else:
+        try:
+            number = by_name(text)
+        except KeyError:
+            raise ValueError(f"there is no {noun} named {quote(text, 40)} "
+                             f"(give the {kind} number)") from None
+    if not 0 <= number < 2**32 - 1:
+        raise ValueError(f"{number} is not a {kind}")
+    if number == _overflow_id(kind):
+        raise ValueError(f"{number} is the overflow {kind}: every {noun} that is not mapped "
+                         "into a user namespace shows as it, so allowing it would allow "
+                         "them all")
+    return number
+
+
+def _uid_of(item: Any) -> int:
+    return _an_id(item, "uid", lambda name: pwd.getpwnam(name).pw_uid)
+
+
+def _gid_of(item: Any) -> int:
+    return _an_id(item, "gid", lambda name: grp.getgrnam(name).gr_gid)
 
 
 class _CredentialsDirectorySource(PydanticBaseSettingsSource):

@@ -17,10 +17,12 @@ import trio
 from .. import systemd
 from ..config.environment import process_environment
 from ..config.settings import ConfigError, load_config
+from ..peers import PeerRule, warn_if_unreachable
 from ..server.listener import (
     BoundSocket,
     SocketAlreadyServed,
     SocketSetupError,
+    bind_shared_socket,
     bind_unix_socket,
 )
 from .daemon_client import ProfileClients
@@ -100,12 +102,19 @@ def run(argv: list[str], parser_class: type[argparse.ArgumentParser]) -> int:
                         help="forward a token only if it is valid this long, else get a "
                              f"fresh one first (default: {MIN_TTL:g}; below "
                              f"{MAX_MIN_TTL:g}, the API's token lifetime)")
+    parser.add_argument("--allow-uid", dest="allow_uids", action="append", metavar="UID",
+                        help="a user (number or name) served too, on the socket and on "
+                             "--listen (repeatable; default: the setting allow_uids)")
+    parser.add_argument("--allow-gid", dest="allow_gids", action="append", metavar="GID",
+                        help="a group whose members are served too, on the socket "
+                             "(repeatable; default: the setting allow_gids)")
     parser.add_argument("--config", metavar="PATH")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
     flags = {name: value for name, value in vars(args).items()
              if value is not None and name in ("proxy_socket", "socket", "proxy_read_timeout",
-                                               "config", "log_level")}
+                                               "config", "log_level", "allow_uids",
+                                               "allow_gids")}
     try:
         # the proxy needs the top-level settings only: a bad profile is the daemon's matter
         settings = load_config(flags, strict=False)[0]
@@ -120,14 +129,21 @@ def run(argv: list[str], parser_class: type[argparse.ArgumentParser]) -> int:
             parser.error(str(exc))
     logging.getLogger("vm_tokend").setLevel(settings.log_level.upper())
     path = settings.proxy_socket_path
+    # ours and root's, as the daemon's socket, and those the settings allow; on --listen,
+    # ours and the uids allowed (never root's: see gates)
+    rule = PeerRule.allowing(settings.allow_uids, settings.allow_gids, root=True)
     tcp: socket.socket | None = None
     try:
         if listen is not None:  # first: nothing to undo when its port is taken
             tcp = bind_tcp(*listen)
         activated = systemd.activated_socket(process_environment(), PROXY_FD_NAME)
         # systemd's socket is never ours to remove; our own is
-        bound = BoundSocket(activated, path=None) if activated is not None \
-            else bind_unix_socket(path)
+        if activated is not None:
+            bound = BoundSocket(activated, path=None)
+        elif rule.opens_to_others:  # a socket others can reach, as the token socket
+            bound = bind_shared_socket(path, group=settings.token_socket_gid, others=True)
+        else:
+            bound = bind_unix_socket(path)
     except (ListenError, SocketAlreadyServed, SocketSetupError,
             systemd.ActivationError) as exc:
         if tcp is not None:
@@ -135,14 +151,17 @@ def run(argv: list[str], parser_class: type[argparse.ArgumentParser]) -> int:
         print(f"vm-tokend proxy: {exc}", file=sys.stderr)
         return 2
     where = path if activated is None else "the socket systemd passed"
+    warn_if_unreachable(rule, None if activated is not None else path,
+                        settings.token_socket_gid, setting="proxy_socket")
 
     async def main() -> None:
         async with ProfileClients(settings.socket_path) as daemon:
-            listeners: list[Listening] = [(bound.listener(), UnixGate(daemon.hello))]
+            listeners: list[Listening] = [(bound.listener(), UnixGate(daemon.hello, rule))]
             if tcp is not None:
                 address, port = tcp.getsockname()[:2]
                 listeners.append((trio.SocketListener(trio.socket.from_stdlib_socket(tcp)),
-                                  TcpGate(address, port, args.profile)))
+                                  TcpGate(address, port, args.profile,
+                                          PeerRule(False, rule.uids))))
                 log.info("vm-tokend proxy also serving on %s port %d (profile %s)",
                          address, port, args.profile or "default")
             server = ProxyServer(listeners, daemon,
@@ -165,3 +184,4 @@ def run(argv: list[str], parser_class: type[argparse.ArgumentParser]) -> int:
     finally:
         bound.remove()
     return 0
+

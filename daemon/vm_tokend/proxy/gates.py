@@ -1,24 +1,24 @@
 """Who may use a listener, and which profile a request is for: one gate per kind.
 
 - The Unix socket (`UnixGate`): peers by SO_PEERCRED (ours or root's, as the daemon's
-  socket), and the Host header names the profile (`localhost`: the default one; a
-  profile's name: that one).
+  socket, plus the settings allow_uids and allow_gids: peers.PeerRule), and the Host
+  header names the profile (`localhost`: the default one; a profile's name: that one).
 - A loopback TCP port (`TcpGate`, `--listen`): any local user can connect, and a browser
   can be made to. So: the peer's uid from the kernel (vm_token._loopback, shared with the
-  login listener: sock_diag, else a scan of /proc/net/tcp in a thread) must be ours — not
-  root's, unlike the Unix socket: a loopback port is reachable by far more of root than a
-  file in our 0700 directory (a container run as root with the host's network, which has
-  no way into our files or memory, would spend our token), and the login listener's
-  helper (`_loopback.serves_peer`) refuses root too. The Host must be
-  the listener's own address (DNS rebinding), and a request a browser made for a web page
-  (`Origin`, or `Sec-Fetch-Site` other than `none`) is refused; no CORS header is ever
+  login listener: sock_diag, else a scan of /proc/net/tcp in a thread) must be ours or in
+  allow_uids (a TCP peer's groups are not known: allow_gids do not apply) — not root's,
+  unlike the Unix socket: a loopback port is reachable by far more of root than a file in
+  our 0700 directory (a container run as root with the host's network, which has no way
+  into our files or memory, would spend our token), and the login listener's helper
+  (`_loopback.serves_peer`) refuses root too. The Host must be the listener's own address
+  (DNS rebinding), and a request a browser made for a web page (`Origin`, or
+  `Sec-Fetch-Site` other than `none`) is refused; no CORS header is ever
   sent. One profile per port.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, NamedTuple, Protocol, cast
@@ -28,7 +28,7 @@ import trio
 
 from vm_token import _loopback
 
-from ..server.listener import socket_peer_cred
+from ..peers import PeerRule, socket_peer
 from ..text import quote
 from .forward import ask_daemon
 from .routes import Refusal
@@ -64,27 +64,18 @@ def _header(request: h11.Request, name: bytes) -> str | None:
     return values[0].decode("ascii", "replace") if values else None
 
 
-def _ours_or_root(uid: int | None) -> bool:
-    """The Unix socket's rule, the daemon's: our uid, or root (who could read our memory
-    and files anyway)."""
-    return uid is not None and uid in (os.getuid(), 0)
-
-
-def _ours(uid: int | None) -> bool:
-    """The TCP port's rule, the login listener's (`_loopback.serves_peer`): our uid only;
-    a peer the kernel does not list is refused."""
-    return uid is not None and uid == os.getuid()
-
-
 class UnixGate:
-    def __init__(self, hello: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+    def __init__(self, hello: Callable[[], Awaitable[dict[str, Any]]],
+                 rule: PeerRule | None = None) -> None:
         self._hello = hello  # the daemon's `hello`: it lists the profiles
         self._profiles: frozenset[str] = frozenset()
+        self.rule = rule or PeerRule(root=True)  # ours, root's, and those allowed
 
     async def admits(self, stream: trio.abc.Stream) -> Admission:
-        cred = socket_peer_cred(stream)
-        uid, pid = cred if cred is not None else (None, None)
-        return Admission(_ours_or_root(uid), uid, pid)
+        peer = socket_peer(stream)
+        if peer is None:
+            return Admission(False, None, None)
+        return Admission(self.rule.admits(stream, peer), peer.uid, peer.pid)
 
     async def profile(self, request: h11.Request) -> str | None:
         host = (_header(request, b"host") or DEFAULT_HOST).lower()
@@ -104,11 +95,13 @@ class UnixGate:
 
 
 class TcpGate:
-    def __init__(self, address: str, port: int, profile: str | None) -> None:
+    def __init__(self, address: str, port: int, profile: str | None,
+                 rule: PeerRule | None = None) -> None:
         literal = f"[{address}]" if ":" in address else address
         self.hosts = frozenset({f"{literal}:{port}", f"localhost:{port}"})
         self._profile = profile
         self._scans = trio.CapacityLimiter(TABLE_SCANS)
+        self.rule = rule or PeerRule(root=False)  # ours, and the uids allowed; never root's
 
     async def admits(self, stream: trio.abc.Stream) -> Admission:
         if not isinstance(stream, trio.SocketStream):
@@ -119,7 +112,7 @@ class TcpGate:
         except _loopback.DiagUnavailable:
             uid = await trio.to_thread.run_sync(_loopback.scan_peer_uid, sock,
                                                 limiter=self._scans)
-        return Admission(_ours(uid), uid, None)
+        return Admission(self.rule.admits_uid(uid), uid, None)
 
     async def profile(self, request: h11.Request) -> str | None:
         host = (_header(request, b"host") or "").lower()

@@ -1,12 +1,13 @@
 """`vm-tokend proxy`: serve HTTP/1.1 on a Unix socket and forward to the profiles' APIs.
 
-Each connection is one task: the peer's uid is checked (ours or root's, as the daemon's
-socket), then requests are read with h11 in a keep-alive loop; the Host header names the
-profile (`localhost`: the default one). A request the proxy will not forward is answered
-by the proxy itself (see http11.Conversation.answer); a client that breaks the protocol or
-stalls is dropped. One debug line per request: method, path without its query, status,
-bytes each way, milliseconds, the peer's uid and pid — never a header value or a query
-string. Refused peers are logged at most once a minute (RefusalLog).
+Each connection is one task: its gate checks the peer (ours or root's, as the daemon's
+socket, plus allow_uids/allow_gids), then requests are read with h11 in a keep-alive
+loop; the Host header names the profile (`localhost`: the default one). A request the
+proxy will not forward is answered by the proxy itself (see http11.Conversation.answer);
+a client that breaks the protocol or stalls is dropped. One debug line per request:
+method, path without its query, status, bytes each way, milliseconds, the peer's uid and
+pid — never a header value or a query string. Refused peers are logged at most once a
+minute (peers.RefusalLog).
 
 Stopping (stop(), on SIGTERM): no new connections; a connection waiting between requests
 (a client's keep-alive pool) is closed at once, having nothing in flight; a request in
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 import traceback
 from pathlib import Path
@@ -28,13 +28,14 @@ import trio
 
 import vm_token
 
+from ..peers import RefusalLog
 from ..text import quote
 from .forward import Forwarder, ask_daemon
 from .gates import Gate
 from .http11 import ClientGone, Conversation
 from .routes import Refusal
 
-__all__ = ["ProxyServer", "RefusalLog"]
+__all__ = ["ProxyServer"]
 
 log = logging.getLogger(__name__)
 
@@ -45,51 +46,7 @@ MIN_TTL: Final = 30.0
 DRAIN_TIMEOUT: Final = 10.0
 # Answered here, never forwarded: whether the daemon answers, and the profile's state.
 HEALTH_PATH: Final = b"/_vm-token/health"
-# At most one "refused" line this often: another user connecting in a loop must not fill
-# the log (or the journal's rate limit, which would then hide our other lines).
-REFUSAL_LOG_INTERVAL: Final = 60.0
-
-
 Listening = tuple[trio.abc.Listener[trio.abc.Stream], Gate]
-
-
-class RefusalLog:
-    """The first refused connection is logged at once; those that follow within the
-    interval are counted, and one line says how many when it has passed (or when the
-    server stops, so a count is never lost)."""
-
-    def __init__(self, interval: float = REFUSAL_LOG_INTERVAL) -> None:
-        self.interval = interval
-        self._quiet_until = -math.inf  # no line before then; count instead
-        self._logged_at = 0.0
-        self._count = 0  # refused since the last line
-        self._uids: set[int | None] = set()
-
-    def refused(self, uid: int | None) -> bool:
-        """Log a refusal of `uid`'s connection, or count it; True for the first one
-        counted, whose task is then to write the count (write_count)."""
-        now = trio.current_time()
-        if now >= self._quiet_until and not self._count:
-            log.warning("refused a connection from uid %s", uid)
-            self._logged_at, self._quiet_until = now, now + self.interval
-            return False
-        self._count += 1
-        self._uids.add(uid)
-        return self._count == 1
-
-    async def write_count(self, stopping: trio.Event) -> None:
-        """At the interval's end (or `stopping`), one line for the refusals counted."""
-        try:
-            with trio.move_on_at(self._quiet_until):
-                await stopping.wait()
-        finally:  # cancelled too: else every later refusal would be counted, never written
-            now = trio.current_time()
-            uids = ", ".join(sorted(str(uid) for uid in self._uids))
-            log.warning("refused %d more connection%s from uid %s in the last %.0f s",
-                        self._count, "s" if self._count > 1 else "", uids,
-                        now - self._logged_at)
-            self._count, self._uids = 0, set()
-            self._logged_at, self._quiet_until = now, now + self.interval
 
 
 class ProxyServer:

@@ -27,8 +27,8 @@ import trio
 
 from vm_token import protocol
 
+from ..peers import Peer, PeerRule, RefusalLog, socket_peer
 from ..text import quote
-from .listener import socket_peer_uid
 
 __all__ = ["Server", "error_reply"]
 
@@ -148,10 +148,11 @@ def _on_first_wait(coro: Coroutine[Any, Any, T], waiting: Callable[[], None]
 
 
 class _Connection:
-    __slots__ = ("buffer", "phase", "scope", "since", "sock", "stream")
+    __slots__ = ("buffer", "peer", "phase", "scope", "since", "sock", "stream")
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
+    def __init__(self, stream: trio.abc.Stream, peer: Peer | None) -> None:
         self.stream = stream
+        self.peer = peer
         # a Unix socket's: replies are written to it at once, and a hang-up is told from
         # a client done sending by POLLHUP (other streams have neither)
         self.sock = stream.socket if isinstance(stream, trio.SocketStream) else None
@@ -163,8 +164,9 @@ class _Connection:
 
 class Server:
     """Serves `handle` on `listener` until stop() is called; `on_close` runs once the
-    listener is closed (it removes the socket's file). Connections whose `peer_uid` is
-    neither ours nor root's are closed unanswered."""
+    listener is closed (it removes the socket's file). Connections whose `peer` the
+    `rule` does not admit (by default: neither ours nor root's) are closed unanswered,
+    and logged at most once a minute."""
 
     def __init__(
         self,
@@ -172,7 +174,9 @@ class Server:
         handle: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]],
         *,
         fast: Callable[[bytes], bytes | None] | None = None,
-        peer_uid: Callable[[Stream], int | None] = socket_peer_uid,
+        peer: Callable[[Stream], Peer | None] = socket_peer,
+        rule: PeerRule | None = None,
+        name: str = "",
         on_close: Callable[[], None] | None = None,
         max_connections: int = MAX_CONNECTIONS,
         max_long_waits: int = MAX_LONG_WAITS,
@@ -184,7 +188,9 @@ class Server:
         accept_pause: float = ACCEPT_PAUSE,
     ) -> None:
         self._listener = listener
-        self._peer_uid = peer_uid
+        self._peer = peer
+        self.rule = rule or PeerRule(root=True)  # replaced on a reload
+        self._refusals = RefusalLog(where=name)
         self._on_close = on_close
         self._handle = handle
         self._fast = fast  # a reply frame straight from a request body, when it can
@@ -211,6 +217,14 @@ class Server:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def set_rule(self, rule: PeerRule) -> None:
+        """Admit by `rule` from now on, and close the open connections it does not admit:
+        a uid no longer allowed keeps no connection it had (a reload)."""
+        self.rule = rule
+        for connection in list(self._connections):
+            if not rule.admits(connection.stream, connection.peer):
+                connection.scope.cancel()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as handlers:
@@ -268,29 +282,35 @@ class Server:
             oldest.scope.cancel()
 
     async def _serve_connection(self, stream: Stream) -> None:
+        counting = False  # whether this task writes the refusals' count, once closed
         try:
-            uid = self._peer_uid(stream)
-            if uid is None or uid not in (os.getuid(), 0):
+            peer = self._peer(stream)
+            if self.rule.admits(stream, peer):
+                await self._serve_admitted(stream, peer)
+            else:
                 self.refused_peers += 1
-                log.warning("refused a connection from uid %s", uid)
-                return
-            connection = _Connection(stream)
-            self._connections.add(connection)
-            self.accepted += 1
-            try:
-                with connection.scope:
-                    await self._converse(connection)
-                if connection.scope.cancelled_caught and not self._stopping:
-                    log.debug("dropped a connection that timed out, hung up or made room "
-                              "(%s)", connection.phase)
-            finally:
-                self._connections.discard(connection)
+                counting = self._refusals.refused(None if peer is None else peer.uid)
         finally:
             self._slots.release()
             if isinstance(stream, trio.SocketStream):
                 stream.socket.close()  # synchronous: no checkpoint, so no shield needed
             else:
                 await trio.aclose_forcefully(stream)
+        if counting:
+            await self._refusals.write_count(self._stop)
+
+    async def _serve_admitted(self, stream: Stream, peer: Peer | None) -> None:
+        connection = _Connection(stream, peer)
+        self._connections.add(connection)
+        self.accepted += 1
+        try:
+            with connection.scope:
+                await self._converse(connection)
+            if connection.scope.cancelled_caught and not self._stopping:
+                log.debug("dropped a connection that timed out, hung up or made room "
+                          "(%s)", connection.phase)
+        finally:
+            self._connections.discard(connection)
 
     def _idle(self, connection: _Connection) -> None:
         """Enter the idle phase: the deadline IDLE_TIMEOUT from now, give or take the slack
@@ -325,31 +345,8 @@ class Server:
             frame = self._fast_reply(body)
             if frame is None:
                 frame = await self._full_reply(connection, body)
-            if not await self._send(connection, frame):
+            if not await _send(connection, frame, self._send_timeout):
                 return
-
-    async def _send(self, connection: _Connection, frame: bytes) -> bool:
-        """Send a reply; False if the client is gone. A reply (64 KiB at most) almost always
-        fits the socket's buffer and is written at once, with no deadline to set; only a
-        client that does not read gets SEND_TIMEOUT to take the rest."""
-        connection.phase = SENDING
-        sent = 0
-        if connection.sock is not None:
-            try:
-                sent = os.write(connection.sock.fileno(), frame)
-            except BlockingIOError:
-                pass
-            except OSError:  # EPIPE, ECONNRESET: gone
-                return False
-        if sent == len(frame):
-            return True
-        connection.since = trio.current_time()
-        connection.scope.deadline = connection.since + self._send_timeout
-        try:
-            await connection.stream.send_all(memoryview(frame)[sent:])
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return False
-        return True
 
     def _fast_reply(self, body: bytes) -> bytes | None:
         if self._fast is None:
@@ -412,6 +409,30 @@ class Server:
             log.error("internal error (%s at %s) answering a %s request", type(exc).__name__,
                       _where(exc), quote(op, 40) if isinstance(op, str) else "malformed")
             return _INTERNAL_FRAME
+
+
+async def _send(connection: _Connection, frame: bytes, patience: float) -> bool:
+    """Send a reply; False if the client is gone. A reply (64 KiB at most) almost always
+    fits the socket's buffer and is written at once, with no deadline to set; only a
+    client that does not read gets `patience` (SEND_TIMEOUT) to take the rest."""
+    connection.phase = SENDING
+    sent = 0
+    if connection.sock is not None:
+        try:
+            sent = os.write(connection.sock.fileno(), frame)
+        except BlockingIOError:
+            pass
+        except OSError:  # EPIPE, ECONNRESET: gone
+            return False
+    if sent == len(frame):
+        return True
+    connection.since = trio.current_time()
+    connection.scope.deadline = connection.since + patience
+    try:
+        await connection.stream.send_all(memoryview(frame)[sent:])
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return False
+    return True
 
 
 def _take_frame(buffer: bytearray) -> bytes | None:

@@ -81,6 +81,12 @@ def _required_str(request: dict[str, Any], name: str, limit: int = MAX_FIELD) ->
     return value
 
 
+# What the token-only socket serves: tokens, and what a client needs to ask for them.
+# Never login, logout, status (it names the user and the daemon's state) or the
+# interactive logins.
+TOKEN_OPS: Final = frozenset({protocol.HELLO, protocol.GET, protocol.INVALIDATE,
+                              protocol.LIST})
+
 # What fast_reply remembers: a process asks for a handful of VideoManagers, not hundreds.
 FAST_CACHE: Final = 64
 _PLAIN_GET_FIELDS: Final = frozenset({"v", "op", "vm", "min_ttl", "profile"})
@@ -183,6 +189,25 @@ class Dispatcher:
             return await handler(request)
         except Refused as exc:
             return error_reply(exc.code, exc.message)
+
+    def token_only(self) -> Op:
+        """This dispatcher as the token-only socket serves it: TOKEN_OPS, and forbidden_op
+        for every other op of the protocol (an unknown one is a bad_request, as on the
+        main socket). Its `hello` says so."""
+        served = ", ".join(sorted(TOKEN_OPS))
+
+        async def answer(request: dict[str, Any]) -> dict[str, Any]:
+            op = request.get("op")
+            if isinstance(op, str) and op in protocol.OPS and op not in TOKEN_OPS:
+                return error_reply(protocol.FORBIDDEN_OP,
+                                   f"{op} is not served on the token socket, only {served}; "
+                                   "ask on the daemon's own socket, as its user")
+            reply = await self(request)
+            if op == protocol.HELLO and reply.get("ok"):
+                reply["ops"] = sorted(TOKEN_OPS)
+            return reply
+
+        return answer
 
     # -- ops --------------------------------------------------------------------------------
 

@@ -10,7 +10,6 @@ import errno
 import os
 import socket as stdlib_socket
 import stat
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -21,16 +20,13 @@ __all__ = [
     "BoundSocket",
     "SocketAlreadyServed",
     "SocketSetupError",
+    "bind_shared_socket",
     "bind_unix_socket",
-    "socket_peer_cred",
-    "socket_peer_uid",
 ]
 
 # Connections waiting to be accepted. A burst of clients beyond it would see EAGAIN on
 # connect (Unix sockets do not queue more); the kernel caps it at net.core.somaxconn.
 LISTEN_BACKLOG: Final = 4096
-
-_PEERCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 class SocketSetupError(Exception):
@@ -125,21 +121,59 @@ def bind_unix_socket(path: Path) -> BoundSocket:
     return BoundSocket(sock, path, path.lstat().st_ino)
 
 
-def socket_peer_cred(stream: trio.abc.Stream) -> tuple[int, int] | None:
-    """(uid, pid) of a Unix socket's peer (SO_PEERCRED), as they were when it connected;
-    None for anything else. The pid is 0 when the peer's is not in our pid namespace."""
-    if not isinstance(stream, trio.SocketStream):
-        return None
+def bind_shared_socket(path: Path, *, group: int | None, others: bool) -> BoundSocket:
+    """The token-only socket at `path`, for other users and containers.
+
+    Its directory, when missing, is made 0700 if only our uid is served, 0750 and given to
+    `group` if there is one, else 0711 (others may pass through to the socket, not list
+    it). One that exists is used as it is: a volume shared with a container is not ours to
+    change, and the file system is only the first fence — the daemon checks every peer's
+    uid and groups, and clients check the daemon's. The socket is 0660 and `group`'s with
+    a group, 0666 when others are served (the daemon's check decides), else 0600.
+    """
+    directory = path.parent
+    mode = 0o700 if not others and group is None else 0o750 if group is not None else 0o711
     try:
-        raw = stream.socket.getsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_PEERCRED,
-                                       _PEERCRED.size)
-    except OSError:
-        return None
-    pid, uid, _ = _PEERCRED.unpack(raw)
-    return int(uid), int(pid)
+        directory.mkdir(mode=mode)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise SocketSetupError(f"cannot create {directory}: {exc.strerror}") from None
+    else:
+        os.chmod(directory, mode)  # not narrowed by the umask
+        if group is not None:
+            _give_to_group(directory, group)
+    if not stat.S_ISDIR(directory.lstat().st_mode):
+        raise SocketSetupError(f"{directory} is not a directory")
+    _clear_stale_socket(path)
+    sock = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise SocketAlreadyServed(f"another vm-tokend is starting on {path}") from None
+        raise SocketSetupError(f"cannot bind {path}: {exc.strerror}") from None
+    finally:
+        os.umask(old_umask)
+    try:
+        if group is not None:
+            _give_to_group(path, group)
+        os.chmod(path, 0o660 if group is not None else 0o666 if others else 0o600)
+    except BaseException:
+        sock.close()
+        path.unlink(missing_ok=True)
+        raise
+    sock.listen(LISTEN_BACKLOG)
+    return BoundSocket(sock, path, path.lstat().st_ino)
 
 
-def socket_peer_uid(stream: trio.abc.Stream) -> int | None:
-    """The uid of a Unix socket's peer (SO_PEERCRED); None for anything else."""
-    cred = socket_peer_cred(stream)
-    return None if cred is None else cred[0]
+def _give_to_group(path: Path, group: int) -> None:
+    try:
+        os.chown(path, -1, group, follow_symlinks=False)
+    except OSError as exc:
+        raise SocketSetupError(
+            f"cannot give {path} to group {group}: {exc.strerror} (the daemon's user must "
+            "be a member of token_socket_group)") from None
+
