@@ -13,6 +13,8 @@ from typing import Any, NoReturn
 
 from vm_token import __version__
 
+from .config.flags import add_allow_flags
+
 EXIT_OK = 0
 EXIT_ALREADY_RUNNING = 1
 EXIT_CONFIG = 2
@@ -62,12 +64,7 @@ def _parser() -> ArgumentParser:
                         help="also serve tokens (hello, get, invalidate, list: no login, "
                              "logout or status) on this socket, to this user and those "
                              "--allow-uid/--allow-gid name: other users, containers")
-    parser.add_argument("--allow-uid", dest="allow_uids", action="append", metavar="UID",
-                        help="a user (number or name) the token socket and the proxy's "
-                             "socket serve too (repeatable)")
-    parser.add_argument("--allow-gid", dest="allow_gids", action="append", metavar="GID",
-                        help="a group whose members (primary or supplementary) they serve "
-                             "too (repeatable)")
+    add_allow_flags(parser)
     parser.add_argument("--token-socket-group", metavar="GROUP",
                         help="the group the token socket belongs to (mode 0660), for a "
                              "shared volume")

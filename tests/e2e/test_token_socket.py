@@ -299,3 +299,22 @@ def test_a_token_socket_group_owns_the_socket_and_its_directory(
 def test_a_library_client_refuses_a_bad_daemon_uid():
     with pytest.raises(vm_token.Error, match="daemon_uid must be a uid number"):
         vm_token.Client("/nonexistent", daemon_uid=-1)
+
+
+def test_a_link_planted_where_the_socket_goes_is_refused_and_its_target_untouched(
+        make_standin, start_daemon, shared):
+    """In a directory others can write, somebody may put a link where the token socket
+    will be: the daemon neither follows it (no chmod or chown of its target) nor starts."""
+    shared.parent.mkdir(mode=0o777)
+    target = shared.parent.parent / "precious"
+    target.write_text("keep me\n")
+    target.chmod(0o600)
+    shared.symlink_to(target)
+    env = {"VM_TOKEN_TOKEN_SOCKET": str(shared), "VM_TOKEN_ALLOW_UIDS": str(ALLOWED_UID),
+           "VM_TOKEN_TOKEN_SOCKET_GROUP": str(ALLOWED_GID)}
+    daemon = start_daemon(make_standin(), env=env, wait=False)
+    assert daemon.proc.wait(timeout=20) == 2
+    assert f"{shared} exists and is not a socket" in daemon.log()
+    info = target.stat()
+    assert (info.st_mode & 0o777, info.st_gid, target.read_text()) == (0o600, 0, "keep me\n")
+    assert not daemon.socket.exists()  # the main socket is not left behind either

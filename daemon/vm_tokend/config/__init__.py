@@ -6,4 +6,5 @@
     passwords.py    PasswordSource: a username and where its password comes from (given,
                     a file, a command), read when a login needs it
     environment.py  the process environment, handed to whoever needs it
+    flags.py        command-line flags that several commands share
 """

@@ -16,6 +16,7 @@ import trio
 
 from .. import systemd
 from ..config.environment import process_environment
+from ..config.flags import add_allow_flags
 from ..config.settings import ConfigError, load_config
 from ..peers import PeerRule, warn_if_unreachable
 from ..server.listener import (
@@ -102,12 +103,7 @@ def run(argv: list[str], parser_class: type[argparse.ArgumentParser]) -> int:
                         help="forward a token only if it is valid this long, else get a "
                              f"fresh one first (default: {MIN_TTL:g}; below "
                              f"{MAX_MIN_TTL:g}, the API's token lifetime)")
-    parser.add_argument("--allow-uid", dest="allow_uids", action="append", metavar="UID",
-                        help="a user (number or name) served too, on the socket and on "
-                             "--listen (repeatable; default: the setting allow_uids)")
-    parser.add_argument("--allow-gid", dest="allow_gids", action="append", metavar="GID",
-                        help="a group whose members are served too, on the socket "
-                             "(repeatable; default: the setting allow_gids)")
+    add_allow_flags(parser)
     parser.add_argument("--config", metavar="PATH")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)

@@ -71,7 +71,11 @@ def _clear_stale_socket(path: Path) -> None:
     try:
         probe.connect(str(path))
     except (ConnectionRefusedError, FileNotFoundError):
-        path.unlink(missing_ok=True)  # nothing listens: a leftover of a crashed daemon
+        try:
+            path.unlink(missing_ok=True)  # nothing listens: a leftover of a crashed daemon
+        except OSError as exc:  # another user's, in a shared sticky directory
+            raise SocketSetupError(f"cannot remove the stale socket {path}: "
+                                   f"{exc.strerror}") from None
         return
     except OSError:
         pass  # e.g. a full backlog: somebody is listening
@@ -105,20 +109,7 @@ def bind_unix_socket(path: Path) -> BoundSocket:
     """A listening socket at `path` in a private directory, mode 0600."""
     _check_private_directory(path.parent)
     _clear_stale_socket(path)
-    sock = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)
-    try:
-        sock.bind(str(path))
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise SocketAlreadyServed(f"another vm-tokend is starting on {path}") from None
-        raise SocketSetupError(f"cannot bind {path}: {exc.strerror}") from None
-    finally:
-        os.umask(old_umask)
-    os.chmod(path, 0o600)
-    sock.listen(LISTEN_BACKLOG)
-    return BoundSocket(sock, path, path.lstat().st_ino)
+    return _listen_at(path, 0o600, None)
 
 
 def bind_shared_socket(path: Path, *, group: int | None, others: bool) -> BoundSocket:
@@ -133,40 +124,54 @@ def bind_shared_socket(path: Path, *, group: int | None, others: bool) -> BoundS
     """
     directory = path.parent
     mode = 0o700 if not others and group is None else 0o750 if group is not None else 0o711
+    old_umask = os.umask(0o777 & ~mode)  # made with its mode: no chmod to follow a link
     try:
-        directory.mkdir(mode=mode)
+        directory.mkdir()
     except FileExistsError:
         pass
     except OSError as exc:
         raise SocketSetupError(f"cannot create {directory}: {exc.strerror}") from None
     else:
-        os.chmod(directory, mode)  # not narrowed by the umask
         if group is not None:
             _give_to_group(directory, group)
+    finally:
+        os.umask(old_umask)
     if not stat.S_ISDIR(directory.lstat().st_mode):
         raise SocketSetupError(f"{directory} is not a directory")
     _clear_stale_socket(path)
+    return _listen_at(path, 0o660 if group is not None else 0o666 if others else 0o600,
+                      group)
+
+
+def _listen_at(path: Path, mode: int, group: int | None) -> BoundSocket:
+    """A socket of `mode` (and `group`) listening at `path`.
+
+    bind() makes the file with its mode at once (through the umask), and fails if anything
+    is at `path` (another daemon starting: SocketAlreadyServed) — it follows no link. The
+    group is given with lchown. So in a directory others can write, a shared volume, no
+    chmod or chown of ours follows a link somebody planted at `path` meanwhile.
+    """
     sock = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)
+    old_umask = os.umask(0o777 & ~mode)
     try:
         sock.bind(str(path))
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
             raise SocketAlreadyServed(f"another vm-tokend is starting on {path}") from None
-        raise SocketSetupError(f"cannot bind {path}: {exc.strerror}") from None
+        raise SocketSetupError(f"cannot bind {path}: {exc.strerror or exc}") from None
     finally:
         os.umask(old_umask)
+    bound = BoundSocket(sock, path, path.lstat().st_ino)
     try:
         if group is not None:
             _give_to_group(path, group)
-        os.chmod(path, 0o660 if group is not None else 0o666 if others else 0o600)
+        sock.listen(LISTEN_BACKLOG)
     except BaseException:
         sock.close()
-        path.unlink(missing_ok=True)
+        bound.remove()
         raise
-    sock.listen(LISTEN_BACKLOG)
-    return BoundSocket(sock, path, path.lstat().st_ino)
+    return bound
 
 
 def _give_to_group(path: Path, group: int) -> None:
