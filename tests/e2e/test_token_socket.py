@@ -318,3 +318,36 @@ def test_a_link_planted_where_the_socket_goes_is_refused_and_its_target_untouche
     info = target.stat()
     assert (info.st_mode & 0o777, info.st_gid, target.read_text()) == (0o600, 0, "keep me\n")
     assert not daemon.socket.exists()  # the main socket is not left behind either
+
+
+def test_the_proxy_run_by_an_allowed_user_works_through_the_token_socket(
+        make_standin, start_daemon, shared, private_dir):
+    """A proxy in the app's container, as the app's uid: it needs tokens only."""
+    standin = make_standin()
+    daemon = start_daemon(standin, env={"VM_TOKEN_TOKEN_SOCKET": str(shared),
+                                        "VM_TOKEN_ALLOW_UIDS": str(ALLOWED_UID)})
+    home = private_dir / "app"
+    home.mkdir(mode=0o700)
+    os.chown(home, ALLOWED_UID, ALLOWED_UID)
+    env = client_env(daemon.env, shared, VM_TOKEN_PROXY_SOCKET=str(home / "proxy"),
+                     XDG_RUNTIME_DIR=str(home))
+    proxy = subprocess.Popen(
+        ["setpriv", f"--reuid={ALLOWED_UID}", f"--regid={ALLOWED_UID}", "--clear-groups",
+         str(BIN / "vm-tokend"), "proxy"], env=env, stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 15
+        while not (home / "proxy").exists():
+            assert proxy.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        before = standin.counts["api"]
+        for path, expected in (("/v1/vms", b'"Marketing"'),
+                               ("/_vm-token/health", b'"daemon": "reachable"')):
+            done = as_user(ALLOWED_UID, ["curl", "-sS", "--unix-socket", str(home / "proxy"),
+                                         "-w", "\n%{http_code}", f"http://localhost{path}"],
+                           env)
+            assert done.stdout.endswith("\n200") and expected.decode() in done.stdout, done
+        assert standin.counts["api"] == before + 1 and standin.counts["api_rejected"] == 0
+    finally:
+        proxy.terminate()
+        proxy.wait(timeout=15)

@@ -177,7 +177,15 @@ class ProxyServer:
                 not isinstance(await conversation.next_event(), h11.EndOfMessage):
             raise Refusal(405, "bad_request", f"{HEALTH_PATH.decode()} takes a GET only")
         fields = {"profile": profile} if profile is not None else {}
-        status = await ask_daemon(self.daemon.request("status", **fields))
+        try:
+            status = await ask_daemon(self.daemon.request("status", **fields))
+        except Refusal as refusal:
+            if refusal.code != "forbidden_op":
+                raise
+            # the daemon's token socket (a proxy run by another user or in a container)
+            # serves no status: reachable is all it can say
+            hello = await ask_daemon(self.daemon.request("hello", **fields))
+            status = {"state": None, "profile": profile or hello.get("default_profile")}
         # the profile the daemon answered for: with none named, the client's choice
         # ($VM_TOKEN_PROFILE) or the daemon's default_profile, which the proxy cannot know
         named = status.get("profile")
