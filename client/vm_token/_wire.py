@@ -128,17 +128,19 @@ def _unmapped(uid: int) -> bool:
 
 def check_peer(sock: Any, path: str, daemon_uid: int | None = None) -> None:
     """Refuse a daemon that runs as another user (root is trusted: it could read our memory
-    anyway), unless it is `daemon_uid`. `sock` is anything with `getsockopt`: a `_socket`,
-    trio's or asyncio's socket."""
+    anyway), unless it is `daemon_uid`. A client told `daemon_uid` trusts that uid and its
+    own, not root: the socket is then on a volume shared with other containers, whose
+    root can reach the volume but not our memory. `sock` is anything with `getsockopt`:
+    a `_socket`, trio's or asyncio's socket."""
     try:
         raw = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, _UCRED_SIZE)
     except OSError as exc:
         raise Error(f"cannot check who runs vm-tokend at {path}: {exc.strerror or exc}") from exc
     uid = int.from_bytes(raw[_INT:2 * _INT], sys.byteorder)
-    if uid == 0:
+    if uid == 0 and daemon_uid in (None, 0):
         return
     unmapped = _unmapped(uid)
-    if uid in (os.getuid(), daemon_uid) and not unmapped:
+    if uid != 0 and uid in (os.getuid(), daemon_uid) and not unmapped:
         return
     if unmapped:
         raise UntrustedDaemon(
@@ -146,6 +148,10 @@ def check_peer(sock: Any, path: str, daemon_uid: int | None = None) -> None:
             "mapped into this user namespace (a container's), so it cannot be told from any "
             "other user; run the container with `podman run --userns=keep-id`, or run both "
             "sides as one uid")
+    if daemon_uid is not None:
+        raise UntrustedDaemon(
+            f"vm-tokend at {path} is owned by uid {uid}, not by you or uid {daemon_uid} "
+            f"(the daemon uid you named): refusing to use it")
     raise UntrustedDaemon(
         f"vm-tokend at {path} is owned by uid {uid}, not you: refusing to use it (if you "
         f"trust that user's daemon, set {DAEMON_UID_VARIABLE}={uid})")

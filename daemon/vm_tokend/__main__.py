@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any, NoReturn
 
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     from .app import App
     from .config.environment import process_environment
     from .config.settings import ConfigError, load_config
-    from .peers import PeerRule
+    from .peers import OVERFLOW_UID_MESSAGE, PeerRule, runs_as_overflow_uid
     from .server.listener import (
         BoundSocket,
         SocketAlreadyServed,
@@ -182,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vm-tokend: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     logging.getLogger("vm_tokend").setLevel(settings.log_level.upper())
+    if runs_as_overflow_uid():
+        print(f"vm-tokend: {OVERFLOW_UID_MESSAGE.format(uid=os.getuid())}", file=sys.stderr)
+        return EXIT_CONFIG
     notifier = systemd.Notifier(environ)
     try:
         activated = systemd.activated_socket(environ)

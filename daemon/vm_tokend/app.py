@@ -54,6 +54,9 @@ class App:
         self.flags = dict(flags or {})
         self.bound = bound
         self.token_bound = token_bound  # the token-only socket, if the settings ask for one
+        # whether its file lets other users connect: set when it is made, at start
+        self._token_opened = self._token_rule().opens_to_others or \
+            settings.token_socket_group is not None
         self.started_at = time.time()
         self.keeper: Keeper | None = None
         self.runtimes: Runtimes | None = None
@@ -245,6 +248,10 @@ class App:
                 old.allow_uids, old.allow_gids):
             self.token_server.set_rule(self._token_rule())
             self._say_token_socket()
+            if self._token_rule().opens_to_others and not self._token_opened:
+                log.warning("allow_uids and allow_gids now name other users, but the token "
+                            "socket was made for this user alone (0600): restart vm-tokend "
+                            "for them to reach it")
         logging.getLogger("vm_tokend").setLevel(new.log_level.upper())
         runtimes = self.runtimes
         runtimes.max_backoff = new.max_backoff

@@ -16,7 +16,6 @@ volume. `allow_uids` and `allow_gids` add who else a socket serves.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import socket
 import struct
@@ -27,12 +26,14 @@ from typing import Final
 
 import trio
 
-__all__ = ["REFUSAL_LOG_INTERVAL", "Peer", "PeerRule", "RefusalLog", "peer_groups",
+from .config.settings import overflow_id
+
+__all__ = ["OVERFLOW_UID_MESSAGE", "Peer", "PeerRule", "peer_groups", "runs_as_overflow_uid",
            "socket_peer", "unmapped_ids", "warn_if_unreachable"]
 
 log = logging.getLogger(__name__)
 
-_PEERCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_PEERCRED: Final = struct.Struct("iII")  # struct ucred: pid, uid, gid (uid_t, gid_t unsigned)
 # Not in Python's socket module; 59 on every architecture Linux shares its numbers with.
 SO_PEERGROUPS: Final = getattr(socket, "SO_PEERGROUPS", 59)
 # Python's getsockopt takes at most 1024 bytes: 256 groups. A peer in more is looked up
@@ -127,7 +128,20 @@ def _mapped(kind: str) -> list[tuple[int, int]]:
             return [(int(first), int(count)) for first, _, count in
                     (line.split() for line in table if len(line.split()) == 3)]
     except (OSError, ValueError):
-        return [(0, 2**32)]
+        return [(0, 2**32 - 1)]
+
+
+def runs_as_overflow_uid() -> bool:
+    """Whether we run, in a user namespace of our own, as its overflow uid: then every user
+    the namespace does not map shows as our uid too, and no peer check can tell our own
+    clients from them."""
+    return _mapped("uid") != [(0, 2**32 - 1)] and os.getuid() == overflow_id("uid")
+
+
+OVERFLOW_UID_MESSAGE: Final = (
+    "it runs as uid {uid}, the overflow uid of its user namespace: every user the "
+    "namespace does not map shows as that uid too, so it cannot tell its own clients from "
+    "them; run it as another uid (in a container: a USER other than nobody)")
 
 
 def unmapped_ids(uids: Iterable[int], gids: Iterable[int]) -> dict[str, list[int]]:
@@ -173,48 +187,3 @@ def warn_if_unreachable(rule: PeerRule, path: Path | None, group: int | None, *,
                     "PrivateUsers=, a container's): they show as the overflow %s and are "
                     "refused; see the README on the token socket", kind,
                     ", ".join(map(str, ids)), kind)
-
-
-# At most one "refused" line this often: another user connecting in a loop must not fill
-# the log (or the journal's rate limit, which would then hide our other lines).
-REFUSAL_LOG_INTERVAL: Final = 60.0
-
-
-class RefusalLog:
-    """The first refused connection is logged at once; those that follow within the
-    interval are counted, and one line says how many when it has passed (or when the
-    server stops, so a count is never lost)."""
-
-    def __init__(self, interval: float = REFUSAL_LOG_INTERVAL, *, where: str = "") -> None:
-        self.interval = interval
-        self._where = where  # " on the token socket", say
-        self._quiet_until = -math.inf  # no line before then; count instead
-        self._logged_at = 0.0
-        self._count = 0  # refused since the last line
-        self._uids: set[int | None] = set()
-
-    def refused(self, uid: int | None) -> bool:
-        """Log a refusal of `uid`'s connection, or count it; True for the first one
-        counted, whose task is then to write the count (write_count)."""
-        now = trio.current_time()
-        if now >= self._quiet_until and not self._count:
-            log.warning("refused a connection from uid %s%s", uid, self._where)
-            self._logged_at, self._quiet_until = now, now + self.interval
-            return False
-        self._count += 1
-        self._uids.add(uid)
-        return self._count == 1
-
-    async def write_count(self, stopping: trio.Event) -> None:
-        """At the interval's end (or `stopping`), one line for the refusals counted."""
-        try:
-            with trio.move_on_at(self._quiet_until):
-                await stopping.wait()
-        finally:  # cancelled too: else every later refusal would be counted, never written
-            now = trio.current_time()
-            uids = ", ".join(sorted(str(uid) for uid in self._uids))
-            log.warning("refused %d more connection%s from uid %s%s in the last %.0f s",
-                        self._count, "s" if self._count > 1 else "", uids, self._where,
-                        now - self._logged_at)
-            self._count, self._uids = 0, set()
-            self._logged_at, self._quiet_until = now, now + self.interval

@@ -173,7 +173,9 @@ def wait_for_login(socket: Path, daemon: subprocess.Popen[bytes],
         if time.monotonic() > deadline:
             return f"no login within {LOGIN_TIMEOUT:.0f} s"
         try:
-            with vm_token.Client(socket, timeout=LOGIN_POLL) as client:
+            # our own daemon: not the one $VM_TOKEN_DAEMON_UID may name for CMD
+            with vm_token.Client(socket, timeout=LOGIN_POLL,
+                                 daemon_uid=os.getuid()) as client:
                 client.get_token()  # waits for the login in flight, a while at a time
             return None
         except vm_token.DaemonError as exc:

@@ -65,6 +65,7 @@ __all__ = [
     "load_config",
     "load_settings",
     "normalize_host",
+    "overflow_id",
     "resolve_profiles",
 ]
 
@@ -215,7 +216,7 @@ class Settings(Profile, BaseSettings):
         )
 
 
-def _overflow_id(kind: str) -> int:
+def overflow_id(kind: str) -> int:
     """The id a user namespace shows for every uid (gid) it does not map: 65534 unless
     the kernel says otherwise."""
     try:
@@ -241,7 +242,7 @@ def _an_id(item: Any, kind: str, by_name: Callable[[str], int]) -> int:
                              f"(give the {kind} number)") from None
     if not 0 <= number < 2**32 - 1:
         raise ValueError(f"{number} is not a {kind}")
-    if number == _overflow_id(kind):
+    if number == overflow_id(kind):
         raise ValueError(f"{number} is the overflow {kind}: every {noun} that is not mapped "
                          "into a user namespace shows as it, so allowing it would allow "
                          "them all")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import signal
 import socket
 import sys
@@ -18,7 +19,7 @@ from .. import systemd
 from ..config.environment import process_environment
 from ..config.flags import add_allow_flags
 from ..config.settings import ConfigError, load_config
-from ..peers import PeerRule, warn_if_unreachable
+from ..peers import OVERFLOW_UID_MESSAGE, PeerRule, runs_as_overflow_uid, warn_if_unreachable
 from ..server.listener import (
     BoundSocket,
     SocketAlreadyServed,
@@ -124,6 +125,10 @@ def run(argv: list[str], parser_class: type[argparse.ArgumentParser]) -> int:
         except ValueError as exc:
             parser.error(str(exc))
     logging.getLogger("vm_tokend").setLevel(settings.log_level.upper())
+    if runs_as_overflow_uid():
+        print(f"vm-tokend proxy: {OVERFLOW_UID_MESSAGE.format(uid=os.getuid())}",
+              file=sys.stderr)
+        return 2
     path = settings.proxy_socket_path
     # ours and root's, as the daemon's socket, and those the settings allow; on --listen,
     # ours and the uids allowed (never root's: see gates)
@@ -136,7 +141,9 @@ def run(argv: list[str], parser_class: type[argparse.ArgumentParser]) -> int:
         # systemd's socket is never ours to remove; our own is
         if activated is not None:
             bound = BoundSocket(activated, path=None)
-        elif rule.opens_to_others:  # a socket others can reach, as the token socket
+        elif rule.opens_to_others and path.parent != settings.socket_path.parent:
+            # a socket others can reach, as the token socket — never in the daemon's own
+            # directory, which stays private (a warning below says they cannot reach it)
             bound = bind_shared_socket(path, group=settings.token_socket_gid, others=True)
         else:
             bound = bind_unix_socket(path)

@@ -7,7 +7,7 @@ proxy will not forward is answered by the proxy itself (see http11.Conversation.
 a client that breaks the protocol or stalls is dropped. One debug line per request:
 method, path without its query, status, bytes each way, milliseconds, the peer's uid and
 pid — never a header value or a query string. Refused peers are logged at most once a
-minute (peers.RefusalLog).
+minute (refusals.RefusalLog).
 
 Stopping (stop(), on SIGTERM): no new connections; a connection waiting between requests
 (a client's keep-alive pool) is closed at once, having nothing in flight; a request in
@@ -28,7 +28,7 @@ import trio
 
 import vm_token
 
-from ..peers import RefusalLog
+from ..refusals import RefusalLog
 from ..text import quote
 from .forward import Forwarder, ask_daemon
 from .gates import Gate

@@ -27,7 +27,8 @@ import trio
 
 from vm_token import protocol
 
-from ..peers import Peer, PeerRule, RefusalLog, socket_peer
+from ..peers import Peer, PeerRule, socket_peer
+from ..refusals import RefusalLog
 from ..text import quote
 
 __all__ = ["Server", "error_reply"]

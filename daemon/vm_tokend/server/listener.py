@@ -89,9 +89,11 @@ class BoundSocket:
     sock: stdlib_socket.socket
     path: Path | None  # set when we created the file, and so must remove it
     inode: int = 0
+    made_directory: Path | None = None  # the directory too, when we made it for the socket
 
     def remove(self) -> None:
-        """Remove the socket file, if it is still the one we made."""
+        """Remove the socket file, if it is still the one we made, and the directory we
+        made for it, if nothing else is in it by now."""
         if self.path is None:
             return
         try:
@@ -99,6 +101,11 @@ class BoundSocket:
                 self.path.unlink()
         except FileNotFoundError:
             pass
+        if self.made_directory is not None:
+            try:
+                self.made_directory.rmdir()
+            except OSError:
+                pass  # not empty, or gone: not ours to clear
 
     def listener(self) -> trio.SocketListener:
         """The socket as a trio listener (in trio's run: it registers with its loop)."""
@@ -124,9 +131,11 @@ def bind_shared_socket(path: Path, *, group: int | None, others: bool) -> BoundS
     """
     directory = path.parent
     mode = 0o700 if not others and group is None else 0o750 if group is not None else 0o711
+    made: Path | None = None
     old_umask = os.umask(0o777 & ~mode)  # made with its mode: no chmod to follow a link
     try:
         directory.mkdir()
+        made = directory
     except FileExistsError:
         pass
     except OSError as exc:
@@ -138,9 +147,16 @@ def bind_shared_socket(path: Path, *, group: int | None, others: bool) -> BoundS
         os.umask(old_umask)
     if not stat.S_ISDIR(directory.lstat().st_mode):
         raise SocketSetupError(f"{directory} is not a directory")
-    _clear_stale_socket(path)
-    return _listen_at(path, 0o660 if group is not None else 0o666 if others else 0o600,
-                      group)
+    try:
+        _clear_stale_socket(path)
+        bound = _listen_at(path, 0o660 if group is not None else 0o666 if others else 0o600,
+                           group)
+    except BaseException:
+        if made is not None:
+            made.rmdir()
+        raise
+    bound.made_directory = made
+    return bound
 
 
 def _listen_at(path: Path, mode: int, group: int | None) -> BoundSocket:
