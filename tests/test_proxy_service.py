@@ -15,6 +15,7 @@ import h11
 import trio
 
 from tests.test_server import MemoryListener
+from vm_tokend.peers import PeerRule
 from vm_tokend.proxy.gates import Admission
 from vm_tokend.proxy.service import ProxyServer
 
@@ -24,6 +25,8 @@ HEALTH = "/_vm-token/health"
 
 class EveryoneGate:
     """Admits every connection; the Host header is the profile."""
+
+    rule = PeerRule(root=True)
 
     async def admits(self, stream: trio.abc.Stream) -> Admission:
         return Admission(True, 1000, 1)

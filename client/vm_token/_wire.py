@@ -129,9 +129,10 @@ def _unmapped(uid: int) -> bool:
 def check_peer(sock: Any, path: str, daemon_uid: int | None = None) -> None:
     """Refuse a daemon that runs as another user (root is trusted: it could read our memory
     anyway), unless it is `daemon_uid`. A client told `daemon_uid` trusts that uid and its
-    own, not root: the socket is then on a volume shared with other containers, whose
-    root can reach the volume but not our memory. `sock` is anything with `getsockopt`:
-    a `_socket`, trio's or asyncio's socket."""
+    own, not root (unless root is its own uid, or the one named): the socket is then on a
+    volume shared with other containers, whose root can reach the volume but not our
+    memory. `sock` is anything with `getsockopt`: a `_socket`, trio's or asyncio's
+    socket."""
     try:
         raw = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, _UCRED_SIZE)
     except OSError as exc:
@@ -140,8 +141,8 @@ def check_peer(sock: Any, path: str, daemon_uid: int | None = None) -> None:
     if uid == 0 and daemon_uid in (None, 0):
         return
     unmapped = _unmapped(uid)
-    if uid != 0 and uid in (os.getuid(), daemon_uid) and not unmapped:
-        return
+    if uid in (os.getuid(), daemon_uid) and not unmapped:
+        return  # (root only when it is our own uid, or the one named)
     if unmapped:
         raise UntrustedDaemon(
             f"vm-tokend at {path} shows as uid {uid}, the overflow uid: its real uid is not "

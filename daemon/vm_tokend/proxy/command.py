@@ -145,6 +145,8 @@ def run(argv: list[str], parser_class: type[argparse.ArgumentParser]) -> int:
             # a socket others can reach, as the token socket — never in the daemon's own
             # directory, which stays private (a warning below says they cannot reach it)
             bound = bind_shared_socket(path, group=settings.token_socket_gid, others=True)
+            # and as there, root only if listed: a container's root reaches the volume
+            rule = PeerRule.allowing(settings.allow_uids, settings.allow_gids, root=False)
         else:
             bound = bind_unix_socket(path)
     except (ListenError, SocketAlreadyServed, SocketSetupError,

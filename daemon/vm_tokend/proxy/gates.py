@@ -50,6 +50,8 @@ class Admission(NamedTuple):
 
 
 class Gate(Protocol):
+    rule: PeerRule  # whom it admits
+
     async def admits(self, stream: trio.abc.Stream) -> Admission:
         """Whether to serve this connection, and who the peer is as far as known."""
         ...

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import traceback
 from pathlib import Path
@@ -151,7 +152,9 @@ class ProxyServer:
         try:
             profile = await gate.profile(request)
             if request.target.split(b"?", 1)[0] == HEALTH_PATH:
-                status = await self._health(conversation, request, profile)
+                # the daemon's state is its user's, as on the token socket
+                mine = uid == os.getuid() or uid == 0 and gate.rule.root
+                status = await self._health(conversation, request, profile, mine)
             else:
                 status, received, sent = await self.forwarder.forward(conversation, request,
                                                                       profile)
@@ -172,7 +175,7 @@ class ProxyServer:
                       "-" if pid is None else pid)
 
     async def _health(self, conversation: Conversation, request: h11.Request,
-                      profile: str | None) -> int:
+                      profile: str | None, mine: bool) -> int:
         if request.method not in (b"GET", b"HEAD") or \
                 not isinstance(await conversation.next_event(), h11.EndOfMessage):
             raise Refusal(405, "bad_request", f"{HEALTH_PATH.decode()} takes a GET only")
@@ -191,7 +194,7 @@ class ProxyServer:
         named = status.get("profile")
         body = json.dumps({"daemon": "reachable",
                            "profile": named if isinstance(named, str) else profile or "default",
-                           "state": status.get("state")}).encode() + b"\n"
+                           "state": status.get("state") if mine else None}).encode() + b"\n"
         await conversation.send(h11.Response(status_code=200, headers=[
             (b"content-type", b"application/json"), (b"cache-control", b"no-store"),
             (b"content-length", str(len(body)).encode())]))

@@ -6,6 +6,7 @@ A socket systemd passed (socket activation) is used as it is, and never removed.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket as stdlib_socket
@@ -132,28 +133,30 @@ def bind_shared_socket(path: Path, *, group: int | None, others: bool) -> BoundS
     directory = path.parent
     mode = 0o700 if not others and group is None else 0o750 if group is not None else 0o711
     made: Path | None = None
-    old_umask = os.umask(0o777 & ~mode)  # made with its mode: no chmod to follow a link
+    # Made with its mode (the umask too: mkdir's mode alone is widened by a parent's
+    # default ACL, the umask alone ignored under one): no chmod to follow a link.
+    old_umask = os.umask(0o777 & ~mode)
     try:
-        directory.mkdir()
+        directory.mkdir(mode=mode)
         made = directory
     except FileExistsError:
         pass
     except OSError as exc:
         raise SocketSetupError(f"cannot create {directory}: {exc.strerror}") from None
-    else:
-        if group is not None:
-            _give_to_group(directory, group)
     finally:
         os.umask(old_umask)
     if not stat.S_ISDIR(directory.lstat().st_mode):
         raise SocketSetupError(f"{directory} is not a directory")
     try:
+        if made is not None and group is not None:
+            _give_to_group(made, group)
         _clear_stale_socket(path)
         bound = _listen_at(path, 0o660 if group is not None else 0o666 if others else 0o600,
                            group)
     except BaseException:
         if made is not None:
-            made.rmdir()
+            with contextlib.suppress(OSError):
+                made.rmdir()
         raise
     bound.made_directory = made
     return bound
@@ -171,6 +174,8 @@ def _listen_at(path: Path, mode: int, group: int | None) -> BoundSocket:
     old_umask = os.umask(0o777 & ~mode)
     try:
         sock.bind(str(path))
+        # at once: a client that sees the file may connect (the peer check is the fence)
+        sock.listen(LISTEN_BACKLOG)
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
@@ -182,7 +187,6 @@ def _listen_at(path: Path, mode: int, group: int | None) -> BoundSocket:
     try:
         if group is not None:
             _give_to_group(path, group)
-        sock.listen(LISTEN_BACKLOG)
     except BaseException:
         sock.close()
         bound.remove()
