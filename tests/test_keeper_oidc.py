@@ -10,7 +10,7 @@ import trio.testing
 from tests.fakes import VMS, FakeOidc, running_keeper
 from vm_tokend.keeper import CredentialsRejected, UnknownVideoManager
 from vm_tokend.upstream import base as upstream
-from vm_tokend.upstream.base import VideoManagerRef
+from vm_tokend.upstream.base import Grant, VideoManagerRef
 from vm_tokend.upstream.oidc import TokenRejected
 
 
@@ -178,3 +178,33 @@ async def test_a_refresh_whose_outcome_is_unknown_is_not_sent_again(autojump_clo
         assert backend.times("login") == [0, 200.5]  # then a login, not the same token
         assert backend.reused_refresh_tokens == 0
         assert (await keeper.get()).token == backend.access_tokens()[-1]
+
+
+class AnswerInTransit(FakeOidc):
+    """A provider whose refresh answers take `transit` s to arrive after it issued them:
+    a session it ends meanwhile has already handed out the token on its way."""
+
+    transit = 2.0
+
+    async def refresh(self, refresh_token: str) -> Grant:
+        grant = await super().refresh(refresh_token)
+        await trio.sleep(self.transit)
+        return grant
+
+
+async def test_a_refresh_sent_before_a_rejection_report_does_not_answer_it(autojump_clock):
+    # Refresh sent (and answered) at 200, on its way until 202; at 201 the provider ends
+    # the session, killing both tokens, and a client reports the one it holds: it must
+    # not be handed the one on its way, asked for before its report.
+    backend = AnswerInTransit(lifetime=300)
+    async with running_keeper(backend, pick=0.5) as keeper:
+        first = await keeper.get()
+        await trio.sleep(201)
+        assert backend.times("refresh") == [200]
+        backend.end_session()
+        dead = set(backend.access_tokens())  # the first, and the one in transit
+        assert keeper.invalidate(first.token, "Sales")
+        token = await keeper.get("Sales")
+        assert token.token not in dead
+        assert backend.times("login") == [0, 202]  # the refresh token it brought is dead too
+        assert backend.reused_refresh_tokens == 0

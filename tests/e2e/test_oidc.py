@@ -296,8 +296,16 @@ async def test_a_dead_refresh_token_leads_to_exactly_one_relogin(make_standin, s
             async with vm_token.AsyncClient(daemon.socket) as again:
                 await again.invalidate(token, vm)
                 fresh = await again.get_token(vm)
+                if not standin.token_valid(fresh.access_token, vm):
+                    # One race is left, and no daemon can tell it: a refresh answered
+                    # just before the session ended, whose token arrived before this
+                    # client's report of the older one. That token is refused once too.
+                    # (A refresh asked for before a report is never taken: the keeper's
+                    # test_a_refresh_sent_before_a_rejection_report_does_not_answer_it.)
+                    await again.invalidate(fresh, vm)
+                    fresh = await again.get_token(vm)
             if not standin.token_valid(fresh.access_token, vm):
-                return "still a refused token after invalidating it"
+                return "still a refused token after invalidating it twice"
             recovered += 1
             return None
 

@@ -92,6 +92,9 @@ class Slot:
         self.blocked: Refused | None = None  # a 403: answered without asking until...
         self.blocked_until = -math.inf
         self.quick_invalidations = 0
+        # When a client last reported our token rejected: a grant asked for before then
+        # is not taken (see take).
+        self.reported_at = -math.inf
         self.want_ttl: float | None = None  # set by a client waiting for a fresher token
         self.last_used = trio.current_time()
         self.dropped = False
@@ -159,6 +162,7 @@ class Slot:
             self.quick_invalidations = 0
         log.info("token for %s reported as rejected; fetching a new one", self.label)
         self._forget()
+        self.reported_at = now
         self.last_used = now
         if self.quick_invalidations >= 2:
             delay = self._timing.backoff(self.quick_invalidations - 2, None)
@@ -167,10 +171,12 @@ class Slot:
         self.wake.set()
         return True
 
-    def take(self, grant: Grant) -> None:
-        """Hold the token of `grant` from now on (not if the slot was let go)."""
-        if self.dropped:
-            return
+    def take(self, grant: Grant) -> bool:
+        """Hold the token of `grant` from now on: not if the slot was let go, nor if it
+        was asked for before a client reported our token rejected — what killed that one
+        (its session's end) may have killed this one on its way; the task asks again."""
+        if self.dropped or grant.requested_at < self.reported_at:
+            return False
         if self.token is not None:
             # The token it replaces was not reported as rejected: the run of quickly
             # rejected tokens, if any, is broken.
@@ -190,6 +196,7 @@ class Slot:
         self.want_ttl = None
         self.wake.set()
         self.notify()
+        return True
 
     def drop(self) -> None:
         """Forget the token for good (the session ended); wake whoever waits."""
@@ -286,8 +293,8 @@ class Slot:
             log.error("internal error (%s) refreshing the token for %s; next attempt in %s",
                       type(exc).__name__, self.label, seconds(delay))
         else:
-            self.take(grant)
-            log.debug("new token for %s, valid %.0f s", self.label, grant.lifetime)
+            if self.take(grant):
+                log.debug("new token for %s, valid %.0f s", self.label, grant.lifetime)
         finally:
             self.notify()
 
