@@ -1,5 +1,5 @@
-"""Who is at the other end of a Unix socket, whom a socket serves, and how refusals are
-logged: one rule for the daemon's sockets and the proxy's.
+"""Who is at the other end of a Unix socket, and whom a socket serves: one rule for the
+daemon's sockets and the proxy's (refusals are logged by `refusals`).
 
 The kernel tells a Unix socket's peer as it was when it connected: uid, gid and pid by
 SO_PEERCRED, its supplementary groups by SO_PEERGROUPS (Linux 4.13) — both race-free,
