@@ -7,7 +7,7 @@ import pytest
 import trio
 import trio.testing
 
-from tests.fakes import VMS, FakeOidc, running_keeper
+from tests.fakes import VMS, FakeOidc, credentials, running_keeper
 from vm_tokend.keeper import CredentialsRejected, UnknownVideoManager
 from vm_tokend.upstream import base as upstream
 from vm_tokend.upstream.base import Grant, VideoManagerRef
@@ -208,3 +208,38 @@ async def test_a_refresh_sent_before_a_rejection_report_does_not_answer_it(autoj
         assert token.token not in dead
         assert backend.times("login") == [0, 202]  # the refresh token it brought is dead too
         assert backend.reused_refresh_tokens == 0
+
+
+async def test_a_retry_after_on_the_first_list_holds_the_slots_refresh_too(autojump_clock):
+    # Found by the simulated month: the login worked, the VideoManager list got a 429
+    # with Retry-After 600; the slot the login filled refreshed at 200 all the same.
+    backend = FakeOidc(lifetime=300)
+
+    def fault(kind: str) -> None:
+        if kind == "videomanagers" and trio.current_time() < 1:
+            raise upstream.TransientError("HTTP 429", retry_after=600)
+
+    backend.fault = fault
+    async with running_keeper(backend, pick=0.5):
+        await trio.sleep(700)
+        assert backend.times("videomanagers") == [0, 600]
+        assert all(t >= 600 for t in backend.times("refresh")), backend.times("refresh")
+
+
+async def test_a_retry_after_holds_for_the_next_session_of_the_profile(autojump_clock):
+    # New credentials (a reload, `vm-token login`) while the API asked us to wait: the
+    # new session waits too — the API asked us, not a session.
+    backend = FakeOidc(lifetime=300)
+    holding = True
+
+    def fault(kind: str) -> None:
+        if holding and kind == "refresh":
+            raise upstream.TransientError("HTTP 429", retry_after=900)
+
+    backend.fault = fault
+    async with running_keeper(backend, pick=0.5) as keeper:
+        await trio.sleep(201)  # the refresh at 200 was answered 429: held until 1100
+        holding = False
+        await keeper.start_session(credentials())
+        await trio.sleep(1000)
+        assert backend.times("login") == [0, 1100]

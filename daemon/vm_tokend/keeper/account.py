@@ -8,6 +8,7 @@ session follows. Trouble finding out backs off and asks again; it never guesses.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -86,6 +87,7 @@ class Account:
         self._nursery: trio.Nursery | None = None
         self.interactive = InteractiveLogins(self.connect_oidc, self.start_interactive)
         self._run_scope: trio.CancelScope | None = None
+        self._held: tuple[float, str] = (-math.inf, "")  # an ended session's Retry-After
 
     def set_connect(self, connect: Connect) -> None:
         """How the next session finds its backend (a reload changed the HTTP client)."""
@@ -133,6 +135,7 @@ class Account:
         assert self._nursery is not None, "Account.run() is not running"
         session = OidcSession(None, api, config=self.config, timing=self.timing,
                               initial=(grant, username, how))
+        self._inherit_pause(session)
         self.session = session
         self._scope = trio.CancelScope()
         await self._nursery.start(self._run, session, self._scope)
@@ -158,7 +161,14 @@ class Account:
                               "logins need OpenID Connect")
         return backend
 
+    def _inherit_pause(self, session: Session) -> None:
+        """A Retry-After the last session got holds for the next: the API asked us to wait."""
+        if self._held[0] > trio.current_time():
+            session.pause(*self._held)
+
     def end(self) -> None:
+        if self.session is not None and self.session.paused_until > trio.current_time():
+            self._held = (self.session.paused_until, self.session.pause_reason or "")
         if self._scope is not None:
             self._scope.cancel()
             self._scope = None
@@ -181,6 +191,7 @@ class Account:
                 else OidcSession
             session = kind(connecting.source, backend,  # type: ignore[arg-type]
                            config=self.config, timing=self.timing)
+            self._inherit_pause(session)
             self.session, self._connecting = session, None
             connecting.notify()
             await session.run()

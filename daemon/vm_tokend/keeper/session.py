@@ -140,7 +140,12 @@ class Session(Answers):
         while True:
             try:
                 async with self.lock:
-                    await self._establish()
+                    paused_until = self.paused_until  # a Retry-After another call got
+                    if paused_until <= trio.current_time():
+                        await self._establish()
+                if paused_until > trio.current_time():
+                    await trio.sleep_until(paused_until)
+                    continue
             except Refused:
                 self.notify()  # login() recorded why; wait for new credentials
                 return
@@ -150,6 +155,10 @@ class Session(Answers):
                 failures += 1
                 self.last_error = message
                 self.login_retry_at = trio.current_time() + delay
+                if retry_after is not None:
+                    # the whole session waits: a slot the login already filled (its
+                    # VideoManager list is what failed) must not refresh meanwhile
+                    self.pause(trio.current_time() + retry_after, message)
                 log.warning("login failed: %s; next attempt in %s", message, seconds(delay))
                 self.notify()
                 await trio.sleep_until(self.login_retry_at)
