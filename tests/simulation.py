@@ -51,7 +51,11 @@ VMS = tuple(VideoManagerRef(str(1000 + n), f"VM{n}") for n in range(1, 7))
 # five minutes, less the jitter), so that asking never forces refreshes of its own.
 MIN_TTLS = (0.0, 0.0, 10.0, 30.0, 60.0)
 PROFILES = ("legacy", "oidc", "person")
-CLIENT_GAP = 300.0  # seconds between a client's requests, on average
+CLIENT_GAP = 450.0  # seconds between a client's requests, on average
+# Upstream calls a token costs in a healthy hour: one every 200 s (at 2/3 of five
+# minutes) is 18, and one for a login or a list that falls into the hour.
+CALLS_PER_HOUR = 19
+SETTLE = 10 * 60.0  # after a fault, time for the backlog of attempts to clear
 
 
 class Violation(AssertionError):
@@ -227,7 +231,8 @@ class Provider:
         record.used = True
         record.lost = late is not None
         self.sessions[record.session] = (started, requested)
-        lifetime = LEGACY_REFRESH_LIFETIME if self.kind == "legacy" else SSO_IDLE
+        lifetime = LEGACY_REFRESH_LIFETIME if self.kind == "legacy" \
+            else min(SSO_IDLE, started + SSO_MAX - requested)  # as Keycloak tells it
         grant = self._issue(record.session, videomanager_id, requested, lifetime)
         self._leave(late)
         return grant
@@ -288,7 +293,7 @@ class Month:
     """The whole simulation: run() it under trio with the MockClock (autojump)."""
 
     def __init__(self, seed: int, days: float, *, clients: int = 2,
-                 fault_gap: float = 8 * HOUR, fault_kinds: tuple[str, ...] = FAULT_KINDS,
+                 fault_gap: float = 10 * HOUR, fault_kinds: tuple[str, ...] = FAULT_KINDS,
                  drift: tuple[float, float] = (2 * DAY, 5 * DAY)) -> None:
         self.seed, self.days = seed, days
         self.rng = random.Random(seed)
@@ -380,6 +385,7 @@ class Month:
                 for n in range(self.clients):
                     nursery.start_soon(self._client, name, n)
             nursery.start_soon(self._sample)
+            nursery.start_soon(self._count_calls)
             await trio.sleep_until(end)
             self._check_flat()
             nursery.cancel_scope.cancel()
@@ -532,7 +538,9 @@ class Month:
         provider.note(f"{kind} for {length:.0f} s")
         await trio.sleep(length)
         provider.faults.remove(fault)
-        provider.healthy_since = trio.current_time()
+        # a call that began slow ends (fails) up to the timeout after the fault
+        provider.healthy_since = trio.current_time() + (
+            UPSTREAM_TIMEOUT if kind == "slow" else 0.0)
         provider.note(f"{kind} over")
 
     async def _password_changes(self, provider: Provider, name: str,
@@ -573,6 +581,32 @@ class Month:
                     await trio.sleep(rng.uniform(60, 600))
             self.person_out = False
             provider.healthy_since = trio.current_time()
+
+    # -- calls in a healthy hour ------------------------------------------------------------
+
+    async def _count_calls(self) -> None:
+        """Each hour the API was healthy throughout (since SETTLE before it, credentials
+        good): legacy at most CALLS_PER_HOUR per VideoManager in use, OIDC for all."""
+        while True:
+            start = trio.current_time()
+            good = {name: self._credentials_good(name) for name in PROFILES}
+            await trio.sleep(HOUR)
+            end = trio.current_time()
+            for name, provider in self.providers.items():
+                if (provider.faults or provider.healthy_since > start - SETTLE
+                        or provider.hold_until > start - SETTLE
+                        or not good[name] or not self._credentials_good(name)):
+                    continue
+                calls = sum(1 for t in provider.calls if start <= t < end)
+                in_use = {vm for (p, vm), t in self.last_asked.items()
+                          if p == name and t >= start - HOUR} | {VMS[0].id}
+                bound = CALLS_PER_HOUR * (len(in_use) if name == "legacy" else 1)
+                if calls > bound:
+                    self.fail(Violation("calls-per-hour", (
+                        f"{name}: {calls} upstream calls in the healthy hour from "
+                        f"{start:.0f}, more than {bound}")))
+            for provider in self.providers.values():
+                provider.calls = [t for t in provider.calls if t >= end]
 
     # -- nothing grows ----------------------------------------------------------------------
 
