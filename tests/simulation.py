@@ -691,6 +691,9 @@ def run_month(seed: int, days: float, **options: Any) -> Stats:
     from vm_tokend.keeper import session as session_module
     from vm_tokend.keeper import slot as slot_module
 
+    # trio shuffles the tasks it runs at each step, on purpose, from a random number
+    # generator of its own (the clock's offset too): seeded, a run is the same each time.
+    trio._core._run._r.seed(seed)  # noqa: SLF001 - no public way to seed it
     month = Month(seed, days, **options)
     clock = trio.testing.MockClock(autojump_threshold=0)
     result: list[Stats] = []
@@ -698,9 +701,6 @@ def run_month(seed: int, days: float, **options: Any) -> Stats:
     async def main() -> None:
         result.append(await month.run())
 
-    # trio shuffles the tasks it runs at each step, on purpose, from a random number
-    # generator of its own: seeded, the run is the same every time.
-    trio._core._run._r.seed(seed)  # noqa: SLF001 - no public way to seed it
     modules = (slot_module, session_module)
     saved = [getattr(module, "time") for module in modules]  # noqa: B009 - not exported
     for module in modules:
