@@ -949,3 +949,29 @@ async def test_list_pages_run_across_profiles(autojump_clock):
                     request = {"v": 1, "op": "list", "offset": reply["next"]}
                 assert seen == [("default", vm.id) for vm in many_videomanagers(700, "a")] \
                     + [("other", vm.id) for vm in many_videomanagers(700, "b")]
+
+
+def test_the_socket_file_appears_only_once_it_listens(private_dir, monkeypatch):
+    """A client that finds the file can connect: it is linked into place after listen()
+    (a busy machine can preempt a daemon between bind and listen), and the name it was
+    bound under is gone."""
+    real_link = os.link
+    linked: list[str] = []
+
+    def link(source, target):
+        probe = stdlib_socket.socket(stdlib_socket.AF_UNIX)
+        probe.connect(str(source))  # already listening: no ECONNREFUSED
+        probe.close()
+        linked.append(str(target))
+        real_link(source, target)
+
+    monkeypatch.setattr(os, "link", link)
+    path = private_dir / "vm-token" / "socket"
+    bound = bind_unix_socket(path)
+    try:
+        assert linked == [str(path)]
+        assert sorted(p.name for p in path.parent.iterdir()) == ["socket"]
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    finally:
+        bound.sock.close()
+        bound.remove()

@@ -165,25 +165,39 @@ def bind_shared_socket(path: Path, *, group: int | None, others: bool) -> BoundS
 def _listen_at(path: Path, mode: int, group: int | None) -> BoundSocket:
     """A socket of `mode` (and `group`) listening at `path`.
 
-    bind() makes the file with its mode at once (through the umask), and fails if anything
-    is at `path` (another daemon starting: SocketAlreadyServed) — it follows no link. The
-    group is given with lchown. So in a directory others can write, a shared volume, no
-    chmod or chown of ours follows a link somebody planted at `path` meanwhile.
+    bind() makes the file with its mode at once (through the umask), and link() puts it
+    at `path` only if nothing is there (another daemon starting: SocketAlreadyServed);
+    neither follows a link. The group is given with lchown. So in a directory others can
+    write, a shared volume, no chmod or chown of ours follows a link planted meanwhile.
     """
     sock = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+    # Bound and listening under a name of its own first, then linked into place: a client
+    # never finds the file before it listens (a process can be preempted between bind
+    # and listen for long on a busy machine). The name is short: Unix socket paths are
+    # limited to 107 bytes.
+    staging = path.with_name(f".{os.getpid() % 10000}")
+    with contextlib.suppress(OSError):
+        if stat.S_ISSOCK(staging.lstat().st_mode):
+            staging.unlink()  # a crashed daemon's of the same pid
     old_umask = os.umask(0o777 & ~mode)
+    inode: int | None = None
     try:
-        sock.bind(str(path))
-        # at once: a client that sees the file may connect (the peer check is the fence)
+        sock.bind(str(staging))
+        inode = staging.lstat().st_ino
         sock.listen(LISTEN_BACKLOG)
+        os.link(staging, path)
     except OSError as exc:
         sock.close()
-        if exc.errno == errno.EADDRINUSE:
+        if exc.errno == errno.EEXIST:
             raise SocketAlreadyServed(f"another vm-tokend is starting on {path}") from None
         raise SocketSetupError(f"cannot bind {path}: {exc.strerror or exc}") from None
     finally:
         os.umask(old_umask)
-    bound = BoundSocket(sock, path, path.lstat().st_ino)
+        with contextlib.suppress(OSError):
+            if inode is not None and staging.lstat().st_ino == inode:
+                staging.unlink()
+    assert inode is not None
+    bound = BoundSocket(sock, path, inode)
     try:
         if group is not None:
             _give_to_group(path, group)
