@@ -362,6 +362,9 @@ class Month:
         provider.sessions[session] = (requested, requested)
         grant = provider._issue(session, None, requested, SSO_IDLE)
         provider.note(f"a person logged in, session {session}")
+        # a person's login is a person's decision to try now, Retry-After or not (the
+        # daemon tries at once, as for `vm-token login`)
+        provider.hold_until = -math.inf
         self.person_session = session
         await account.start_interactive(grant, "person@example.com",
                                         provider, "browser")  # type: ignore[arg-type]

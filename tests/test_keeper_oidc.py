@@ -243,3 +243,21 @@ async def test_a_retry_after_holds_for_the_next_session_of_the_profile(autojump_
         await keeper.start_session(credentials())
         await trio.sleep(1000)
         assert backend.times("login") == [0, 1100]
+
+
+async def test_a_login_a_person_asks_for_is_tried_at_once_under_a_retry_after(autojump_clock):
+    # `vm-token login` is a person's decision to try now; a reload waits (test above).
+    backend = FakeOidc(lifetime=300)
+    holding = True
+
+    def fault(kind: str) -> None:
+        if holding and kind == "refresh":
+            raise upstream.TransientError("HTTP 429", retry_after=900)
+
+    backend.fault = fault
+    async with running_keeper(backend, pick=0.5) as keeper:
+        await trio.sleep(201)
+        holding = False
+        await keeper.account().start(credentials(), asked=True)
+        await keeper.wait_logged_in()
+        assert backend.times("login") == [0, 201]

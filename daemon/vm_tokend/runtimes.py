@@ -120,7 +120,8 @@ class Runtimes:
         runtime = self.by_name[name]
         log.info("login requested by a client for %s", quote(username))
         runtime.configured = False
-        await runtime.account.start(PasswordSource(username=username, password=SecretStr(password)))
+        await runtime.account.start(
+            PasswordSource(username=username, password=SecretStr(password)), asked=True)
 
     async def reload(self, name: str, new: Profile) -> None:
         """Apply `new` settings to a running profile, doing no more than they ask."""

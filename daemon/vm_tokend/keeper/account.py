@@ -87,7 +87,8 @@ class Account:
         self._nursery: trio.Nursery | None = None
         self.interactive = InteractiveLogins(self.connect_oidc, self.start_interactive)
         self._run_scope: trio.CancelScope | None = None
-        self._held: tuple[float, str] = (-math.inf, "")  # an ended session's Retry-After
+        # A Retry-After an ended session got: the next one waits it out too (see start)
+        self._held: tuple[float, str] = (-math.inf, "")
 
     def set_connect(self, connect: Connect) -> None:
         """How the next session finds its backend (a reload changed the HTTP client)."""
@@ -113,11 +114,12 @@ class Account:
 
     # -- life cycle -----------------------------------------------------------------------
 
-    async def start(self, source: PasswordSource | None) -> None:
-        """Forget everything and, given credentials, log in with them in the background.
-        An interactive login in progress ends too: a logout must not be followed by it."""
+    async def start(self, source: PasswordSource | None, *, asked: bool = False) -> None:
+        """Forget everything and, given credentials, log in with them in the background
+        (an interactive login in progress ends too). `asked` (`vm-token login`): at once,
+        as a person's interactive login, even under a Retry-After a reload waits out."""
         self.interactive.cancel()
-        self.end()
+        self.end(keep_hold=not asked)
         if source is None:
             return
         assert self._nursery is not None, "Account.run() is not running"
@@ -131,11 +133,11 @@ class Account:
                                 how: str) -> None:
         """Replace the session with one an interactive login made (no password), and
         wait until it is ready to serve."""
-        self.end()
+        self.end(keep_hold=False)  # a person's login: tried now (see start)
         assert self._nursery is not None, "Account.run() is not running"
         session = OidcSession(None, api, config=self.config, timing=self.timing,
                               initial=(grant, username, how))
-        self._inherit_pause(session)
+        session.pause(*self._held)  # the last one's Retry-After: the API asked us
         self.session = session
         self._scope = trio.CancelScope()
         await self._nursery.start(self._run, session, self._scope)
@@ -161,13 +163,10 @@ class Account:
                               "logins need OpenID Connect")
         return backend
 
-    def _inherit_pause(self, session: Session) -> None:
-        """A Retry-After the last session got holds for the next: the API asked us to wait."""
-        if self._held[0] > trio.current_time():
-            session.pause(*self._held)
-
-    def end(self) -> None:
-        if self.session is not None and self.session.paused_until > trio.current_time():
+    def end(self, *, keep_hold: bool = True) -> None:
+        if not keep_hold:
+            self._held = (-math.inf, "")
+        elif self.session is not None and self.session.paused_until > self._held[0]:
             self._held = (self.session.paused_until, self.session.pause_reason or "")
         if self._scope is not None:
             self._scope.cancel()
@@ -191,7 +190,7 @@ class Account:
                 else OidcSession
             session = kind(connecting.source, backend,  # type: ignore[arg-type]
                            config=self.config, timing=self.timing)
-            self._inherit_pause(session)
+            session.pause(*self._held)  # the last one's Retry-After: the API asked us
             self.session, self._connecting = session, None
             connecting.notify()
             await session.run()

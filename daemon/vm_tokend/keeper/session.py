@@ -36,7 +36,7 @@ from ..text import quote
 from ..upstream.base import Grant
 from .answers import Answers, Changes, LoginRequired, SessionEnded
 from .password_reader import PasswordReader
-from .slot import Paused, Slot, Superseded
+from .slot import RETRY_WAIT, Paused, Slot, Superseded
 from .timing import Timing, seconds
 from .videomanagers import VideoManagers
 
@@ -144,6 +144,12 @@ class Session(Answers):
                     if paused_until <= trio.current_time():
                         await self._establish()
                 if paused_until > trio.current_time():
+                    if paused_until - trio.current_time() > RETRY_WAIT:
+                        # said as a failed attempt is: a client waiting for this login
+                        # hears when it will be, rather than wait that long
+                        self.last_error = f"the API asked us to wait ({self.pause_reason})"
+                        self.login_retry_at = paused_until
+                        self.notify()
                     await trio.sleep_until(paused_until)
                     continue
             except Refused:
