@@ -226,9 +226,12 @@ async def test_a_retry_after_on_the_first_list_holds_the_slots_refresh_too(autoj
         assert all(t >= 600 for t in backend.times("refresh")), backend.times("refresh")
 
 
-async def test_a_retry_after_holds_for_the_next_session_of_the_profile(autojump_clock):
-    # New credentials (a reload, `vm-token login`) while the API asked us to wait: the
-    # new session waits too — the API asked us, not a session.
+@pytest.mark.parametrize(("asked", "relogin"), [(False, 1100), (True, 201)],
+                         ids=["a reload waits", "vm-token login is tried at once"])
+async def test_a_retry_after_holds_for_the_next_session_unless_a_person_asks(
+        autojump_clock, asked, relogin):
+    # New credentials while the API asked us to wait: a reload's session waits too (the
+    # API asked us, not a session); `vm-token login` is a person's decision to try now.
     backend = FakeOidc(lifetime=300)
     holding = True
 
@@ -240,24 +243,6 @@ async def test_a_retry_after_holds_for_the_next_session_of_the_profile(autojump_
     async with running_keeper(backend, pick=0.5) as keeper:
         await trio.sleep(201)  # the refresh at 200 was answered 429: held until 1100
         holding = False
-        await keeper.start_session(credentials())
+        await keeper.account().start(credentials(), asked=asked)
         await trio.sleep(1000)
-        assert backend.times("login") == [0, 1100]
-
-
-async def test_a_login_a_person_asks_for_is_tried_at_once_under_a_retry_after(autojump_clock):
-    # `vm-token login` is a person's decision to try now; a reload waits (test above).
-    backend = FakeOidc(lifetime=300)
-    holding = True
-
-    def fault(kind: str) -> None:
-        if holding and kind == "refresh":
-            raise upstream.TransientError("HTTP 429", retry_after=900)
-
-    backend.fault = fault
-    async with running_keeper(backend, pick=0.5) as keeper:
-        await trio.sleep(201)
-        holding = False
-        await keeper.account().start(credentials(), asked=True)
-        await keeper.wait_logged_in()
-        assert backend.times("login") == [0, 201]
+        assert backend.times("login") == [0, relogin]
