@@ -680,13 +680,17 @@ def _count_tasks() -> int:
 
 
 class _WallClock:
-    """time.time() for the keeper's modules: the month's wall clock, which steps."""
+    """The `time` module for the keeper's: the month's wall clock, which steps."""
 
     def __init__(self, month: Month) -> None:
         self.month = month
 
     def time(self) -> float:
         return self.month._wall(trio.current_time())
+
+    @staticmethod
+    def monotonic() -> float:
+        return trio.current_time()
 
 
 def run_month(seed: int, days: float, **options: Any) -> Stats:
@@ -708,6 +712,8 @@ def run_month(seed: int, days: float, **options: Any) -> Stats:
     saved = [getattr(module, "time") for module in modules]  # noqa: B009 - not exported
     for module in modules:
         setattr(module, "time", _WallClock(month))  # noqa: B010
+    saved_boot = slot_module.boot_clock
+    slot_module.boot_clock = trio.current_time  # the month's machine never sleeps
     # a month of warnings is a hundred thousand lines: what the run reports is the history
     logging.disable(logging.CRITICAL)
     try:
@@ -723,6 +729,7 @@ def run_month(seed: int, days: float, **options: Any) -> Stats:
     finally:
         for module, value in zip(modules, saved, strict=True):
             setattr(module, "time", value)  # noqa: B010
+        slot_module.boot_clock = saved_boot
         logging.disable(logging.NOTSET)
     return result[0]
 

@@ -107,9 +107,9 @@ async def test_first_fetch_at_once_then_at_two_thirds_of_the_lifetime(autojump_c
         assert script.times == [0, 200, 400, 600, 800]
         assert await get(slot) == "access-5"
         assert slot.expires_at == 1100 and slot.lifetime == 300
-        # taken at 800 (virtual) for 300 s, so 250 s left at 850; the wall clock stood
-        # still meanwhile (a step back, as it sees it): told anew from the time left
-        assert slot.expires_at_wall == pytest.approx(time.time() + 250, abs=1)
+        # taken at 800 (virtual) for 300 s; the wall clock stood still meanwhile, and so
+        # did the boot clock: no step
+        assert slot.expires_at_wall == pytest.approx(time.time() + 300, abs=1)
 
 
 @pytest.mark.parametrize(("pick", "at"), [(0.0, 300 * (2 / 3 - 0.05)),
@@ -527,3 +527,26 @@ async def test_wanted_says_whether_a_fetch_is_still_needed(autojump_clock):
         assert slot.wanted(199) is False and slot.wanted(200) is True
         slot.invalidate("access-1")
         assert slot.wanted(0) is True
+
+
+@pytest.mark.parametrize(("wall_jump", "boot_jump", "moved"), [
+    (3600.0, 0.0, 3600.0),  # the wall clock stepped (NTP): expires_at moves with it
+    (3600.0, 3600.0, 0.0),  # the machine slept an hour: the token's end did not move
+], ids=["a step", "a suspend"])
+async def test_expires_at_follows_a_wall_clock_step_not_a_suspend(
+        autojump_clock, monkeypatch, wall_jump, boot_jump, moved):
+    from vm_tokend.keeper import slot as slot_module
+
+    clocks = {"wall": 1.8e9, "boot": 1000.0}
+    monkeypatch.setattr(slot_module.time, "time", lambda: clocks["wall"])
+    monkeypatch.setattr(slot_module, "boot_clock", lambda: clocks["boot"])
+    script = Script(lifetime=300)
+    slot = make_slot(script, pick=0.5)
+    async with running(slot):
+        assert await get(slot) == "access-1"
+        vm = VideoManagerRef("1", "Marketing")
+        before = slot.info(vm).expires_at
+        assert before == 1.8e9 + 300
+        clocks["wall"] += wall_jump
+        clocks["boot"] += boot_jump
+        assert slot.info(vm).expires_at == before + moved

@@ -150,7 +150,9 @@ class Runtimes:
             # client gave goes along only where it went before.
             if given is not None and new.destination() != old.destination():
                 given = None
-            await self._restart(runtime, configured or given, configured is not None, where)
+            # (another API, or another way to it: the old one's Retry-After is not its)
+            await self._restart(runtime, configured or given, configured is not None, where,
+                                elsewhere=True)
         elif given is not None or account.logged_in_interactively:
             # A person logged in: only a refusal makes this session worth replacing, and
             # only with credentials to try (an interactive one waits for a person).
@@ -174,10 +176,10 @@ class Runtimes:
             log.debug("reload%s: nothing changed for the session; session kept", where)
 
     async def _restart(self, runtime: Runtime, source: PasswordSource | None,
-                       configured: bool, where: str) -> None:
+                       configured: bool, where: str, *, elsewhere: bool = False) -> None:
         log.info("starting a new login session after the reload%s", where)
         runtime.configured = configured
-        await runtime.account.start(source)
+        await runtime.account.start(source, asked=elsewhere)
 
 
 async def _changed(account: Account, source: PasswordSource | None) -> bool:

@@ -116,8 +116,8 @@ class Account:
 
     async def start(self, source: PasswordSource | None, *, asked: bool = False) -> None:
         """Forget everything and, given credentials, log in with them in the background
-        (an interactive login in progress ends too). `asked` (`vm-token login`): at once,
-        as a person's interactive login, even under a Retry-After a reload waits out."""
+        (an interactive login in progress ends too). `asked` (`vm-token login`, a reload to
+        another API): at once, even under a Retry-After another reload waits out."""
         self.interactive.cancel()
         self.end(keep_hold=not asked)
         if source is None:
@@ -137,7 +137,7 @@ class Account:
         assert self._nursery is not None, "Account.run() is not running"
         session = OidcSession(None, api, config=self.config, timing=self.timing,
                               initial=(grant, username, how))
-        session.pause(*self._held)  # the last one's Retry-After: the API asked us
+        session.pause(*self._held, told=True)  # the last one's Retry-After
         self.session = session
         self._scope = trio.CancelScope()
         await self._nursery.start(self._run, session, self._scope)
@@ -166,8 +166,8 @@ class Account:
     def end(self, *, keep_hold: bool = True) -> None:
         if not keep_hold:
             self._held = (-math.inf, "")
-        elif self.session is not None and self.session.paused_until > self._held[0]:
-            self._held = (self.session.paused_until, self.session.pause_reason or "")
+        elif self.session is not None and self.session.told_until > self._held[0]:
+            self._held = (self.session.told_until, self.session.told_reason)
         if self._scope is not None:
             self._scope.cancel()
             self._scope = None
@@ -190,7 +190,7 @@ class Account:
                 else OidcSession
             session = kind(connecting.source, backend,  # type: ignore[arg-type]
                            config=self.config, timing=self.timing)
-            session.pause(*self._held)  # the last one's Retry-After: the API asked us
+            session.pause(*self._held, told=True)  # the last one's Retry-After
             self.session, self._connecting = session, None
             connecting.notify()
             await session.run()

@@ -103,6 +103,7 @@ class Session(Answers):
         self.logged_in_at_wall: float | None = None
         # Every upstream call of the session waits until then; `pause_reason` says why.
         self.paused_until = -math.inf
+        self.told_until, self.told_reason = -math.inf, ""  # a Retry-After's, see pause
         self.pause_reason: str | None = None
         self.login_failures = 0
         self.ended = False
@@ -164,7 +165,7 @@ class Session(Answers):
                 if retry_after is not None:
                     # the whole session waits: a slot the login already filled (its
                     # VideoManager list is what failed) must not refresh meanwhile
-                    self.pause(trio.current_time() + retry_after, message)
+                    self.pause(trio.current_time() + retry_after, message, told=True)
                 log.warning("login failed: %s; next attempt in %s", message, seconds(delay))
                 self.notify()
                 await trio.sleep_until(self.login_retry_at)
@@ -275,7 +276,7 @@ class Session(Answers):
                 return await self._fetch(slot)
             except upstream.TransientError as exc:
                 if exc.retry_after is not None:
-                    self.pause(trio.current_time() + exc.retry_after, str(exc))
+                    self.pause(trio.current_time() + exc.retry_after, str(exc), told=True)
                 raise
 
     def keep_refresh_token(self, grant: Grant) -> None:
@@ -295,7 +296,11 @@ class Session(Answers):
         """No refresh token, or one that expires within REFRESH_TOKEN_MARGIN."""
         return self.refresh_token_left() < REFRESH_TOKEN_MARGIN
 
-    def pause(self, until: float, reason: str) -> None:
+    def pause(self, until: float, reason: str, *, told: bool = False) -> None:
+        """No upstream call before `until`. `told`: the API asked for it (Retry-After),
+        which the profile's next session honours too (Account)."""
+        if told and until > self.told_until:
+            self.told_until, self.told_reason = until, reason
         if until > self.paused_until:
             self.paused_until = until
             self.pause_reason = reason

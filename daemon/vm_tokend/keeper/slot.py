@@ -60,9 +60,19 @@ class Paused(Exception):
         self.reason = reason
 
 
-# A change of the wall clock against trio's by more than this is a step, after which the
-# `expires_at` clients get (wall clock) is told anew; less is drift, and harmless.
+# A change of the wall clock against the boot clock by more than this is a step (NTP, a
+# person), after which the `expires_at` clients get (wall clock) moves with it; less is
+# drift, and harmless. The boot clock, not trio's: trio's stops while the machine sleeps,
+# the wall clock and the token's life go on.
 WALL_STEP: Final = 1.0
+
+
+def boot_clock() -> float:
+    """Seconds since boot, suspends included (Linux); elsewhere the monotonic clock."""
+    try:
+        return time.clock_gettime(time.CLOCK_BOOTTIME)
+    except (AttributeError, OSError):
+        return time.monotonic()
 
 
 class Superseded(Exception):  # noqa: N818 - not an error: a fetch that is not needed now
@@ -89,7 +99,7 @@ class Slot:
         self.obtained_at = -math.inf
         self.expires_at = -math.inf  # trio clock
         self.expires_at_wall: float | None = None
-        self._wall_offset = 0.0  # time.time() - trio's clock, when expires_at_wall was told
+        self._wall_offset = 0.0  # time.time() - boot_clock(), when expires_at_wall was told
         self.refresh_at = math.inf
         self.refreshed_at_wall: float | None = None
         self.last_error: str | None = None
@@ -117,11 +127,11 @@ class Slot:
     def info(self, vm: VideoManagerRef) -> TokenInfo:
         """The current token as `get` answers it for `vm` (one object per token and vm)."""
         assert self.token is not None and self.expires_at_wall is not None
-        offset = time.time() - trio.current_time()
+        offset = time.time() - boot_clock()
         if abs(offset - self._wall_offset) > WALL_STEP:
-            # The wall clock stepped (NTP, a resume): clients count expires_at on theirs.
+            # The wall clock stepped: clients count expires_at on theirs.
+            self.expires_at_wall += offset - self._wall_offset
             self._wall_offset, self._infos = offset, {}
-            self.expires_at_wall = self.expires_at + offset
         info = self._infos.get(vm.id)
         if info is None:
             info = self._infos[vm.id] = TokenInfo(self.token, vm, self.expires_at_wall)
@@ -197,8 +207,8 @@ class Slot:
         self.lifetime = grant.lifetime
         self.obtained_at = grant.requested_at
         self.expires_at = grant.requested_at + grant.lifetime
-        self._wall_offset = time.time() - trio.current_time()
-        self.expires_at_wall = self.expires_at + self._wall_offset
+        self._wall_offset = time.time() - boot_clock()
+        self.expires_at_wall = time.time() + (self.expires_at - trio.current_time())
         self.refresh_at = self._timing.refresh_at(grant)
         self.refreshed_at_wall = time.time()
         self.last_error = None
