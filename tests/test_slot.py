@@ -538,7 +538,7 @@ async def test_expires_at_follows_a_wall_clock_step_not_a_suspend(
     from vm_tokend.keeper import slot as slot_module
 
     clocks = {"wall": 1.8e9, "boot": 1000.0}
-    monkeypatch.setattr(slot_module.time, "time", lambda: clocks["wall"])
+    monkeypatch.setattr(time, "time", lambda: clocks["wall"])  # the module slot.py uses
     monkeypatch.setattr(slot_module, "boot_clock", lambda: clocks["boot"])
     script = Script(lifetime=300)
     slot = make_slot(script, pick=0.5)
