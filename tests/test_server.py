@@ -975,3 +975,22 @@ def test_the_socket_file_appears_only_once_it_listens(private_dir, monkeypatch):
     finally:
         bound.sock.close()
         bound.remove()
+
+
+def test_without_hard_links_the_socket_is_renamed_into_place(private_dir, monkeypatch):
+    """A file system that refuses link() (FUSE mounts, vboxsf): rename instead."""
+    def no_link(source, target):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_link)
+    path = private_dir / "vm-token" / "socket"
+    bound = bind_unix_socket(path)
+    try:
+        assert sorted(p.name for p in path.parent.iterdir()) == ["socket"]
+        probe = stdlib_socket.socket(stdlib_socket.AF_UNIX)
+        probe.connect(str(path))
+        probe.close()
+    finally:
+        bound.sock.close()
+        bound.remove()
+    assert not path.exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import secrets
 import socket as stdlib_socket
 import stat
 from dataclasses import dataclass
@@ -24,6 +25,12 @@ __all__ = [
     "bind_shared_socket",
     "bind_unix_socket",
 ]
+
+# The longest path a Unix socket can be bound at (sun_path, less its NUL).
+MAX_SOCKET_PATH: Final = 107
+# What link() answers where the file system has no hard links (FUSE mounts, vboxsf, ...).
+NO_HARD_LINKS: Final = frozenset({errno.EPERM, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP,
+                                  errno.EXDEV})
 
 # Connections waiting to be accepted. A burst of clients beyond it would see EAGAIN on
 # connect (Unix sockets do not queue more); the kernel caps it at net.core.somaxconn.
@@ -173,28 +180,33 @@ def _listen_at(path: Path, mode: int, group: int | None) -> BoundSocket:
     sock = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
     # Bound and listening under a name of its own first, then linked into place: a client
     # never finds the file before it listens (a process can be preempted between bind
-    # and listen for long on a busy machine). The name is short: Unix socket paths are
-    # limited to 107 bytes.
-    staging = path.with_name(f".{os.getpid() % 10000}")
-    with contextlib.suppress(OSError):
-        if stat.S_ISSOCK(staging.lstat().st_mode):
-            staging.unlink()  # a crashed daemon's of the same pid
+    # and listen for long on a busy machine). Where that cannot be (a file system without
+    # hard links, a path at the length limit), bound in place as before.
+    staging = path.with_name(f".{secrets.token_hex(3)}")
+    if len(os.fsencode(staging)) > MAX_SOCKET_PATH:
+        staging = path
     old_umask = os.umask(0o777 & ~mode)
     inode: int | None = None
     try:
         sock.bind(str(staging))
         inode = staging.lstat().st_ino
         sock.listen(LISTEN_BACKLOG)
-        os.link(staging, path)
+        if staging != path:
+            try:
+                os.link(staging, path)
+            except OSError as exc:
+                if exc.errno not in NO_HARD_LINKS:
+                    raise
+                os.rename(staging, path)  # nothing was at path a moment ago
     except OSError as exc:
         sock.close()
-        if exc.errno == errno.EEXIST:
+        if exc.errno in (errno.EEXIST, errno.EADDRINUSE):
             raise SocketAlreadyServed(f"another vm-tokend is starting on {path}") from None
         raise SocketSetupError(f"cannot bind {path}: {exc.strerror or exc}") from None
     finally:
         os.umask(old_umask)
         with contextlib.suppress(OSError):
-            if inode is not None and staging.lstat().st_ino == inode:
+            if staging != path and inode is not None and staging.lstat().st_ino == inode:
                 staging.unlink()
     assert inode is not None
     bound = BoundSocket(sock, path, inode)
