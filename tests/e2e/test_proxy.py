@@ -481,14 +481,55 @@ def test_health_is_answered_by_the_proxy_and_says_the_daemons_state(
     before = standin.counts["api"]
     status, headers, body = proxy.curl(path="/_vm-token/health")
     assert status == 200, body
-    assert json.loads(body) == {"daemon": "reachable", "profile": "default",
-                                "state": "logged_in"}
+    answer = json.loads(body)
+    assert isinstance(answer.pop("tasks"), int)  # the proxy's own, to its own user only
+    assert answer == {"daemon": "reachable", "profile": "default", "state": "logged_in"}
     assert standin.counts["api"] == before
     daemon.stop()
     status, headers, body = proxy.curl(path="/_vm-token/health")
     assert (status, headers["x-vm-token-error"]) == (502, "daemon_unreachable")
     status, headers, _ = proxy.curl()  # and a forwarded request says the same
     assert (status, headers["x-vm-token-error"]) == (502, "daemon_unreachable")
+
+
+def test_tasks_in_status_and_health_come_and_go_with_the_connections(
+        standin, start_daemon, start_proxy):
+    """What `make soak` samples to see a leak: each side counts its own trio tasks, one
+    more per open connection, and as many as before once the connections are gone."""
+    daemon = start_daemon(standin)
+    proxy = start_proxy(daemon)
+    client = daemon.client()
+
+    def proxy_tasks() -> int:
+        return int(json.loads(proxy.curl(path="/_vm-token/health")[2])["tasks"])
+
+    def settled(count: Callable[[], int]) -> int:
+        """The count once it stopped moving (a closed connection's task ends soon after)."""
+        last, deadline = count(), time.monotonic() + 10
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            now = count()
+            if now == last:
+                return now
+            last = now
+        raise AssertionError("the task count did not settle")
+
+    proxy_before = settled(proxy_tasks)  # first: its own connection to the daemon stays
+    daemon_before = settled(lambda: int(client.status()["tasks"]))
+    opened = []
+    for where in (daemon.socket, proxy.socket):
+        for _ in range(10):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(where))
+            opened.append(sock)
+    try:
+        assert settled(lambda: int(client.status()["tasks"])) >= daemon_before + 10
+        assert settled(proxy_tasks) >= proxy_before + 10
+    finally:
+        for sock in opened:
+            sock.close()
+    assert settled(lambda: int(client.status()["tasks"])) == daemon_before
+    assert settled(proxy_tasks) == proxy_before
 
 
 def test_the_log_has_a_line_per_request_without_queries_or_header_values(

@@ -15,6 +15,7 @@ from typing import Any, Final
 from vm_token import protocol
 
 from ..keeper import BadRequest, Keeper, Refused, TokenInfo
+from ..tasks import count_tasks
 from ..text import quote
 from .connections import error_reply
 from .login_ops import login_ops
@@ -322,6 +323,7 @@ class Dispatcher:
             "profile": profile if profile is not None else self.keeper.default_profile,
             "requests": self.requests,
             "upstream_calls": dict(self.keeper.calls),
+            "tasks": count_tasks(),
             "videomanagers": self._first_page(items),
             "videomanagers_total": len(items),
             "profiles": self._profiles(apis),
