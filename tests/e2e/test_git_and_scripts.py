@@ -278,3 +278,23 @@ def test_get_answers_at_the_blank_line_without_waiting_for_eof(standin, start_da
     helper.stdin.close()
     helper.stdout.close()
     assert standin.token_valid(attributes(answer)["password"])
+
+
+def test_the_helper_configured_by_name_as_the_readme_says(standin, start_daemon):
+    """`credential.helper vm-token` makes git run `git credential-vm-token`: found on PATH
+    next to vm-token, it answers. (Every other test names the helper by its full path,
+    which hid that the README's own line gave git nothing; `make soak` found it.)"""
+    daemon = start_daemon(standin)
+    env = {**daemon.env, "HOME": daemon.env["XDG_CONFIG_HOME"], "GIT_CONFIG_NOSYSTEM": "1",
+           "GIT_TERMINAL_PROMPT": "0", "PATH": f"{BIN}:/usr/bin:/bin"}
+    os.makedirs(env["HOME"], exist_ok=True)
+    host = urlsplit(standin.url).netloc
+    subprocess.run(["git", "config", "--global", f"credential.http://{host}.helper",
+                    "vm-token"], env=env, check=True)
+    subprocess.run(["git", "config", "--global", f"credential.http://{host}.useHttpPath",
+                    "true"], env=env, check=True)
+    fill = subprocess.run(["git", "credential", "fill"], env=env, capture_output=True,
+                          text=True, timeout=30, check=False,
+                          input=f"protocol=http\nhost={host}\npath=v1/vms/1002/videos\n\n")
+    assert fill.returncode == 0, fill.stderr
+    assert standin.token_valid(attributes(fill.stdout)["password"], "1002")
