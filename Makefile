@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: all install lint test demo bench clean
+.PHONY: all install lint test demo bench soak clean
 
 all: test
 
@@ -39,6 +39,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# The real daemon and proxy under 30 clients and random faults for SOAK_MINUTES (10);
+# SOAK_SEED replays a run's faults and requests (not the machine's timing). Not in `test`.
+soak: $(STAMP)
+	$(BIN)/python -m bench.soak
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

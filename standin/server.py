@@ -83,7 +83,7 @@ from urllib.parse import quote
 from standin.login import InteractiveGrants
 from standin.oidc import DISCOVERY_PATH, WEBFINGER_PATH, OidcClient, OidcProvider
 
-__all__ = ["Fault", "OidcClient", "StandIn"]
+__all__ = ["LOST", "Fault", "OidcClient", "StandIn"]
 
 DEFAULT_VIDEOMANAGERS = (("1001", "Marketing"), ("1002", "Sales"), ("1003", "Support"))
 BASE_PATH = "/v1/vms"
@@ -101,8 +101,19 @@ BodyKind = Literal["json", "html", "garbage", "empty"]
 RefreshExpiresMode = Literal["lifetime", "zero", "absent"]
 Response = tuple[int, dict[str, str], bytes]
 # Rewrites a successful auth answer before it is sent: (endpoint, answer) -> a new answer
-# (any JSON value), or bytes to send as they are. For hostile-upstream tests.
+# (any JSON value), bytes to send as they are, or LOST. For hostile-upstream tests.
 Rewrite = Callable[[str, dict[str, Any]], Any]
+
+
+class _Lost:
+    """What a rewrite returns for an answer lost on the way: the request took effect (a
+    refresh token was used, a session began), and the connection closes unanswered."""
+
+    def __repr__(self) -> str:
+        return "LOST"
+
+
+LOST = _Lost()
 # Picks an answer per auth request: endpoint -> a Fault to answer with, or None to answer
 # normally. Consulted when no fail() is in effect. For hostile-upstream tests.
 FaultPicker = Callable[[str], "Fault | None"]
@@ -395,6 +406,8 @@ class StandIn:
             rewrite = self.rewrite
         if rewrite is not None:
             changed = rewrite(endpoint, answer)
+            if changed is LOST:
+                return 0, {}, b""  # the handler closes the connection without a word
             if isinstance(changed, bytes):
                 return 200, {"Content-Type": content_type, **headers}, changed
             answer = changed
@@ -556,6 +569,9 @@ class _Handler(BaseHTTPRequestHandler):
         status, response_headers, payload = self.server.standin.handle(
             self.command, self.path, headers, body
         )
+        if status == 0:  # LOST
+            self.close_connection = True
+            return
         self.send_response(status)
         for name, value in response_headers.items():
             # http.server sends headers as Latin-1 and fails on anything else; a sloppy

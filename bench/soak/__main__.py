@@ -1,0 +1,117 @@
+"""`make soak`: the real daemon and proxy, 30 clients, random faults, SOAK_MINUTES (10).
+
+    SOAK_MINUTES=60 SOAK_SEED=7 make soak
+
+Prints a summary table (the README's reliability section shows one) and exits 1 if an
+invariant broke, a process died or memory, file descriptors or tasks grew. The working
+directory (logs, config) is kept when it fails, and named.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+from bench import harness
+from bench.soak import report
+from bench.soak.checks import check_after
+from bench.soak.clients import KINDS, Pauser, run_client
+from bench.soak.faults import run_faults
+from bench.soak.ledger import Ledger
+from bench.soak.world import MAX_BACKOFF, Sample, World
+
+WARM_UP = 60.0  # s before the first sample, and before calm stretches are counted
+EVERY = 60.0  # s between samples
+PAUSE_WAIT = 60.0  # s the sampler waits for clients to finish the request they are in
+
+
+def main() -> int:
+    minutes = float(os.environ.get("SOAK_MINUTES") or 10)
+    seed = int(os.environ.get("SOAK_SEED") or random.SystemRandom().randrange(1_000_000))
+    if minutes < 2:
+        print("soak: SOAK_MINUTES must be at least 2 (a minute of warm-up, then samples)",
+              file=sys.stderr)
+        return 2
+    missing = [tool for tool in ("git", "curl", "node") if shutil.which(tool) is None]
+    if missing:
+        print(f"soak: its clients need {', '.join(missing)} (Debian: apt-get install git "
+              "curl nodejs)", file=sys.stderr)
+        return 2
+    rng = random.Random(seed)
+    harness.raise_fd_limit()
+    workdir = Path(tempfile.mkdtemp(prefix="vmt-soak-"))
+    world = World(workdir)
+    ledger = Ledger(MAX_BACKOFF)
+    stop = threading.Event()
+    clients = sum(count for _, count in KINDS)
+    pauser = Pauser(clients)
+    crashes: list[str] = []
+    injected: Counter[str] = Counter()
+    samples: list[Sample] = []
+    print(f"soak: {minutes:g} min, seed {seed}, {clients} clients; logs in {workdir}",
+          file=sys.stderr)
+    faults_log = (workdir / "faults.log").open("w")
+    try:
+        world.start()
+        threads = [threading.Thread(
+            target=run_client, name=f"{kind}-{n}",
+            args=(kind, world, ledger, rng.randrange(2**32), pauser, stop,
+                  lambda kind, exc: crashes.append(f"{kind}: {exc!r}")))
+            for kind, count in KINDS for n in range(count)]
+        threads.append(threading.Thread(
+            target=run_faults, name="faults",
+            args=(world.apis(), ledger, random.Random(rng.randrange(2**32)), stop, injected,
+                  faults_log)))
+        started = time.monotonic()
+        for thread in threads:
+            thread.start()
+        deadline = started + minutes * 60
+        next_sample = started + WARM_UP
+        while next_sample <= deadline + 1:
+            time.sleep(max(0.0, next_sample - time.monotonic()))
+            if world.alive():
+                break
+            complete = pauser.pause(PAUSE_WAIT)
+            try:
+                samples.append(world.sample())
+            finally:
+                pauser.resume()
+            if not complete:
+                print("soak: sampled with requests still in flight", file=sys.stderr)
+            print(report.progress(samples[-1], minutes, ledger, injected), file=sys.stderr)
+            next_sample += EVERY
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=90)
+        ended = time.monotonic()
+        for switch in world.switches.values():
+            switch.mode = None
+        died = world.alive()
+        for name in died:
+            ledger.violate("alive", f"{name} exited")
+        calls = report.upstream_calls(world)
+        check_after(world, ledger, started + WARM_UP, ended)
+        report.check_flat(samples, ledger)
+        for crash in crashes:
+            ledger.violate("soak-client", crash)
+    finally:
+        stop.set()
+        world.stop()
+        faults_log.close()
+    print(report.table(minutes, seed, world, ledger, injected, samples, calls))
+    if ledger.broken:
+        print(f"soak: FAILED (seed {seed}); logs kept in {workdir}", file=sys.stderr)
+        return 1
+    shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
