@@ -346,7 +346,8 @@ class StandIn:
             self.issued.append(token)
         return token
 
-    def _verify(self, token: str, kind: str) -> dict[str, Any] | None:
+    def _verify(self, token: str, kind: str, *, live: bool = True) -> dict[str, Any] | None:
+        """The claims of our own `kind` token; with `live`, only if not revoked or expired."""
         try:
             header, payload, signature = token.split(".")
             expected = hmac.new(
@@ -359,6 +360,8 @@ class StandIn:
             return None
         if not isinstance(claims, dict) or claims.get("typ") != kind:
             return None
+        if not live:
+            return claims
         with self._lock:
             if claims.get("jti") in self._revoked:
                 return None
@@ -466,6 +469,13 @@ class StandIn:
             token = data.get("refreshToken")
             claims = self._verify(token, "refresh") if isinstance(token, str) else None
             if claims is None:
+                sent = self._verify(token, "refresh", live=False) \
+                    if isinstance(token, str) else None
+                with self._lock:
+                    if sent is not None and sent.get("jti") in self._used_refresh:
+                        # used before (and so revoked): a reuse, counted as the OIDC side does
+                        self.counts["refresh_reused"] += 1
+                        return _json(401, {"message": "Refresh token already used"})
                 return _json(401, {"message": "Invalid or expired refresh token"})
             if self.rotate_refresh_tokens:
                 with self._lock:

@@ -559,14 +559,20 @@ def test_legacy_tokens_still_cover_their_own_videomanager_only(make_standin, htt
                                                    "refresh", "oidc_refresh"]
 
 
-def test_legacy_rotation_unchanged(make_standin, http):
+def test_legacy_rotation_counts_a_reused_refresh_token(make_standin, http):
     api = make_standin(rotate_refresh_tokens=True)
     login = http.post(f"{api.url}/auth/login",
                       json={"username": api.username, "password": api.password}).json()
     first = http.post(f"{api.url}/auth/refresh/1002", json={"refreshToken": login["refreshToken"]})
     assert first.status_code == 200 and first.json()["refreshToken"] != login["refreshToken"]
     again = http.post(f"{api.url}/auth/refresh/1002", json={"refreshToken": login["refreshToken"]})
-    assert again.status_code == 401 and api.counts["refresh_reused"] == 0  # revoked first
+    # used, so revoked, and still a reuse: counted, as on the OIDC side (make soak's check)
+    assert again.status_code == 401 and api.counts["refresh_reused"] == 1
+    assert again.json()["message"] == "Refresh token already used"
+    api.expire_refresh_tokens()  # revoked, never used: not a reuse
+    expired = http.post(f"{api.url}/auth/refresh/1002",
+                        json={"refreshToken": first.json()["refreshToken"]})
+    assert expired.status_code == 401 and api.counts["refresh_reused"] == 1
     api.fail(503, count=1, endpoints=("refresh",))
     assert http.post(f"{api.url}/auth/refresh/1002", json={}).status_code == 503
 
