@@ -37,6 +37,7 @@ from vm_tokend.keeper import Keeper, Refused
 from vm_tokend.keeper.account import Account
 from vm_tokend.server.dispatch import FAST_CACHE, Dispatcher
 from vm_tokend.server.routing import Routes
+from vm_tokend.tasks import count_tasks
 from vm_tokend.upstream import base as upstream
 from vm_tokend.upstream.base import Grant, VideoManagerRef
 
@@ -647,7 +648,7 @@ class Month:
         assert self.keeper is not None and self.dispatcher is not None
         gc.collect()
         slots = self._check_slots()
-        return {"tasks": _count_tasks(), "slots": slots,
+        return {"tasks": count_tasks(), "slots": slots,
                 "frames": len(self.dispatcher._frames),
                 "known_gets": len(self.dispatcher._known_gets),
                 "objects": len(gc.get_objects())}
@@ -665,18 +666,6 @@ class Month:
                 if value > allowed:
                     self.fail(Violation("nothing-grows", (
                         f"{key} went from {first[key]} on day 1 to {value}")))
-
-
-def _count_tasks() -> int:
-    root = trio.lowlevel.current_root_task()
-    assert root is not None
-    count, todo = 0, [root]
-    while todo:
-        task = todo.pop()
-        count += 1
-        for nursery in task.child_nurseries:
-            todo.extend(nursery.child_tasks)
-    return count
 
 
 class _WallClock:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -47,8 +48,8 @@ def main() -> int:
     rng = random.Random(seed)
     harness.raise_fd_limit()
     workdir = Path(tempfile.mkdtemp(prefix="vmt-soak-"))
-    world = World(workdir)
     ledger = Ledger(MAX_BACKOFF)
+    world = World(workdir, ledger)
     stop = threading.Event()
     clients = sum(count for _, count in KINDS)
     pauser = Pauser(clients)
@@ -58,15 +59,18 @@ def main() -> int:
     print(f"soak: {minutes:g} min, seed {seed}, {clients} clients; logs in {workdir}",
           file=sys.stderr)
     faults_log = (workdir / "faults.log").open("w")
+    # SIGTERM (a CI job cancelled) ends the run as Ctrl-C does: the processes are stopped
+    signal.signal(signal.SIGTERM, lambda *_: _interrupt())
     try:
         world.start()
+        # daemon threads: an interrupted run must not wait on a client
         threads = [threading.Thread(
-            target=run_client, name=f"{kind}-{n}",
+            target=run_client, name=f"{kind}-{n}", daemon=True,
             args=(kind, world, ledger, rng.randrange(2**32), pauser, stop,
                   lambda kind, exc: crashes.append(f"{kind}: {exc!r}")))
             for kind, count in KINDS for n in range(count)]
         threads.append(threading.Thread(
-            target=run_faults, name="faults",
+            target=run_faults, name="faults", daemon=True,
             args=(world.apis(), ledger, random.Random(rng.randrange(2**32)), stop, injected,
                   faults_log)))
         started = time.monotonic()
@@ -78,18 +82,26 @@ def main() -> int:
             time.sleep(max(0.0, next_sample - time.monotonic()))
             if world.alive():
                 break
-            complete = pauser.pause(PAUSE_WAIT)
             try:
+                complete = pauser.pause(PAUSE_WAIT)
                 samples.append(world.sample())
+            except Exception as exc:  # noqa: BLE001 - a daemon that cannot say is a finding
+                ledger.violate("sampled", f"minute {(time.monotonic() - started) / 60:.1f}: "
+                               f"{exc!r}")
+            else:
+                if not complete:
+                    print("soak: sampled with requests still in flight", file=sys.stderr)
+                print(report.progress(samples[-1], minutes, ledger, injected),
+                      file=sys.stderr)
             finally:
                 pauser.resume()
-            if not complete:
-                print("soak: sampled with requests still in flight", file=sys.stderr)
-            print(report.progress(samples[-1], minutes, ledger, injected), file=sys.stderr)
             next_sample += EVERY
         stop.set()
+        stop_by = time.monotonic() + 90  # the longest a client's request may take, and more
         for thread in threads:
-            thread.join(timeout=90)
+            thread.join(timeout=max(1.0, stop_by - time.monotonic()))
+            if thread.is_alive():
+                ledger.violate("soak-client", f"{thread.name} still busy after the run")
         ended = time.monotonic()
         for switch in world.switches.values():
             switch.mode = None
@@ -103,6 +115,7 @@ def main() -> int:
             ledger.violate("soak-client", crash)
     finally:
         stop.set()
+        pauser.resume()
         world.stop()
         faults_log.close()
     print(report.table(minutes, seed, world, ledger, injected, samples, calls))
@@ -111,6 +124,10 @@ def main() -> int:
         return 1
     shutil.rmtree(workdir, ignore_errors=True)
     return 0
+
+
+def _interrupt() -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -33,19 +33,22 @@ TIMEOUT = 30.0  # s a client waits at most (the daemon answers an outage long be
 
 NODE_CLIENT = r"""
 // One request per line read ("host path"): GET through the proxy's socket on a kept-alive
-// connection; prints "status error-header".
+// connection; prints one line, "status error-header" ("0 reason" if it failed).
 const http = require("http");
 const readline = require("readline");
 const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
 const socketPath = process.argv[process.argv.length - 1];
 readline.createInterface({ input: process.stdin }).on("line", (line) => {
   const [host, path] = line.split(" ");
+  let said = false;
+  const say = (text) => { if (!said) { said = true; console.log(text); } };
   const req = http.get({ socketPath, path, agent, headers: { Host: host } }, (res) => {
+    res.on("error", (err) => say(`0 ${err.code || "cut"}`));
     res.resume();
-    res.on("end", () => console.log(`${res.statusCode} ${res.headers["x-vm-token-error"] || "-"}`));
+    res.on("end", () => say(`${res.statusCode} ${res.headers["x-vm-token-error"] || "-"}`));
   });
   req.setTimeout(30000, () => req.destroy(new Error("timeout")));
-  req.on("error", (err) => console.log(`0 ${err.code || err.message}`));
+  req.on("error", (err) => say(`0 ${err.code || err.message}`));
 });
 """
 
@@ -151,14 +154,15 @@ class Client:
             except _Failed as failed:
                 self.ledger.judge_error(self.kind, profile, failed.code, started)
                 return
+            received = time.monotonic()
             status = api_accepts(self.target.api_url(profile), vm, token)
             if status == 403:
                 self.ledger.violate("right-videomanager",
                                     f"{self.kind} {profile}/{vm}: the API answered 403")
             if self.ledger.check_token(self.kind, profile, vm, min_ttl, token,
-                                       claims_of(token), status == 200, started,
+                                       claims_of(token), status == 200, started, received,
                                        expires_at):
-                self.ledger.outcome(self.kind, "ok")
+                self.ledger.judge_served(self.kind, profile, started, received)
                 self.served += 1
                 return
             self.ledger.outcome(self.kind, "refused by the API (revoked)")
@@ -166,8 +170,11 @@ class Client:
                 self.ledger.report(token)  # the daemon knows: it must not hand it out again
 
     def ask(self, profile: str, vm: str, min_ttl: float) -> tuple[str, float | None]:
-        return {"token": self._shim, "library": self._library,
-                "git": self._git}[self.kind](profile, vm, min_ttl)
+        try:
+            return {"token": self._shim, "library": self._library,
+                    "git": self._git}[self.kind](profile, vm, min_ttl)
+        except subprocess.TimeoutExpired:
+            raise _Failed("timeout") from None
 
     def report(self, profile: str, vm: str, token: str) -> bool:
         """Tell the daemon, as this kind of client can; whether it was told."""
@@ -178,8 +185,12 @@ class Client:
                 return False
             return True
         if self.kind == "git":
-            return self._git_run("reject", profile, vm,
-                                 f"username=x\npassword={token}\n").returncode == 0
+            # (git's reject exits 0 whatever the helper did; the helper's erase reports it)
+            try:
+                return self._git_run("reject", profile, vm,
+                                     f"username=x\npassword={token}\n").returncode == 0
+            except subprocess.TimeoutExpired:
+                return False
         return False  # `vm-token token` has no way to report: a script just asks again
 
     # -- the kinds --------------------------------------------------------------------------
@@ -235,40 +246,69 @@ class Client:
         host, path = self.target.proxy_host(profile), f"/v1/vms/{vm}/videos"
         started = time.monotonic()
         if self.kind == "curl":
-            done = subprocess.run(
-                ["curl", "-sS", "--unix-socket", str(self.target.proxy_socket),
-                 "--max-time", f"{TIMEOUT:g}", "-o", "/dev/null",
-                 "-w", "%{http_code} %header{x-vm-token-error}", f"http://{host}{path}"],
-                capture_output=True, text=True, timeout=TIMEOUT + 10, check=False)
-            status, _, error = done.stdout.partition(" ")
+            try:
+                done = subprocess.run(
+                    ["curl", "-sS", "--unix-socket", str(self.target.proxy_socket),
+                     "--max-time", f"{TIMEOUT:g}", "-o", "/dev/null",
+                     "-w", "%{http_code} %header{x-vm-token-error}", f"http://{host}{path}"],
+                    capture_output=True, text=True, timeout=TIMEOUT + 10, check=False)
+                status, _, error = done.stdout.partition(" ")
+            except subprocess.TimeoutExpired:
+                status, error = "0", "timeout"
         else:
             status, _, error = self._node(f"{host} {path}").partition(" ")
+        ended = time.monotonic()
         if status == "200":
-            self.ledger.outcome(self.kind, "ok")
+            self.ledger.judge_served(self.kind, profile, started, ended)
             self.served += 1
             return
         error = error.strip()
-        code = error if error and error != "-" else f"HTTP {status or 0} from the API"
-        self.ledger.judge_error(self.kind, profile, code, started)
+        if error and error != "-":  # the proxy's own answer, with its code
+            self.ledger.judge_error(self.kind, profile, error, started)
+            return
+        # The API's own answer. A 401 comes back when the token was revoked and the daemon
+        # could get no other (its API failing too); a 403 never should.
+        self.ledger.judge_error(
+            self.kind, profile, f"HTTP {status or 0} from the API", started,
+            excusable=status == "401" and self.ledger.killed_since(profile, started - 60))
 
     def _node(self, line: str) -> str:
-        if self.node is None:
+        """One request through this client's Node process (restarted if it died: a bug
+        in the proxy that kills a client's connection shows as that client's error)."""
+        if self.node is None or self.node.poll() is not None:
+            self._close_node()
             self.node = subprocess.Popen(
                 ["node", "-e", NODE_CLIENT, str(self.target.proxy_socket)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.node.stdin is not None and self.node.stdout is not None
-        self.node.stdin.write(line + "\n")
-        self.node.stdin.flush()
+        try:
+            self.node.stdin.write(line + "\n")
+            self.node.stdin.flush()
+        except BrokenPipeError:
+            return "0 node-exited"
         return self.node.stdout.readline().strip() or "0 node-exited"
+
+    def _close_node(self) -> None:
+        node, self.node = self.node, None
+        if node is None:
+            return
+        try:
+            if node.stdin is not None:
+                node.stdin.close()
+        except BrokenPipeError:
+            pass
+        try:
+            node.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            node.kill()
+            node.wait()
+        if node.stdout is not None:
+            node.stdout.close()
 
     def close(self) -> None:
         for client in self.library.values():
             client.close()
-        if self.node is not None:
-            self.node.stdin.close() if self.node.stdin else None
-            self.node.wait(timeout=10)
-            if self.node.stdout is not None:
-                self.node.stdout.close()
+        self._close_node()
 
 
 class _Failed(Exception):

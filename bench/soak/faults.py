@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TextIO
 
-from bench.soak.ledger import Ledger
+from bench.soak.ledger import Ledger, Window
 from standin.server import LOST, Fault, StandIn
 
 __all__ = ["FaultSwitch", "Mode", "run_faults"]
@@ -58,7 +58,9 @@ class FaultSwitch:
     """Installed as a stand-in's `faults` and `rewrite`: answers per the mode now on."""
 
     standin: StandIn
+    ledger: Ledger
     mode: Mode | None = None
+    window: Window | None = None  # the mode's, told when it first answers
     answers: Counter[str] = field(default_factory=Counter)
     holds: list[tuple[float, int]] = field(default_factory=list)  # (monotonic, Retry-After)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -68,12 +70,23 @@ class FaultSwitch:
         self.standin.rewrite = self.rewrite
         return self
 
-    def pick(self, endpoint: str) -> Fault | None:
-        mode = self.mode
-        if mode is None:
-            return None
+    def on(self, mode: Mode, window: Window) -> None:
+        self.window, self.mode = window, mode
+
+    def off(self) -> None:
+        self.mode = None
+
+    def _answering(self, mode: Mode) -> None:
         with self.lock:
             self.answers[mode.kind] += 1
+        if self.window is not None:
+            self.ledger.answered(self.window)
+
+    def pick(self, endpoint: str) -> Fault | None:
+        mode = self.mode
+        if mode is None or mode.kind == "lost":
+            return None
+        self._answering(mode)
         if mode.kind == "outage":
             return Fault(503)
         if mode.kind == "5xx":
@@ -91,6 +104,7 @@ class FaultSwitch:
     def rewrite(self, endpoint: str, answer: dict[str, Any]) -> Any:
         mode = self.mode
         if mode is not None and mode.kind == "lost" and endpoint in AUTH_GRANTS:
+            self._answering(mode)
             return LOST
         return answer
 
@@ -119,9 +133,10 @@ def run_faults(apis: list[Api], ledger: Ledger, rng: random.Random, stop: thread
         print(f"{datetime.now().time()} {kind} on {api.profile}", file=log, flush=True)
         standin = api.switch.standin
         if kind in ("revoke", "expire", "end"):
+            # noted first: no client may see a revoked token before the ledger knows
+            ledger.event(api.profile, kind, kills=kind != "expire")
             {"revoke": standin.revoke_access_tokens, "expire": standin.expire_refresh_tokens,
              "end": standin.end_sessions}[kind]()
-            ledger.event(api.profile, kind)
             continue
         # a long one now and then, most of them short
         duration = min(LONGEST, rng.expovariate(1 / 15) + 1)
@@ -130,22 +145,23 @@ def run_faults(apis: list[Api], ledger: Ledger, rng: random.Random, stop: thread
             _change_password(api, standin, ledger, rng, stop, window)
             continue
         mode = Mode(kind, rng.randint(2, 30) if kind == "429" else 0)
-        api.switch.mode = mode
+        api.switch.on(mode, window)
         stop.wait(duration)
-        api.switch.mode = None
+        api.switch.off()
         ledger.fault_off(window, after=SLOW if kind == "slow" else mode.retry_after)
         print(f"{datetime.now().time()} {kind} ends", file=log, flush=True)
 
 
 def _change_password(api: Api, standin: StandIn, ledger: Ledger, rng: random.Random,
-                     stop: threading.Event, window: Any) -> None:
+                     stop: threading.Event, window: Window) -> None:
     """The user changes the password: the provider ends the sessions (refresh tokens die),
     so the daemon's next login is refused; the new password reaches it with a reload."""
+    # noted first; on OIDC the sessions end, and with them every access token
+    ledger.event(api.profile, "password", kills=api.oidc)
     standin.password = secrets.token_urlsafe(12)
     standin.expire_refresh_tokens()
     if api.oidc:
         standin.end_sessions()
-    ledger.event(api.profile, "password")
     stop.wait(rng.uniform(5, 60))
+    ledger.fault_off(window)  # before the reload: its login is the first good one
     api.set_password(standin.password)
-    ledger.fault_off(window)

@@ -17,6 +17,7 @@ from pathlib import Path
 import vm_token
 from bench.harness import BIN, child_env
 from bench.soak.faults import Api, FaultSwitch
+from bench.soak.ledger import Ledger
 from standin.server import StandIn
 
 __all__ = ["Sample", "World"]
@@ -39,6 +40,14 @@ class Sample:
     fds: dict[str, int] = field(default_factory=dict)
     tasks: dict[str, int] = field(default_factory=dict)
     threads: dict[str, int] = field(default_factory=dict)
+    # the daemon's open connections (the library's, the proxy's pool), less the sampler's:
+    # each is a task and an fd in the daemon
+    connections: int = 0
+    # sockets held in pools, counted from the kernel's tables (/proc/net), per process:
+    # TCP connections to the APIs (the daemon's httpx, the proxy's own pool; an idle one
+    # is closed when next wanted, 5 s after its last use) and, for the proxy, its
+    # connections to the daemon (unnamed Unix sockets)
+    pooled: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -51,7 +60,7 @@ class Profile:
 
 
 class World:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, ledger: Ledger) -> None:
         self.workdir = workdir
         self.socket = workdir / "vm-token" / "socket"
         self.proxy_socket = workdir / "vm-token" / "proxy"
@@ -70,7 +79,7 @@ class World:
             "oidc": Profile("oidc", oidc, [i for i, _ in oidc.videomanagers],
                             workdir / "password-oidc", "oidc"),
         }
-        self.switches = {name: FaultSwitch(p.standin).install()
+        self.switches = {name: FaultSwitch(p.standin, ledger).install()
                          for name, p in self.by_name.items()}
         self.env = child_env(
             PATH=f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}",
@@ -194,11 +203,39 @@ class World:
             sample.rss_kib[name] = int(status.get("VmRSS", "0 kB").split()[0])
             sample.threads[name] = int(status.get("Threads", "0"))
             sample.fds[name] = len(os.listdir(f"/proc/{process.pid}/fd"))
+            sample.pooled[name] = self._pooled(process.pid, unnamed=name == "proxy")
         with vm_token.Client(self.socket, timeout=10) as client:
-            # less the one connection asking
-            sample.tasks["vm-tokend"] = int(client.status()["tasks"]) - 1
+            status = client.status()  # less the one connection asking:
+            sample.tasks["vm-tokend"] = int(status["tasks"]) - 1
+            sample.connections = int(status["connections_open"]) - 1
         sample.tasks["proxy"] = self._proxy_tasks()
         return sample
+
+    def _pooled(self, pid: int, *, unnamed: bool) -> int:
+        """How many of `pid`'s sockets are TCP connections to the stand-ins, or (with
+        `unnamed`) Unix sockets without a name: connections it made to the daemon."""
+        inodes = set()
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue  # closed meanwhile
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+        ports = {f"{p.standin.origin.rsplit(':', 1)[1]}" for p in self.by_name.values()}
+        count = 0
+        with open("/proc/net/tcp") as tcp:
+            for line in list(tcp)[1:]:
+                fields = line.split()
+                if fields[9] in inodes and str(int(fields[2].split(":")[1], 16)) in ports:
+                    count += 1
+        if unnamed:
+            with open("/proc/net/unix") as unix:
+                for line in list(unix)[1:]:
+                    fields = line.split()
+                    if len(fields) == 7 and fields[6] in inodes:
+                        count += 1
+        return count
 
     def _proxy_tasks(self) -> int:
         done = subprocess.run(
