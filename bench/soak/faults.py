@@ -2,8 +2,8 @@
 
 The storm moves between the profiles every `STORM` seconds: while one profile's API is
 hit, the other is calm (its clients must not notice, and its upstream calls are counted
-against the refresh schedule). A fault lasts a second to `LONGEST`, then the API is
-healthy for 5-25 s. The kinds:
+against the refresh schedule). A fault lasts a second to `LONGEST`, and at least until it
+has answered a request (within its storm); then the API is healthy for 5-25 s. The kinds:
 
     outage      503 on every auth request           5xx      502 with an HTML page
     429         429 with Retry-After: 2-30 s         429-bare 429 without Retry-After
@@ -40,6 +40,10 @@ __all__ = ["FaultSwitch", "Mode", "run_faults"]
 SLOW = 16.0
 LONGEST = 90.0
 STORM = 150.0  # s one profile's API is hit before the other's is
+# Nothing starts in the last seconds of a storm, and no fault outlasts it: a revocation's
+# replacements, a Retry-After and max_backoff then end within the first minute of the
+# profile's calm, and its calm stretch is long enough to count calls in (90 s).
+QUIET_END = 30.0
 AUTH_GRANTS = frozenset({"login", "refresh", "oidc_login", "oidc_refresh"})
 # Instant events, and the profiles they make sense for.
 EVENTS = ("revoke", "expire", "end", "password")
@@ -125,7 +129,11 @@ def run_faults(apis: list[Api], ledger: Ledger, rng: random.Random, stop: thread
     again."""
     began = time.monotonic()
     while not stop.wait(rng.uniform(5, 25)):
-        api = apis[int((time.monotonic() - began) // STORM) % len(apis)]
+        phase, into = divmod(time.monotonic() - began, STORM)
+        if STORM - into < QUIET_END:
+            continue  # what starts now would spill into the other's calm stretch
+        api = apis[int(phase) % len(apis)]
+        ends_by = time.monotonic() + STORM - into  # the storm moves on then
         kind = rng.choices(KINDS, WEIGHTS)[0]
         if kind == "end" and not api.oidc:
             kind = "expire"
@@ -139,21 +147,27 @@ def run_faults(apis: list[Api], ledger: Ledger, rng: random.Random, stop: thread
              "end": standin.end_sessions}[kind]()
             continue
         # a long one now and then, most of them short
-        duration = min(LONGEST, rng.expovariate(1 / 15) + 1)
+        duration = min(LONGEST, rng.expovariate(1 / 15) + 1, ends_by - time.monotonic())
         window = ledger.fault_on(api.profile, kind)
         if kind == "password":
-            _change_password(api, standin, ledger, rng, stop, window)
+            _change_password(api, standin, ledger, rng, stop, window, ends_by)
             continue
         mode = Mode(kind, rng.randint(2, 30) if kind == "429" else 0)
         api.switch.on(mode, window)
         stop.wait(duration)
+        # a fault no request met tested nothing: it stays on until one does (the next
+        # refresh is at most 40 s away), or LONGEST
+        while window.first is None and time.monotonic() < min(window.start + LONGEST,
+                                                               ends_by) \
+                and not stop.wait(0.5):
+            pass
         api.switch.off()
         ledger.fault_off(window, after=SLOW if kind == "slow" else mode.retry_after)
         print(f"{datetime.now().time()} {kind} ends", file=log, flush=True)
 
 
 def _change_password(api: Api, standin: StandIn, ledger: Ledger, rng: random.Random,
-                     stop: threading.Event, window: Window) -> None:
+                     stop: threading.Event, window: Window, ends_by: float) -> None:
     """The user changes the password: the provider ends the sessions (refresh tokens die),
     so the daemon's next login is refused; the new password reaches it with a reload."""
     # noted first; on OIDC the sessions end, and with them every access token
@@ -162,6 +176,6 @@ def _change_password(api: Api, standin: StandIn, ledger: Ledger, rng: random.Ran
     standin.expire_refresh_tokens()
     if api.oidc:
         standin.end_sessions()
-    stop.wait(rng.uniform(5, 60))
+    stop.wait(max(1.0, min(rng.uniform(5, 60), ends_by - time.monotonic())))
     ledger.fault_off(window)  # before the reload: its login is the first good one
     api.set_password(standin.password)
