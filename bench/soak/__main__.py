@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from bench import harness
@@ -70,9 +71,9 @@ def main() -> int:
                   lambda kind, exc: crashes.append(f"{kind}: {exc!r}")))
             for kind, count in KINDS for n in range(count)]
         threads.append(threading.Thread(
-            target=run_faults, name="faults", daemon=True,
-            args=(world.apis(), ledger, random.Random(rng.randrange(2**32)), stop, injected,
-                  faults_log)))
+            target=_guarded, name="faults", daemon=True,
+            args=(crashes, run_faults, world.apis(), ledger,
+                  random.Random(rng.randrange(2**32)), stop, injected, faults_log)))
         started = time.monotonic()
         for thread in threads:
             thread.start()
@@ -114,6 +115,9 @@ def main() -> int:
         for crash in crashes:
             ledger.violate("soak-client", crash)
     finally:
+        # a second Ctrl-C or SIGTERM must not leave the daemon and proxy running
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stop.set()
         pauser.resume()
         world.stop()
@@ -124,6 +128,14 @@ def main() -> int:
         return 1
     shutil.rmtree(workdir, ignore_errors=True)
     return 0
+
+
+def _guarded(crashes: list[str], run: Callable[..., None], *args: object) -> None:
+    """The fault thread: a bug in it ends the run's faults, so it must show."""
+    try:
+        run(*args)
+    except Exception as exc:  # noqa: BLE001
+        crashes.append(f"faults: {exc!r}")
 
 
 def _interrupt() -> None:

@@ -13,6 +13,8 @@ import base64
 import http.client
 import json
 import random
+import re
+import select
 import subprocess
 import threading
 import time
@@ -155,13 +157,17 @@ class Client:
                 self.ledger.judge_error(self.kind, profile, failed.code, started)
                 return
             received = time.monotonic()
-            status = api_accepts(self.target.api_url(profile), vm, token)
+            try:
+                status = api_accepts(self.target.api_url(profile), vm, token)
+            except (OSError, http.client.HTTPException) as exc:
+                self.ledger.outcome(self.kind, f"could not try it: {type(exc).__name__}")
+                return  # the stand-in's trouble (our own), not the daemon's
             if status == 403:
                 self.ledger.violate("right-videomanager",
                                     f"{self.kind} {profile}/{vm}: the API answered 403")
             if self.ledger.check_token(self.kind, profile, vm, min_ttl, token,
                                        claims_of(token), status == 200, started, received,
-                                       expires_at):
+                                       expires_at, exit_time=self.kind != "library"):
                 self.ledger.judge_served(self.kind, profile, started, received)
                 self.served += 1
                 return
@@ -185,12 +191,13 @@ class Client:
                 return False
             return True
         if self.kind == "git":
-            # (git's reject exits 0 whatever the helper did; the helper's erase reports it)
+            # git's reject exits 0 whatever the helper did; the helper says on stderr
+            # when it could not tell the daemon
             try:
-                return self._git_run("reject", profile, vm,
-                                     f"username=x\npassword={token}\n").returncode == 0
+                done = self._git_run("reject", profile, vm, f"username=x\npassword={token}\n")
             except subprocess.TimeoutExpired:
                 return False
+            return done.returncode == 0 and not done.stderr.strip()
         return False  # `vm-token token` has no way to report: a script just asks again
 
     # -- the kinds --------------------------------------------------------------------------
@@ -202,9 +209,7 @@ class Client:
             capture_output=True, text=True, env=self.target.env, timeout=TIMEOUT + 10,
             check=False)
         if done.returncode != 0:
-            raise _Failed({1: "refused (exit 1)", 3: "daemon unreachable (exit 3)",
-                           4: "log in first (exit 4)"}.get(done.returncode,
-                                                           f"exit {done.returncode}"))
+            raise _Failed(_code(done.stderr) or f"exit {done.returncode}")
         return done.stdout.strip(), None
 
     def _library(self, profile: str, vm: str, min_ttl: float) -> tuple[str, float | None]:
@@ -224,7 +229,8 @@ class Client:
         done = self._git_run("fill", profile, vm)
         fields = dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
         if done.returncode != 0 or "password" not in fields:
-            raise _Failed("git: no credential")
+            # the helper said why on stderr, which git passes on
+            raise _Failed(_code(done.stderr) or "git: no credential")
         expiry = fields.get("password_expiry_utc")
         return fields["password"], float(expiry) if expiry else None
 
@@ -237,7 +243,8 @@ class Client:
                "GIT_CONFIG_NOSYSTEM": "1", "GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "",
                "SSH_ASKPASS": ""}
         return subprocess.run(
-            ["git", "-c", "credential.helper=", "-c", "credential.helper=vm-token",
+            ["git", "-c", "credential.helper=", "-c",
+             f"credential.helper=vm-token --timeout={TIMEOUT:g}",
              "-c", "credential.useHttpPath=true", "credential", action],
             input=text, capture_output=True, text=True, env=env, timeout=TIMEOUT + 10,
             check=False)
@@ -286,6 +293,10 @@ class Client:
             self.node.stdin.flush()
         except BrokenPipeError:
             return "0 node-exited"
+        ready, _, _ = select.select([self.node.stdout], [], [], TIMEOUT + 15)
+        if not ready:  # Node's own timeout covers a silent socket, not everything
+            self.node.kill()
+            return "0 node-no-answer"
         return self.node.stdout.readline().strip() or "0 node-exited"
 
     def _close_node(self) -> None:
@@ -309,6 +320,15 @@ class Client:
         for client in self.library.values():
             client.close()
         self._close_node()
+
+
+_CODE = re.compile(r"\(([a-z_]+)\)\s*$", re.MULTILINE)
+
+
+def _code(stderr: str) -> str | None:
+    """The daemon's error code that `vm-token` ends its message with: `… (code)`."""
+    found = _CODE.findall(stderr)
+    return found[-1] if found else None
 
 
 class _Failed(Exception):

@@ -97,7 +97,7 @@ class FaultSwitch:
             return Fault(502, body="html")
         if mode.kind == "429-bare":
             return Fault(429)
-        if mode.kind == "429":
+        if mode.kind == "429" and endpoint in AUTH_GRANTS:  # the grants' hold is checked
             with self.lock:
                 self.holds.append((time.monotonic(), mode.retry_after))
             return Fault(429, retry_after=str(mode.retry_after))

@@ -79,14 +79,16 @@ def progress(sample: Sample, minutes: float, ledger: Ledger, injected: Counter[s
 
 def table(minutes: float, seed: int, world: World, ledger: Ledger, injected: Counter[str],
           samples: list[Sample], calls: dict[str, int]) -> str:
+    with ledger.lock:  # a client still busy past the run may yet write
+        outcomes = Counter(ledger.outcomes)
     lines = [f"### `make soak`: {minutes:g} minutes, seed {seed}", "",
              "| | served | errors, by code |", "|---|---:|---|"]
     for kind, count in KINDS:
-        served = ledger.outcomes[kind, "ok"]
-        errors = ", ".join(f"{code} {n:,}" for (k, code), n in sorted(ledger.outcomes.items())
+        served = outcomes[kind, "ok"]
+        errors = ", ".join(f"{code} {n:,}" for (k, code), n in sorted(outcomes.items())
                            if k == kind and code != "ok") or "none"
         lines.append(f"| {NAMES[kind]} ×{count} | {served:,} | {errors} |")
-    total = sum(n for (_, code), n in ledger.outcomes.items() if code == "ok")
+    total = sum(n for (_, code), n in outcomes.items() if code == "ok")
     lines.append(f"| **all** | **{total:,}** | |")
     lines += ["", "| | |", "|---|---|",
               f"| tokens tried against the API | {ledger.tokens_checked:,}, of which "

@@ -227,7 +227,9 @@ class World:
         with open("/proc/net/tcp") as tcp:
             for line in list(tcp)[1:]:
                 fields = line.split()
-                if fields[9] in inodes and str(int(fields[2].split(":")[1], 16)) in ports:
+                # established only: a socket the API closed and we did not is our leak
+                if fields[9] in inodes and fields[3] == "01" \
+                        and str(int(fields[2].split(":")[1], 16)) in ports:
                     count += 1
         if unnamed:
             with open("/proc/net/unix") as unix:
