@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from standin.jose import RsaKey
-from standin.server import Fault, OidcClient, StandIn
+from standin.server import LOST, Fault, OidcClient, StandIn
 
 FORM = "application/x-www-form-urlencoded"
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
@@ -844,3 +844,18 @@ def test_interactive_pages_take_faults_and_count(make_standin, http):
     assert authorize(http, api).status_code == 200
     assert http.get(f"{api.issuer}/device").status_code == 200
     assert api.counts["authorize"] == api.counts["verification"] == 2
+
+
+def test_a_lost_answer_takes_effect_and_never_comes(make_standin, http):
+    """`rewrite` returning LOST (make soak's lost answers): the refresh is done — its
+    refresh token used, a new one issued — and the client gets no answer at all."""
+    api = make_standin(rotate_refresh_tokens=True)
+    login = http.post(f"{api.url}/auth/login",
+                      json={"username": api.username, "password": api.password}).json()
+    api.rewrite = lambda endpoint, answer: LOST if endpoint == "refresh" else answer
+    with pytest.raises(httpx.RemoteProtocolError):
+        http.post(f"{api.url}/auth/refresh/1002", json={"refreshToken": login["refreshToken"]})
+    assert api.counts["refresh_ok"] == 1
+    api.rewrite = None  # sending it again is a reuse
+    again = http.post(f"{api.url}/auth/refresh/1002", json={"refreshToken": login["refreshToken"]})
+    assert again.status_code == 401 and api.counts["refresh_reused"] == 1
