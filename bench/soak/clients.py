@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import vm_token
 from bench.soak.ledger import Ledger
@@ -116,12 +117,17 @@ def claims_of(token: str) -> dict[str, float]:
         return {}
 
 
+def videos_of(api_url: str, vm: str) -> tuple[str, str]:
+    """The host[:port] of `api_url`, and the path of `vm`'s videos there."""
+    parts = urlsplit(api_url)
+    return parts.netloc, f"{parts.path}/{vm}/videos"
+
+
 def api_accepts(api_url: str, vm: str, token: str) -> int:
     """The status of a real API request with `token` (200: accepted, 401: refused)."""
-    host = api_url.split("/")[2]
+    host, path = videos_of(api_url, vm)
     connection = http.client.HTTPConnection(host, timeout=TIMEOUT)
     try:
-        path = "/" + api_url.split("/", 3)[3] + f"/{vm}/videos"
         connection.request("GET", path, headers={"Authorization": f"Bearer {token}"})
         response = connection.getresponse()
         response.read()
@@ -236,9 +242,8 @@ class Client:
 
     def _git_run(self, action: str, profile: str, vm: str,
                  extra: str = "") -> subprocess.CompletedProcess[str]:
-        url = self.target.api_url(profile)
-        text = (f"protocol=http\nhost={url.split('/')[2]}\n"
-                f"path={url.split('/', 3)[3]}/{vm}/videos\n{extra}\n")
+        host, path = videos_of(self.target.api_url(profile), vm)
+        text = f"protocol=http\nhost={host}\npath={path.lstrip('/')}\n{extra}\n"
         env = {**self.target.env, "HOME": str(self.target.workdir / "home"),
                "GIT_CONFIG_NOSYSTEM": "1", "GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "",
                "SSH_ASKPASS": ""}

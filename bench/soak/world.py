@@ -11,6 +11,7 @@ import subprocess
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -164,9 +165,9 @@ class World:
         except vm_token.Error:
             return False
 
-    def _wait(self, done: object, what: str) -> None:
+    def _wait(self, done: Callable[[], bool], what: str) -> None:
         deadline = time.monotonic() + 30
-        while not done():  # type: ignore[operator]
+        while not done():
             for process in (self.daemon, self.proxy):
                 if process is not None and process.poll() is not None:
                     raise SystemExit(f"soak: {what}: a process exited "
